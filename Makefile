@@ -1,0 +1,11 @@
+# The two commands of the README. Both install what they need first (tools/setup.sh).
+.PHONY: setup demo test
+
+setup:
+	bash tools/setup.sh
+
+demo: setup
+	bash tools/demo.sh
+
+test: setup
+	.venv/bin/python -m pytest -q

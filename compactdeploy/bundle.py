@@ -1,0 +1,83 @@
+"""Bundle stage: the output directory, written whole or not at all, with a manifest of file hashes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import CompactDeployError
+from .zoo import file_sha256
+
+MANIFEST_FORMAT = "compactdeploy-bundle/1"
+MANIFEST = "manifest.json"
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse, before any work, to replace something that is not an earlier build."""
+    if out.exists() and not out.is_dir():
+        raise CompactDeployError(f"--out {out} is a file; choose a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise CompactDeployError(
+            f"--out {out} holds files that are not a compactdeploy build; choose another directory"
+        )
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise CompactDeployError(f"cannot write to {parent}")
+
+
+def staging_dir(out: Path) -> Path:
+    """A fresh directory beside ``out`` (same file system, so the final rename is atomic)."""
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+
+
+def commit(staging: Path, out: Path) -> None:
+    """Move a finished staging directory to ``out``, replacing an earlier build there."""
+    out = out.resolve()
+    # mkdtemp makes the directory private (0700); a build is meant to be read like any other output
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def discard(staging: Path) -> None:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write ``manifest.json`` with the sha256 of every other file in ``directory``."""
+    files = {
+        str(path.relative_to(directory)): file_sha256(path)
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name != MANIFEST
+    }
+    manifest = {"format": MANIFEST_FORMAT, **manifest, "files": files}
+    write_json(directory / MANIFEST, manifest)
+    return manifest

@@ -1,0 +1,315 @@
+"""The ``compactdeploy`` command: a thin layer over the stage functions.
+
+Heavy libraries (torch, TVM) are imported inside the commands, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import CompactDeployError, first_line
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def _parse_shape(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in value.replace("x", ",").split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a shape like 1,28,28") from None
+    if not shape or min(shape) < 1:
+        raise click.BadParameter(f"{value!r} is not a shape like 1,28,28")
+    return shape
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.version_option(package_name="compactdeploy")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Prune a PyTorch model, compile it with TVM and ship it to a Raspberry Pi or a Jetson."""
+    ctx.obj = {"debug": debug}
+
+
+@cli.command()
+@click.option("--model", required=True, help="Zoo name (see 'compactdeploy models') or path/to/file.py:factory.")
+@click.option("--target", required=True, help="Target name (see 'compactdeploy targets') or path/to/target.toml.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory (replaced whole).")
+@click.option("--prune", "prune_spec", help="METHOD:RATIO, e.g. l1:0.5 removes half of each layer's channels.")
+@click.option("--weights", type=click.Path(path_type=Path), help="A state_dict or 'compactdeploy train' checkpoint.")
+@click.option("--data", help="digits, wine, breast-cancer, mnist1d or a .npz (x, y): reports accuracy.")
+@click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE", help="Model option, repeatable.")
+@click.option("--input-shape", callback=_parse_shape, help="One sample's shape, e.g. 3,32,32 (batch is 1).")
+@click.option("--exclude", multiple=True, metavar="LAYER", help="Layer name not to prune, repeatable.")
+@click.option("--finetune-epochs", default=0, show_default=True, help="Train this many epochs after pruning (needs --data).")
+@click.option("--repeat", default=100, show_default=True, help="Timed runs when benchmarking.")
+@click.option("--warmup", default=10, show_default=True, help="Untimed runs before timing.")
+@click.option("--threads", type=int, help="Threads for TVM and onnxruntime (default: all cores).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random example input.")
+def build(**options) -> None:
+    """Load, prune, export, compile, benchmark and bundle a model for a target."""
+    from .pipeline import BuildConfig
+    from .pipeline import build as run_build
+    from .zoo import parse_model_args
+
+    config = BuildConfig(
+        model=options["model"],
+        target=options["target"],
+        out=options["out"],
+        prune=options["prune_spec"],
+        weights=options["weights"],
+        data=options["data"],
+        model_args=parse_model_args(options["model_args"]),
+        input_shape=options["input_shape"],
+        exclude=tuple(options["exclude"]),
+        finetune_epochs=options["finetune_epochs"],
+        repeat=options["repeat"],
+        warmup=options["warmup"],
+        threads=options["threads"],
+        seed=options["seed"],
+    )
+    with _StageProgress() as progress:
+        result = run_build(config, progress)
+    _print_build_summary(result)
+
+
+class _StageProgress:
+    """Shows a spinner for the running stage and one line per finished stage (on stderr)."""
+
+    def __init__(self):
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.console = _console(stderr=True)
+        self.progress = Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+            console=self.console, transient=True,
+        )
+        self.task = None
+        self.running = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.running:
+            self.progress.stop()
+
+    def started(self, stage: str) -> None:
+        # a live display only on a terminal (rich ends one with a blank line on a pipe), and only
+        # from the first stage on, so an error found before any work prints only itself
+        if not self.running and self.console.is_terminal:
+            self.progress.start()
+            self.running = True
+        self.task = self.progress.add_task(f"{stage}...")
+
+    def finished(self, stage: str, seconds: float, summary: str) -> None:
+        if self.task is not None and self.running:
+            self.progress.remove_task(self.task)
+        self.console.print(f"[green]done[/] {stage:<9} {seconds:7.1f} s  {summary}")
+
+
+def _print_build_summary(result) -> None:
+    report = result.report
+    out = _console()
+    model, target = report["model"], report["target"]
+    out.print(f"[bold]{model['name']}[/] -> [bold]{target['name']}[/] ({target['arch']}, {target['device_code']})")
+
+    def ratio(after, before):
+        return f"{after:,} of {before:,} ({after / before:.0%})" if before else f"{after:,}"
+
+    if model["weights"]["source"] == "random-init":
+        out.print("  [yellow]weights    random (no --weights): sizes and speed are real, outputs are not useful[/]")
+    out.print(f"  params     {ratio(model['params'], model['params_before'])}")
+    out.print(f"  MACs       {ratio(model['macs'], model['macs_before'])}")
+    changed = [f"{n}: {w['before']}->{w['after']}" for n, w in model["widths"].items() if w["before"] != w["after"]]
+    if changed:
+        shown = ", ".join(changed[:6]) + (f", ... ({len(changed)} layers)" if len(changed) > 6 else "")
+        out.print(f"  widths     {shown}")
+    if report["accuracy"]:
+        acc = report["accuracy"]
+        tuned = f" -> {acc['after']:.2%} after {acc['finetune_epochs']} fine-tuning epochs" if acc["finetune_epochs"] else ""
+        out.print(
+            f"  accuracy   {acc['before']:.2%} -> {acc['after_pruning']:.2%} pruned{tuned} "
+            f"({acc['dataset']}, {acc['split']})"
+        )
+    parity = report["parity"]
+    tvm_parity = "not checked (no device)" if parity["onnx_vs_tvm_max_abs"] is None else f"{parity['onnx_vs_tvm_max_abs']:.1e}"
+    out.print(f"  parity     torch vs onnxruntime {parity['torch_vs_onnx_max_abs']:.1e}, onnxruntime vs TVM {tvm_parity}")
+    latency = report["latency_ms"]
+    if latency:
+        out.print(
+            f"  latency    median {latency['median']:.3f} ms, p90 {latency['p90']:.3f}, p99 {latency['p99']:.3f} "
+            f"({latency['runs']} runs; first run {latency['cold_first_run']:.2f} ms)"
+        )
+    out.print(f"             {report['figures']['latency']}")
+    memory = report["memory"]
+    rss = "not measured" if memory["peak_rss_bytes"] is None else _size(memory["peak_rss_bytes"])
+    out.print(
+        f"  memory     params {_size(memory['params_bytes'])}, workspace {_size(memory['workspace_bytes'])}, "
+        f"peak RSS growth {rss}"
+    )
+    for note in report["compile"]["notes"]:
+        out.print(f"  [yellow]note[/]       {note}")
+    files = ", ".join(sorted(result.manifest["files"]) + ["manifest.json"])
+    out.print(f"  wrote      {result.out}/ ({files})")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@cli.command()
+@click.option("--model", required=True, help="Zoo name or path/to/file.py:factory.")
+@click.option("--data", required=True, help="digits, wine, breast-cancer, mnist1d or a .npz (x, y).")
+@click.option("--epochs", default=10, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE", help="Model option, repeatable.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Checkpoint file to write.")
+def train(model, data, epochs, lr, batch_size, model_args, seed, out) -> None:
+    """Train a model on a local dataset and write a checkpoint for 'build --weights'."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .data import load_dataset
+    from .train import save_checkpoint
+    from .train import train as run_train
+    from .zoo import load_model, parse_model_args
+
+    if epochs < 1:
+        raise CompactDeployError(f"--epochs must be at least 1 (got {epochs})")
+    dataset = load_dataset(data)
+    loaded = load_model(model, dataset, model_args=parse_model_args(model_args))
+    console = _console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task(f"training {loaded.name} on {dataset.name}", total=epochs)
+
+        def on_epoch(epoch, total, loss, accuracy):
+            bar.update(task, advance=1, description=f"epoch {epoch}/{total} loss {loss:.3f} test acc {accuracy:.2%}")
+
+        result = run_train(loaded, dataset, epochs, lr=lr, batch_size=batch_size, seed=seed, on_epoch=on_epoch)
+    save_checkpoint(loaded, dataset, result, out)
+    _console().print(
+        f"{loaded.name} on {dataset.name}: test accuracy {result.test_accuracy:.2%} after {epochs} epochs "
+        f"({len(dataset.y_test)} test samples); wrote {out}"
+    )
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def targets(as_json: bool) -> None:
+    """List the device targets."""
+    from .targets import available_targets, load_target
+
+    rows = []
+    for name in available_targets():
+        spec = load_target(name)
+        rows.append(
+            {
+                "name": spec.name,
+                "tvm_target": spec.tvm_target_dict(),
+                "arch": spec.arch,
+                "cores": spec.cores,
+                "memory_mb": spec.memory_mb,
+                "channel_multiple": spec.channel_multiple,
+                "cross_compiler": spec.cross_compiler,
+                "rpc_key": spec.rpc_key,
+                "description": spec.description,
+            }
+        )
+    if as_json:
+        import json
+
+        click.echo(json.dumps(rows, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table("target", "TVM target", "arch", "cores", "memory", "channel multiple")
+    table.columns[0].no_wrap = True
+    for row in rows:
+        tvm = row["tvm_target"]
+        tvm_text = tvm.get("tag") or f"{tvm['kind']} {tvm.get('mcpu', '')}".strip()
+        if "tag" in tvm and "host" in tvm:
+            tvm_text += f" (host {tvm['host'].get('mcpu')})"
+        table.add_row(
+            row["name"], tvm_text, row["arch"], str(row["cores"]), f"{row['memory_mb']} MB",
+            str(row["channel_multiple"]),
+        )
+    _console().print(table)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def models(as_json: bool) -> None:
+    """List the model zoo."""
+    from .zoo import zoo
+
+    rows = [
+        {
+            "name": spec.name,
+            "input_shape": list(spec.input_shape()),
+            "default_data": spec.default_data,
+            "args": spec.arguments(),
+            "description": spec.description,
+        }
+        for spec in zoo().values()
+    ]
+    if as_json:
+        import json
+
+        click.echo(json.dumps(rows, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table("model", "input", "data", "options (--model-arg)", "description")
+    table.columns[0].no_wrap = True
+    for row in rows:
+        options = ", ".join(f"{k}={v}" for k, v in row["args"].items())
+        table.add_row(row["name"], "x".join(map(str, row["input_shape"])), row["default_data"] or "", options, row["description"])
+    _console().print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: a CompactDeployError is one line on stderr and exit status 2."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="compactdeploy", standalone_mode=False)
+    except CompactDeployError as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        return 2
+    except click.exceptions.Abort:
+        click.echo("interrupted: nothing was written", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo("interrupted: nothing was written", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except Exception as exc:  # a bug, not bad input: one line, the traceback on request
+        if debug:
+            raise
+        click.echo(f"internal error: {type(exc).__name__}: {first_line(exc)} (rerun with --debug for the traceback)", err=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Compile stage: ONNX -> TVM Relax -> a shared library for the target, cross-linked where needed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .cuda import binary_codegen
+from .errors import CompactDeployError, first_line
+from .resources import cache_dir
+from .targets import TargetSpec
+
+LIB_NAME = "model.so"
+
+
+@dataclass(frozen=True)
+class Linker:
+    """How ``export_library`` links: the host's compiler (``command`` None) or a cross compiler."""
+
+    description: str
+    command: str | None
+
+    def fcompile(self):
+        if self.command is None:
+            return None
+        from tvm.support import cc
+
+        return cc.cross_compiler(self.command)
+
+
+@dataclass(frozen=True)
+class CompileResult:
+    lib_path: Path
+    target: str
+    tvm_target: dict[str, Any]
+    arch: str
+    workspace_bytes: int  # the storage TVM's static memory planner allocates for intermediates
+    device_code: str  # "cpu", or for CUDA: "cuda-sm_87-fatbin" (machine code) or "cuda-source"
+    linker: str
+    compile_s: float
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_linker(target: TargetSpec) -> Linker:
+    """Find the linker before any work starts, so a missing toolchain fails fast with a fix."""
+    if target.cross_compiler is None:
+        for compiler in ("g++", "c++", "clang++"):
+            if shutil.which(compiler):
+                return Linker(f"host {compiler}", None)
+        raise CompactDeployError(
+            "no C++ compiler to link the library: install one (apt-get install g++)"
+        )
+    if shutil.which(target.cross_compiler):
+        return Linker(target.cross_compiler, target.cross_compiler)
+    triple = target.cross_compiler.removesuffix("-gcc").removesuffix("-g++")
+    if _has_ziglang():
+        return Linker(f"zig cc -target {triple}", str(_zig_wrapper(triple)))
+    package = target.cross_compiler.removesuffix("-gcc").replace("_", "-")
+    raise CompactDeployError(
+        f"cross compiler {target.cross_compiler} not found: install it with "
+        f"'apt-get install gcc-{package}' (or 'pip install ziglang'), then build again"
+    )
+
+
+def _has_ziglang() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("ziglang") is not None
+
+
+def _zig_wrapper(triple: str) -> Path:
+    # TVM calls the linker as one command; zig needs "cc -target ...", so wrap it in a script.
+    path = cache_dir("linkers") / f"zig-cc-{triple}"
+    body = f'#!/bin/sh\nexec "{sys.executable}" -m ziglang cc -target {triple} "$@"\n'
+    if not path.exists() or path.read_text() != body:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(body)
+        tmp.chmod(tmp.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+        os.replace(tmp, path)
+    return path
+
+
+def _cpu_pipeline(tvm_target):
+    from tvm import relax, transform
+
+    # Fold the weight transposes and reshapes that the ONNX importer leaves for run time.
+    return transform.Sequential([relax.transform.FoldConstant(), relax.get_pipeline("default")])
+
+
+def _cuda_pipeline(tvm_target):
+    from tvm import relax
+
+    # The CUDA pipeline schedules every kernel with DLight; unscheduled GPU kernels do not build.
+    return relax.get_default_pipeline(tvm_target)
+
+
+# One table for the per-kind differences; add a kind here, not an if-chain elsewhere.
+PIPELINES: dict[str, Callable] = {"llvm": _cpu_pipeline, "cuda": _cuda_pipeline}
+
+
+def compile_onnx(onnx_path: str | Path, target: TargetSpec, out_dir: str | Path, linker: Linker) -> CompileResult:
+    """Compile an ONNX file for ``target``; writes ``out_dir/model.so``."""
+    import onnx
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    start = time.perf_counter()
+    if target.kind not in PIPELINES:
+        raise CompactDeployError(
+            f"target {target.name}: TVM kind {target.kind!r} is not supported; use one of {', '.join(PIPELINES)}"
+        )
+    try:
+        model = onnx.load(str(onnx_path))
+    except Exception as exc:  # protobuf decode errors and the like
+        raise CompactDeployError(f"{onnx_path} is not a readable ONNX model: {exc}") from None
+    try:
+        mod = from_onnx(model, keep_params_in_input=False)
+    except Exception as exc:  # TVM reports unsupported operators with several exception types
+        raise CompactDeployError(f"TVM cannot import {onnx_path}: {first_line(exc)}") from None
+    tvm_target = target.tvm_target()
+    with tvm_target:
+        lowered = PIPELINES[target.kind](tvm_target)(mod)
+    workspace = planned_storage_bytes(lowered)
+    device_code, notes = "cpu", []
+    if target.kind == "cuda":
+        # nvcc reads the arch from the current target, so the compile runs inside its scope
+        with binary_codegen(str(tvm_target.attrs.get("arch", "sm_87"))) as cuda, tvm_target:
+            executable = tvm.compile(lowered, target=tvm_target, relax_pipeline=None)
+        if not any(m.kind == "cuda" for m in _walk_imports(executable.mod)):
+            raise CompactDeployError(f"the build for {target.name} holds no CUDA module")
+        device_code = f"cuda-{cuda.arch}-fatbin" if cuda.binary else "cuda-source"
+        notes = cuda.notes + [
+            "Unverified on a Jetson: the aarch64 TVM 0.27 wheel's CUDA runtime links libcudart.so.13 "
+            "(CUDA 13), while JetPack 6 ships CUDA 12.",
+        ]
+    else:
+        executable = tvm.compile(lowered, target=tvm_target, relax_pipeline=None)
+    lib_path = Path(out_dir) / LIB_NAME
+    executable.export_library(str(lib_path), fcompile=linker.fcompile())
+    return CompileResult(
+        lib_path=lib_path,
+        target=target.name,
+        tvm_target=target.tvm_target_dict(),
+        arch=target.arch,
+        workspace_bytes=workspace,
+        device_code=device_code,
+        linker=linker.description,
+        compile_s=time.perf_counter() - start,
+        notes=notes,
+    )
+
+
+def planned_storage_bytes(lowered) -> int:
+    """Bytes of every static ``R.vm.alloc_storage`` in the lowered ``main``: the planned workspace."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprVisitor, visitor
+
+    alloc_storage = tvm.ir.Op.get("relax.vm.alloc_storage")
+
+    @visitor
+    class StorageVisitor(PyExprVisitor):
+        def __init__(self):
+            self.total = 0
+
+        def visit_call_(self, call):
+            if call.op.same_as(alloc_storage) and isinstance(call.args[0], relax.ShapeExpr):
+                count = int(np.prod([int(v) for v in call.args[0].values]))
+                self.total += count * np.dtype(str(call.args[2].value)).itemsize
+            for arg in call.args:
+                self.visit_expr(arg)
+
+    counter = StorageVisitor()
+    counter.visit_expr(lowered["main"])
+    return counter.total
+
+
+def _walk_imports(module):
+    yield module
+    for child in module.imports:
+        yield from _walk_imports(child)
+

@@ -1,0 +1,26 @@
+"""Where the user-editable data (the model zoo, the target files) and the cache live."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def data_dir(kind: str) -> Path:
+    """The ``models`` or ``targets`` directory: inside an installed wheel, else the source tree's."""
+    bundled = _PACKAGE_DIR / "_bundled" / kind
+    if bundled.is_dir():
+        return bundled
+    return _PACKAGE_DIR.parent / kind
+
+
+def cache_dir(*parts: str) -> Path:
+    """A directory under the user's cache (``$COMPACTDEPLOY_CACHE`` or ``$XDG_CACHE_HOME/compactdeploy``)."""
+    root = os.environ.get("COMPACTDEPLOY_CACHE")
+    if root is None:
+        root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "compactdeploy"
+    path = Path(root, *parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

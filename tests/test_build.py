@@ -1,0 +1,159 @@
+"""`compactdeploy build` end to end: what lands in --out, and whether it is true."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import read_json
+
+from compactdeploy.data import fit_to_model, load_dataset
+from compactdeploy.export import run_onnxruntime
+from compactdeploy.prune import replay
+from compactdeploy.zoo import create_model, file_sha256, load_weights
+
+ELF_MACHINE = {62: "x86_64", 183: "aarch64"}
+
+
+def elf_machine(path) -> str:
+    header = path.read_bytes()[:20]
+    assert header[:4] == b"\x7fELF", f"{path} is not an ELF file"
+    return ELF_MACHINE.get(int.from_bytes(header[18:20], "little"), "other")
+
+
+def test_bundle_holds_the_four_files_with_true_hashes(host_build):
+    assert {p.name for p in host_build.iterdir()} == {"model.onnx", "model.so", "manifest.json", "report.json"}
+    manifest = read_json(host_build / "manifest.json")
+    assert set(manifest["files"]) == {"model.onnx", "model.so", "report.json"}
+    for name, digest in manifest["files"].items():
+        assert file_sha256(host_build / name) == digest
+
+
+def test_report_has_the_documented_keys(host_build):
+    report = read_json(host_build / "report.json")
+    for key in ("model", "prune", "parity", "target", "latency_ms", "memory", "measured_on", "timings_s"):
+        assert key in report
+    assert set(report["timings_s"]) == {"load", "prune", "export", "compile", "benchmark", "bundle"}
+    assert report["prune"]["method"] == "l1" and report["prune"]["ratio"] == 0.5
+    assert report["target"]["name"] == "host"
+    assert report["measured_on"]["emulated"] is False
+    memory = report["memory"]
+    assert memory["params_bytes"] > 0 and memory["workspace_bytes"] > 0 and memory["peak_rss_bytes"] > 0
+
+
+def test_latency_is_a_distribution_over_the_requested_runs(host_build):
+    latency = read_json(host_build / "report.json")["latency_ms"]
+    assert latency["runs"] == 100
+    assert 0 < latency["min"] <= latency["median"] <= latency["p90"] <= latency["p99"]
+    assert latency["std"] >= 0 and latency["cold_first_run"] > 0
+
+
+def test_torch_onnx_and_tvm_agree_on_real_samples(host_build, lenet5_checkpoint):
+    """Rebuild the pruned model independently (weights + replayed plan) and compare all three."""
+    import tvm
+    from tvm import relax
+
+    report = read_json(host_build / "report.json")
+    assert report["parity"]["torch_vs_onnx_max_abs"] <= 1e-4
+    assert report["parity"]["onnx_vs_tvm_max_abs"] <= 1e-4
+
+    model = create_model("lenet5")
+    load_weights(model, lenet5_checkpoint)
+    data = load_dataset("digits")
+    samples = fit_to_model(data, data.x_test[:8], model.input_shape[1:])
+    replay(model.module, torch.from_numpy(samples[:1]), report["prune"]["plan"])
+
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(host_build / "model.so")), tvm.cpu())
+    outputs = []
+    for sample in samples:
+        x = sample[None]
+        with torch.no_grad():
+            expected = model.module(torch.from_numpy(x)).numpy()
+        from_onnx = run_onnxruntime(host_build / "model.onnx", x)
+        from_tvm = vm["main"](tvm.runtime.tensor(x)).numpy()
+        assert np.abs(expected - from_onnx).max() <= 1e-4
+        assert np.abs(expected - from_tvm).max() <= 1e-4
+        outputs.append(expected)
+    # the comparison means something only if the outputs depend on the input
+    assert np.std(np.concatenate(outputs), axis=0).max() > 1e-3
+
+
+def test_pruned_model_is_physically_as_narrow_as_reported(host_build):
+    report = read_json(host_build / "report.json")
+    widths = report["model"]["widths"]
+    assert widths["3"] == {"before": 16, "after": 8}  # conv2, rounded to the host's multiple of 8
+    assert widths["7"] == {"before": 120, "after": 64} and widths["9"] == {"before": 84, "after": 40}
+    assert widths["11"] == {"before": 10, "after": 10}  # the output layer keeps its classes
+    assert all(w["after"] % 8 == 0 or w["after"] == w["before"] for w in widths.values())
+
+    # the widths are in the exported weights themselves, not only in the report
+    graph = onnx.load(str(host_build / "model.onnx")).graph
+    shapes = {init.name: tuple(init.dims) for init in graph.initializer}
+    layers = [node for node in graph.node if node.op_type in ("Conv", "Gemm")]
+    assert [shapes[node.input[1]][0] for node in layers] == [w["after"] for w in widths.values()]
+    weight_count = sum(int(np.prod(shapes[name])) for node in layers for name in node.input[1:])
+    assert weight_count == report["model"]["params"] < report["model"]["params_before"]
+
+
+def test_accuracy_before_and_after_pruning_is_reported(host_build):
+    accuracy = read_json(host_build / "report.json")["accuracy"]
+    assert accuracy["dataset"] == "digits"
+    assert accuracy["before"] > 0.8  # 4 epochs on digits
+    assert 0.0 <= accuracy["after"] <= 1.0
+
+
+def test_rpi4_library_is_an_aarch64_elf_and_is_not_measured_here(rpi4_build):
+    assert elf_machine(rpi4_build / "model.so") == "aarch64"
+    report = read_json(rpi4_build / "report.json")
+    assert report["latency_ms"] is None and report["measured_on"] is None
+    assert report["figures"]["latency"].startswith("not measured: no device")
+    assert report["parity"]["onnx_vs_tvm_max_abs"] is None
+    assert report["target"]["tvm_target"]["mcpu"] == "cortex-a72"
+    # rpi4 rounds to multiples of 4 where the host rounds to 8
+    assert read_json(rpi4_build / "report.json")["model"]["widths"]["0"]["after"] == 4
+    manifest = read_json(rpi4_build / "manifest.json")
+    assert manifest["target"]["arch"] == "aarch64"
+
+
+def test_jetson_build_holds_a_cuda_module_for_an_aarch64_host(jetson_build):
+    library = (jetson_build / "model.so").read_bytes()
+    assert elf_machine(jetson_build / "model.so") == "aarch64"
+    manifest = read_json(jetson_build / "manifest.json")
+    host = manifest["target"]["tvm_target"]["host"]
+    assert host["mcpu"] == "cortex-a78ae"  # not the tag's Xavier "carmel"
+    device_code = manifest["target"]["device_code"]
+    if device_code == "cuda-sm_87-fatbin":
+        offset = library.find(bytes.fromhex("50ed55ba"))  # NVIDIA fatbin magic
+        assert offset >= 0
+        entry = offset + 16  # first entry: kind u16, version u16, header size u32, size u64, ..., arch u32 @ 28
+        assert int.from_bytes(library[entry + 28 : entry + 32], "little") == 87
+    else:
+        assert device_code == "cuda-source"
+        assert b"__global__" in library
+        assert any("will not run on the device" in note for note in manifest["notes"])
+
+
+@pytest.mark.parametrize("target", ["rpi5", "jetson-agx-orin"])
+def test_other_targets_resolve_to_their_tvm_targets(target):
+    from compactdeploy.targets import load_target
+
+    spec = load_target(target)
+    tvm_target = spec.tvm_target()
+    assert spec.arch == "aarch64"
+    assert str(tvm_target.kind.name) == spec.kind
+
+
+def test_finetuning_after_pruning_recovers_accuracy(tmp_path):
+    from conftest import run_cli
+
+    out = tmp_path / "tuned"
+    assert run_cli(
+        "build", "--model", "lenet300", "--data", "digits", "--target", "host", "--prune", "l1:0.7",
+        "--finetune-epochs", "3", "--repeat", "5", "--out", out,
+    ) == 0
+    report = read_json(out / "report.json")
+    accuracy = report["accuracy"]
+    assert accuracy["finetune_epochs"] == 3
+    assert accuracy["after"] > max(accuracy["after_pruning"], 0.8)  # random init, then 3 epochs on digits
+    assert report["parity"]["onnx_vs_tvm_max_abs"] <= 1e-4

@@ -1,0 +1,132 @@
+"""Bad input: one line on stderr, a non-zero exit, no traceback, nothing half-written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+
+from compactdeploy.zoo import create_model
+
+
+def error_of(capsys, *args) -> str:
+    """Run the CLI, expect exit status 2, return its single stderr line."""
+    status = run_cli(*args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2, f"exit status {status}, stderr {err}"
+    assert err and err[-1].startswith("error: "), err
+    assert "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+@pytest.fixture
+def out(tmp_path) -> Path:
+    return tmp_path / "out"
+
+
+def assert_nothing_written(out: Path) -> None:
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+def test_unknown_model_lists_the_zoo(capsys, out):
+    message = error_of(capsys, "build", "--model", "resnet9000", "--target", "host", "--out", out)
+    assert "lenet5" in message and "mobilenetv2" in message
+    assert_nothing_written(out)
+
+
+def test_unknown_target_lists_the_targets(capsys, out):
+    message = error_of(capsys, "build", "--model", "lenet5", "--target", "rpi9", "--out", out)
+    assert "rpi4" in message and "jetson-orin-nano" in message
+    assert_nothing_written(out)
+
+
+def test_missing_weights_file(capsys, out, tmp_path):
+    message = error_of(capsys, "build", "--model", "lenet5", "--target", "host", "--weights", tmp_path / "no.pt", "--out", out)
+    assert "does not exist" in message
+    assert_nothing_written(out)
+
+
+def test_weights_for_another_architecture(capsys, out, tmp_path):
+    weights = tmp_path / "resnet20.pt"
+    torch.save(create_model("resnet20").module.state_dict(), weights)
+    message = error_of(capsys, "build", "--model", "lenet5", "--target", "host", "--weights", weights, "--out", out)
+    assert "do not fit model lenet5" in message
+    assert_nothing_written(out)
+
+
+def test_weights_file_that_is_not_a_state_dict(capsys, out, tmp_path):
+    weights = tmp_path / "junk.pt"
+    weights.write_bytes(b"definitely not a checkpoint")
+    message = error_of(capsys, "build", "--model", "lenet5", "--target", "host", "--weights", weights, "--out", out)
+    assert "cannot load weights" in message and "weights_only" not in message
+    assert_nothing_written(out)
+
+
+def test_input_shape_the_model_rejects(capsys, out):
+    message = error_of(capsys, "build", "--model", "lenet5", "--target", "host", "--input-shape", "3,7,7", "--out", out)
+    assert "rejects input shape (1, 3, 7, 7)" in message
+    assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("spec", ["l1:0", "l1:1", "l1:1.5", "l1:-1"])
+def test_prune_ratio_outside_zero_one(capsys, out, spec):
+    message = error_of(capsys, "build", "--model", "lenet5", "--target", "host", "--prune", spec, "--out", out)
+    assert "between 0 and 1" in message
+    assert_nothing_written(out)
+
+
+def test_missing_cross_compiler_says_how_to_install_it(capsys, out, tmp_path):
+    target = tmp_path / "board.toml"
+    target.write_text(
+        'arch = "aarch64"\ncores = 4\nmemory_mb = 1024\nchannel_multiple = 4\n'
+        '[tvm]\nkind = "llvm"\nmtriple = "aarch64-linux-gnu"\nmcpu = "cortex-a53"\n'
+        '[compile]\ncross_compiler = "nonexistent-linux-gnu-gcc"\n'
+    )
+    message = error_of(capsys, "build", "--model", "lenet5", "--target", target, "--out", out)
+    assert "nonexistent-linux-gnu-gcc not found" in message and "apt-get install" in message
+    assert_nothing_written(out)
+
+
+def test_unknown_model_argument_lists_the_valid_ones(capsys, out):
+    message = error_of(capsys, "build", "--model", "mobilenetv2", "--model-arg", "depth=3", "--target", "host", "--out", out)
+    assert "width_mult" in message and "input_size" in message
+
+
+def test_out_that_is_not_a_build_is_never_replaced(capsys, tmp_path):
+    precious = tmp_path / "thesis"
+    precious.mkdir()
+    (precious / "chapter1.tex").write_text("years of work")
+    message = error_of(capsys, "build", "--model", "lenet5", "--target", "host", "--out", precious)
+    assert "not a compactdeploy build" in message
+    assert (precious / "chapter1.tex").read_text() == "years of work"
+
+
+def test_a_failed_rebuild_leaves_the_previous_build_whole(capsys, tmp_path):
+    out = tmp_path / "build"
+    assert run_cli("build", "--model", "lenet300", "--target", "host", "--repeat", "5", "--out", out) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    error_of(capsys, "build", "--model", "lenet300", "--target", "host", "--input-shape", "5", "--out", out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["build"]
+
+
+def test_console_script_prints_one_line_and_exits_nonzero(tmp_path):
+    """The installed entry point, as a user runs it: no traceback, exit status 2."""
+    done = subprocess.run(
+        [sys.executable, "-m", "compactdeploy.cli", "build", "--model", "nope", "--target", "host", "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and done.stderr.startswith("error: unknown model 'nope'")
+
+
+def test_finetuning_without_data_is_refused(capsys, out):
+    message = error_of(capsys, "build", "--model", "lenet5", "--target", "host", "--prune", "l1:0.5", "--finetune-epochs", "2", "--out", out)
+    assert "--data" in message
+    assert_nothing_written(out)
