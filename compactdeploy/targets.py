@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,6 @@ class TargetSpec:
     rpc_key: str | None = None
     local: bool = False  # True: this machine is the device, so builds are measured here
     source: str = ""  # the file it was read from
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def kind(self) -> str:
@@ -95,7 +94,20 @@ def load_target(name_or_path: str) -> TargetSpec:
     return _parse(path, raw)
 
 
+_KEYS = {"description", "arch", "cores", "memory_mb", "channel_multiple", "tvm", "compile", "device"}
+_SECTION_KEYS = {"compile": {"cross_compiler"}, "device": {"rpc_key", "local"}}
+
+
 def _parse(path: Path, raw: dict[str, Any]) -> TargetSpec:
+    # a misspelt key would otherwise be ignored in silence
+    unknown = sorted(set(raw) - _KEYS) + sorted(
+        f"{section}.{key}" for section, keys in _SECTION_KEYS.items() for key in set(raw.get(section, {})) - keys
+    )
+    if unknown:
+        raise CompactDeployError(
+            f"target file {path}: unknown key {unknown[0]!r} (valid: {', '.join(sorted(_KEYS))})"
+        )
+
     def need(key: str) -> Any:
         if key not in raw:
             raise CompactDeployError(f"target file {path} lacks the key {key!r}")
@@ -118,7 +130,6 @@ def _parse(path: Path, raw: dict[str, Any]) -> TargetSpec:
         raise CompactDeployError(f"target file {path}: channel_multiple must be >= 1")
     compile_section = raw.get("compile", {})
     device = raw.get("device", {})
-    known_keys = {"description", "arch", "cores", "memory_mb", "channel_multiple", "tvm", "compile", "device"}
     return TargetSpec(
         name=path.stem,
         description=str(raw.get("description", "")),
@@ -131,7 +142,6 @@ def _parse(path: Path, raw: dict[str, Any]) -> TargetSpec:
         rpc_key=device.get("rpc_key"),
         local=bool(device.get("local", False)),
         source=str(path),
-        extra={k: v for k, v in raw.items() if k not in known_keys},
     )
 
 

@@ -130,3 +130,49 @@ def test_finetuning_without_data_is_refused(capsys, out):
     message = error_of(capsys, "build", "--model", "lenet5", "--target", "host", "--prune", "l1:0.5", "--finetune-epochs", "2", "--out", out)
     assert "--data" in message
     assert_nothing_written(out)
+
+
+def test_target_file_with_a_misspelt_key_is_refused(capsys, out, tmp_path):
+    target = tmp_path / "board.toml"
+    target.write_text('arch = "aarch64"\ncores = 4\nmemory_mb = 1024\nchanel_multiple = 4\n[tvm]\nkind = "llvm"\n')
+    message = error_of(capsys, "build", "--model", "lenet5", "--target", target, "--out", out)
+    assert "unknown key 'chanel_multiple'" in message
+
+
+def test_target_file_that_is_not_toml_is_refused(capsys, out, tmp_path):
+    target = tmp_path / "board.toml"
+    target.write_text("this is [not toml")
+    message = error_of(capsys, "build", "--model", "lenet5", "--target", target, "--out", out)
+    assert "cannot read target file" in message
+
+
+def test_compile_refuses_a_corrupt_onnx_file(tmp_path):
+    from compactdeploy.compile import compile_onnx, resolve_linker
+    from compactdeploy.errors import CompactDeployError
+    from compactdeploy.targets import load_target
+
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"\x08\x07garbage that is not protobuf" * 10)
+    target = load_target("host")
+    with pytest.raises(CompactDeployError, match="not a readable ONNX model|cannot import"):
+        compile_onnx(bad, target, tmp_path, resolve_linker(target))
+
+
+def test_compile_names_an_operator_tvm_does_not_support(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from compactdeploy.compile import compile_onnx, resolve_linker
+    from compactdeploy.errors import CompactDeployError
+    from compactdeploy.targets import load_target
+
+    node = helper.make_node("FancyNewOp", ["x"], ["y"])
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    target = load_target("host")
+    with pytest.raises(CompactDeployError, match="FancyNewOp"):
+        compile_onnx(path, target, tmp_path, resolve_linker(target))
