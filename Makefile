@@ -7,5 +7,6 @@ setup:
 demo: setup
 	bash tools/demo.sh
 
-test: setup
+test:
+	bash tools/setup.sh --with-emulator
 	.venv/bin/python -m pytest -q

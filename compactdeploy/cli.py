@@ -55,6 +55,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--warmup", default=10, show_default=True, help="Untimed runs before timing.")
 @click.option("--threads", type=int, help="Threads for TVM and onnxruntime (default: all cores).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random example input.")
+@click.option("--device", help="Measure on this device: rpc://HOST:PORT (a server) or rpc://HOST:PORT/KEY (a tracker).")
+@click.option("--device-wait", default=60.0, show_default=True, help="Seconds to wait for a busy tracker key.")
 def build(**options) -> None:
     """Load, prune, export, compile, benchmark and bundle a model for a target."""
     from .pipeline import BuildConfig
@@ -76,6 +78,8 @@ def build(**options) -> None:
         warmup=options["warmup"],
         threads=options["threads"],
         seed=options["seed"],
+        device=options["device"],
+        device_wait_s=options["device_wait"],
     )
     with _StageProgress() as progress:
         result = run_build(config, progress)
@@ -89,7 +93,7 @@ class _StageProgress:
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
         self.console = _console(stderr=True)
-        self.progress = Progress(
+        self.progress_bar = Progress(
             SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
             console=self.console, transient=True,
         )
@@ -101,19 +105,24 @@ class _StageProgress:
 
     def __exit__(self, *exc):
         if self.running:
-            self.progress.stop()
+            self.progress_bar.stop()
 
     def started(self, stage: str) -> None:
         # a live display only on a terminal (rich ends one with a blank line on a pipe), and only
         # from the first stage on, so an error found before any work prints only itself
         if not self.running and self.console.is_terminal:
-            self.progress.start()
+            self.progress_bar.start()
             self.running = True
-        self.task = self.progress.add_task(f"{stage}...")
+        self.task = self.progress_bar.add_task(f"{stage}...") if self.running else None
+
+    def progress(self, stage: str, message: str) -> None:
+        if self.running and self.task is not None:
+            self.progress_bar.update(self.task, description=f"{stage}: {message}")
 
     def finished(self, stage: str, seconds: float, summary: str) -> None:
-        if self.task is not None and self.running:
-            self.progress.remove_task(self.task)
+        if self.task is not None:
+            self.progress_bar.remove_task(self.task)
+            self.task = None
         self.console.print(f"[green]done[/] {stage:<9} {seconds:7.1f} s  {summary}")
 
 
@@ -144,23 +153,44 @@ def _print_build_summary(result) -> None:
     parity = report["parity"]
     tvm_parity = "not checked (no device)" if parity["onnx_vs_tvm_max_abs"] is None else f"{parity['onnx_vs_tvm_max_abs']:.1e}"
     out.print(f"  parity     torch vs onnxruntime {parity['torch_vs_onnx_max_abs']:.1e}, onnxruntime vs TVM {tvm_parity}")
+    _print_measurement(out, report)
+    for note in report["compile"]["notes"]:
+        out.print(f"  [yellow]note[/]       {note}")
+    files = ", ".join(sorted(result.manifest["files"]) + ["manifest.json"])
+    out.print(f"  wrote      {result.out}/ ({files})")
+
+
+def _print_measurement(out, report) -> None:
     latency = report["latency_ms"]
     if latency:
         out.print(
             f"  latency    median {latency['median']:.3f} ms, p90 {latency['p90']:.3f}, p99 {latency['p99']:.3f} "
-            f"({latency['runs']} runs; first run {latency['cold_first_run']:.2f} ms)"
+            f"({latency['runs']} runs; first run {_ms(latency['cold_first_run'])}, load {_ms(latency['module_load'])})"
         )
     out.print(f"             {report['figures']['latency']}")
+    baseline = report.get("onnxruntime_on_device")
+    if baseline and "latency_ms" in baseline:
+        out.print(
+            f"  baseline   onnxruntime {baseline['version']} on the same device: median "
+            f"{baseline['latency_ms']['median']:.3f} ms (TVM / onnxruntime = {baseline['tvm_over_onnxruntime']:.2f})"
+        )
+    per_layer = report.get("per_layer")
+    if per_layer and "kernels" in per_layer:
+        top = ", ".join(f"{k['kernel']} {k['share']:.0%}" for k in per_layer["kernels"][:3])
+        out.print(
+            f"  per layer  kernels sum to {per_layer['sum_ms']:.3f} ms ({per_layer['sum_over_whole']:.0%} of the whole); "
+            f"slowest: {top}"
+        )
     memory = report["memory"]
     rss = "not measured" if memory["peak_rss_bytes"] is None else _size(memory["peak_rss_bytes"])
     out.print(
         f"  memory     params {_size(memory['params_bytes'])}, workspace {_size(memory['workspace_bytes'])}, "
         f"peak RSS growth {rss}"
     )
-    for note in report["compile"]["notes"]:
-        out.print(f"  [yellow]note[/]       {note}")
-    files = ", ".join(sorted(result.manifest["files"]) + ["manifest.json"])
-    out.print(f"  wrote      {result.out}/ ({files})")
+
+
+def _ms(value) -> str:
+    return "n/a" if value is None else f"{value:.2f} ms"
 
 
 def _size(n: int) -> str:
@@ -206,6 +236,83 @@ def train(model, data, epochs, lr, batch_size, model_args, seed, out) -> None:
         f"{loaded.name} on {dataset.name}: test accuracy {result.test_accuracy:.2%} after {epochs} epochs "
         f"({len(dataset.y_test)} test samples); wrote {out}"
     )
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--device", help="rpc://HOST:PORT or rpc://HOST:PORT/KEY; default: this machine, if the bundle is for it.")
+@click.option("--repeat", default=100, show_default=True, help="Timed runs.")
+@click.option("--warmup", default=10, show_default=True, help="Untimed runs before timing.")
+@click.option("--threads", type=int, help="Threads on this machine (a remote device uses its own setting).")
+@click.option("--device-wait", default=60.0, show_default=True, help="Seconds to wait for a busy tracker key.")
+@click.option("--json", "as_json", is_flag=True, help="Print the updated report.json.")
+def bench(bundle, device, repeat, warmup, threads, device_wait, as_json) -> None:
+    """Measure a build on a device and update its report.json."""
+    from .pipeline import remeasure
+
+    with _StageProgress() as progress:
+        report = remeasure(bundle, device, repeat, warmup, threads, device_wait, progress)
+    if as_json:
+        import json
+
+        click.echo(json.dumps(report, indent=2))
+        return
+    out = _console()
+    out.print(f"[bold]{report['model']['name']}[/] on [bold]{report['target']['name']}[/]")
+    _print_measurement(out, report)
+    parity = report["parity"]["onnx_vs_tvm_max_abs"]
+    out.print(f"  parity     onnxruntime on this host vs TVM on the device: {parity:.1e}")
+
+
+@cli.group()
+def device() -> None:
+    """Serve this machine (or an emulated board) as a device for measurements."""
+
+
+@device.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; others can reach only what you bind.")
+@click.option("--port", default=9090, show_default=True, help="First port to try.")
+@click.option("--tracker", help="Register with a TVM tracker at HOST:PORT (then --key is required).")
+@click.option("--key", default="", help="This device's key on the tracker, e.g. rpi4.")
+@click.option("--emulate", "emulate_target", help="Serve an emulated board (qemu-user) for this target, e.g. rpi4.")
+@click.option("--threads", type=int, help="TVM threads (default: all cores).")
+def serve(host, port, tracker, key, emulate_target, threads) -> None:
+    """Run a TVM RPC server with compactdeploy's measuring functions, until interrupted.
+
+    A TVM RPC server runs any code its clients send: serve only on a trusted network.
+    """
+    if tracker and not key:
+        raise CompactDeployError("--tracker needs --key (the kind of device, e.g. rpi4)")
+    err = _console(stderr=True)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(f"[yellow]warning[/]: serving on {host}: anyone who can reach it can run code here")
+    where = f"tracker {tracker} as '{key}'" if tracker else "directly"
+
+    def ready(bound: int, what: str = "this machine") -> None:
+        err.print(f"serving {what} on rpc://{host}:{bound} ({where}); Ctrl-C stops")
+
+    if emulate_target is None:
+        import os
+
+        from .device import agent
+
+        if threads:
+            os.environ["TVM_NUM_THREADS"] = str(threads)
+        agent.serve(host, port, port + 100, tracker, key, on_ready=ready)
+        return
+    from .device.emulate import emulated_agent
+    from .targets import load_target
+
+    target = load_target(emulate_target)
+    if target.arch != "aarch64":
+        raise CompactDeployError(f"only aarch64 boards can be emulated; {target.name} is {target.arch}")
+    mcpu = (target.tvm_target_dict().get("host") or target.tvm_target_dict()).get("mcpu")
+    with emulated_agent(mcpu, port, host, tracker, key, threads, progress=lambda m: err.print(m)) as emulated:
+        ready(emulated.port, f"an EMULATED {target.name} ({mcpu}, qemu-user: not the board's speed)")
+        try:
+            emulated.process.wait()
+        except KeyboardInterrupt:
+            pass
 
 
 @cli.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -18,6 +19,7 @@ from .resources import cache_dir
 from .targets import TargetSpec
 
 LIB_NAME = "model.so"
+KERNELS_NAME = "kernels.json"
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class CompileResult:
     tvm_target: dict[str, Any]
     arch: str
     workspace_bytes: int  # the storage TVM's static memory planner allocates for intermediates
+    kernels_path: Path  # the kernels main calls, with argument shapes: for per-layer profiles
     device_code: str  # "cpu", or for CUDA: "cuda-sm_87-fatbin" (machine code) or "cuda-source"
     linker: str
     compile_s: float
@@ -128,6 +131,7 @@ def compile_onnx(onnx_path: str | Path, target: TargetSpec, out_dir: str | Path,
     with tvm_target:
         lowered = PIPELINES[target.kind](tvm_target)(mod)
     workspace = planned_storage_bytes(lowered)
+    kernels = kernel_calls(lowered)
     device_code, notes = "cpu", []
     if target.kind == "cuda":
         # nvcc reads the arch from the current target, so the compile runs inside its scope
@@ -136,20 +140,25 @@ def compile_onnx(onnx_path: str | Path, target: TargetSpec, out_dir: str | Path,
         if not any(m.kind == "cuda" for m in _walk_imports(executable.mod)):
             raise CompactDeployError(f"the build for {target.name} holds no CUDA module")
         device_code = f"cuda-{cuda.arch}-fatbin" if cuda.binary else "cuda-source"
-        notes = cuda.notes + [
-            "Unverified on a Jetson: the aarch64 TVM 0.27 wheel's CUDA runtime links libcudart.so.13 "
-            "(CUDA 13), while JetPack 6 ships CUDA 12.",
-        ]
+        notes = list(cuda.notes)
+        if target.arch == "aarch64":
+            notes.append(
+                "Unverified on a Jetson: the aarch64 TVM 0.27 wheel's CUDA runtime links libcudart.so.13 "
+                "(CUDA 13), while JetPack 6 ships CUDA 12."
+            )
     else:
         executable = tvm.compile(lowered, target=tvm_target, relax_pipeline=None)
     lib_path = Path(out_dir) / LIB_NAME
     executable.export_library(str(lib_path), fcompile=linker.fcompile())
+    kernels_path = Path(out_dir) / KERNELS_NAME
+    kernels_path.write_text(json.dumps(kernels) + "\n")
     return CompileResult(
         lib_path=lib_path,
         target=target.name,
         tvm_target=target.tvm_target_dict(),
         arch=target.arch,
         workspace_bytes=workspace,
+        kernels_path=kernels_path,
         device_code=device_code,
         linker=linker.description,
         compile_s=time.perf_counter() - start,
@@ -162,25 +171,44 @@ def planned_storage_bytes(lowered) -> int:
     import numpy as np
     import tvm
     from tvm import relax
-    from tvm.relax.expr_functor import PyExprVisitor, visitor
 
     alloc_storage = tvm.ir.Op.get("relax.vm.alloc_storage")
+    total = 0
 
-    @visitor
-    class StorageVisitor(PyExprVisitor):
-        def __init__(self):
-            self.total = 0
+    def visit(expr) -> None:
+        nonlocal total
+        if isinstance(expr, relax.Call) and expr.op.same_as(alloc_storage) and isinstance(expr.args[0], relax.ShapeExpr):
+            count = int(np.prod([int(v) for v in expr.args[0].values]))
+            total += count * np.dtype(str(expr.args[2].value)).itemsize
 
-        def visit_call_(self, call):
-            if call.op.same_as(alloc_storage) and isinstance(call.args[0], relax.ShapeExpr):
-                count = int(np.prod([int(v) for v in call.args[0].values]))
-                self.total += count * np.dtype(str(call.args[2].value)).itemsize
-            for arg in call.args:
-                self.visit_expr(arg)
+    relax.analysis.post_order_visit(lowered["main"], visit)
+    return total
 
-    counter = StorageVisitor()
-    counter.visit_expr(lowered["main"])
-    return counter.total
+
+def kernel_calls(lowered) -> list[dict[str, Any]]:
+    """Every compiled kernel that ``main`` calls, with its argument shapes and how often it runs.
+
+    The device times each kernel alone with these shapes to build the per-layer profile (TVM 0.27
+    has no VM profiler any more).
+    """
+    from tvm import relax, tirx
+
+    kernels: dict[str, dict[str, Any]] = {}
+
+    def visit(expr) -> None:
+        if not (isinstance(expr, relax.Call) and isinstance(expr.op, relax.GlobalVar)):
+            return
+        if not isinstance(lowered[expr.op], tirx.PrimFunc):
+            return
+        name = expr.op.name_hint
+        if name in kernels:
+            kernels[name]["calls"] += 1
+            return
+        args = [{"shape": [int(d) for d in a.ty.shape], "dtype": str(a.ty.dtype)} for a in expr.args]
+        kernels[name] = {"name": name, "args": args, "calls": 1}
+
+    relax.analysis.post_order_visit(lowered["main"], visit)
+    return list(kernels.values())
 
 
 def _walk_imports(module):

@@ -7,7 +7,7 @@ appears only when every stage has succeeded.
 from __future__ import annotations
 
 import contextlib
-import platform
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,6 +22,7 @@ from .errors import CompactDeployError
 from .targets import TargetSpec, load_target
 
 PARITY_TOLERANCE = 1e-4
+SAMPLE_INPUT = "sample_input.npy"  # the input the bundle was checked with: reused by bench and run
 STAGES = ("load", "prune", "export", "compile", "benchmark", "bundle")
 
 
@@ -41,6 +42,8 @@ class BuildConfig:
     warmup: int = 10
     threads: int | None = None
     seed: int = 0
+    device: str | None = None  # rpc://HOST:PORT[/KEY]; None: this machine when the target is it
+    device_wait_s: float = 60.0  # how long to wait for a busy tracker key
 
 
 @dataclass(frozen=True)
@@ -51,15 +54,20 @@ class BuildResult:
 
 
 class Observer(Protocol):
-    """Told when each stage starts and ends; the CLI shows progress with it."""
+    """Told when each stage starts, progresses and ends; the CLI shows progress with it."""
 
     def started(self, stage: str) -> None: ...
+
+    def progress(self, stage: str, message: str) -> None: ...
 
     def finished(self, stage: str, seconds: float, summary: str) -> None: ...
 
 
 class _Silent:
     def started(self, stage: str) -> None:
+        pass
+
+    def progress(self, stage: str, message: str) -> None:
         pass
 
     def finished(self, stage: str, seconds: float, summary: str) -> None:
@@ -74,12 +82,16 @@ class _StageClock:
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[_StageClock]:
+        self.current = name
         self.observer.started(name)
         self.summary = ""
         self._start = time.perf_counter()
         yield self
         self.timings[name] = self.elapsed()
         self.observer.finished(name, self.timings[name], self.summary)
+
+    def progress(self, message: str) -> None:
+        self.observer.progress(self.current, message)
 
     def elapsed(self) -> float:
         """Seconds since the current stage started."""
@@ -89,6 +101,7 @@ class _StageClock:
 def build(config: BuildConfig, observer: Observer | None = None) -> BuildResult:
     from . import bundle
     from .compile import resolve_linker
+    from .device import check_reachable, parse_device
     from .prune import parse_prune_spec
     from .zoo import get_spec
 
@@ -103,6 +116,8 @@ def build(config: BuildConfig, observer: Observer | None = None) -> BuildResult:
         raise CompactDeployError(f"--repeat must be at least 1 (got {config.repeat})")
     if config.finetune_epochs and (config.data is None or prune_spec is None):
         raise CompactDeployError("--finetune-epochs needs --prune and --data (the data to fine-tune on)")
+    if config.device is not None:
+        check_reachable(parse_device(config.device))  # before any work, not after the compile
     linker = resolve_linker(target)
     bundle.check_out_dir(config.out)
 
@@ -121,10 +136,9 @@ def _run_stages(config, target: TargetSpec, prune_spec, linker, staging: Path, c
     import torch
 
     from . import bundle
-    from .bench import measure_local
     from .compile import compile_onnx
     from .data import fit_to_model, load_dataset, preprocessing_for
-    from .export import export_onnx, run_onnxruntime
+    from .export import export_onnx
     from .prune import count_macs_params, layer_widths, prune
     from .train import evaluate, train
     from .zoo import check_input, load_model
@@ -171,22 +185,20 @@ def _run_stages(config, target: TargetSpec, prune_spec, linker, staging: Path, c
         compiled = compile_onnx(exported.path, target, staging, linker)
         clock.summary = f"{target.name} ({target.arch}, {compiled.device_code}), linked with {compiled.linker}"
 
-    measurement, onnx_vs_tvm = None, None
     with clock.stage("benchmark"):
-        if target.is_this_machine():
-            x = example.numpy()
-            measurement = measure_local(compiled.lib_path, x, config.repeat, config.warmup, config.threads)
-            reference = run_onnxruntime(exported.path, x, config.threads)
-            onnx_vs_tvm = float(np.abs(measurement.output - reference).max())
-            clock.summary = f"median {measurement.latency_ms['median']:.3f} ms over {config.repeat} runs"
-        else:
-            clock.summary = "not measured: no device"
+        np.save(staging / SAMPLE_INPUT, example.numpy())
+        measured = measure_bundle(
+            staging, target, config.device, config.repeat, config.warmup, config.threads,
+            config.device_wait_s, on_progress=clock.progress,
+        )
+        clock.summary = measured["summary"]
 
     with clock.stage("bundle"):
         report = _report(
-            config, target, model, data, (before, after), prune_result, exported, compiled, measurement,
-            onnx_vs_tvm, (accuracy_before, accuracy_pruned, accuracy_after),
+            config, target, model, data, (before, after), prune_result, exported, compiled,
+            (accuracy_before, accuracy_pruned, accuracy_after),
         )
+        apply_measurement(report, measured)
         # the bundle stage's own time, up to here: only the hashing below is left out
         report["timings_s"] = {**clock.timings, "bundle": clock.elapsed()}
         bundle.write_json(staging / "report.json", report)
@@ -208,11 +220,9 @@ def _run_stages(config, target: TargetSpec, prune_spec, linker, staging: Path, c
                 "inputs": [t.as_dict() for t in exported.inputs],
                 "outputs": [t.as_dict() for t in exported.outputs],
                 "preprocessing": preprocessing_for(data, sample_shape) if data is not None else None,
+                "sample_input": SAMPLE_INPUT,
                 "prune": report["prune"],
-                "measured": {
-                    "latency_ms": report["latency_ms"],
-                    "where": report["figures"]["latency"],
-                },
+                "measured": _manifest_measured(report),
                 "notes": compiled.notes,
             },
         )
@@ -231,18 +241,10 @@ class _Shape:
 
 def _report(
     config, target, model, data, shapes: tuple[_Shape, _Shape], prune_result, exported, compiled,
-    measurement, onnx_vs_tvm, accuracies: tuple[float | None, float | None, float | None],
+    accuracies: tuple[float | None, float | None, float | None],
 ) -> dict[str, Any]:
+    """Everything known without a device; ``apply_measurement`` adds what the device measured."""
     before, after = shapes
-    measured = measurement is not None
-    where = (
-        "measured on real hardware: this host ("
-        + (measurement.measured_on.get("cpu") or platform.machine())
-        + ")"
-        if measured
-        else f"not measured: no device (target {target.name} is not this machine; "
-        "device measurement over RPC is a later feature)"
-    )
     return {
         "model": {
             "name": model.name,
@@ -279,7 +281,7 @@ def _report(
         ),
         "parity": {
             "torch_vs_onnx_max_abs": exported.torch_vs_onnx_max_abs,
-            "onnx_vs_tvm_max_abs": onnx_vs_tvm,
+            "onnx_vs_tvm_max_abs": None,
             "tolerance": PARITY_TOLERANCE,
             "input": "first test sample" if data is not None else f"random normal, seed {config.seed}",
         },
@@ -290,31 +292,12 @@ def _report(
             "tvm_target": compiled.tvm_target,
             "device_code": compiled.device_code,
         },
-        "latency_ms": (
-            {**measurement.latency_ms, "cold_first_run": measurement.cold_ms, "module_load": measurement.load_ms}
-            if measured
-            else None
-        ),
         "memory": {
             "params_bytes": exported.params_bytes,
             "workspace_bytes": compiled.workspace_bytes,
-            "peak_rss_bytes": measurement.peak_rss_growth_bytes if measured else None,
+            "peak_rss_bytes": None,
         },
-        "measured_on": (
-            {
-                "hostname": measurement.measured_on["hostname"],
-                "cpu": measurement.measured_on["cpu"],
-                "cores": measurement.measured_on["cores"],
-                "threads": measurement.threads,
-                "emulated": bool(measurement.measured_on.get("emulated")),
-            }
-            if measured
-            else None
-        ),
         "figures": {
-            "latency": where,
-            "peak_rss_bytes": "growth of the runner process's peak RSS (VmHWM) over its RSS before loading "
-            "the library, while loading and running it" if measured else "not measured",
             "params_bytes": "size of the ONNX initializers (exact)",
             "workspace_bytes": "TVM's static memory plan for intermediates (exact, from the compiled IR)",
             "macs": "counted by torch-pruning for one input (exact)",
@@ -337,6 +320,113 @@ def _report(
     }
 
 
+def measure_bundle(
+    directory: Path,
+    target: TargetSpec,
+    device: str | None,
+    repeat: int,
+    warmup: int,
+    threads: int | None = None,
+    wait_s: float = 60.0,
+    on_progress=None,
+) -> dict[str, Any]:
+    """Measure the library in ``directory`` on ``device``, or on this machine when the target is it.
+
+    Returns the report sections that the measurement fills (see ``apply_measurement``).
+    """
+    from .bench import measure
+    from .device import connect, local_agent, parse_device
+    from .export import run_onnxruntime
+
+    if device is None and not target.is_this_machine():
+        reason = (
+            f"not measured: no device (target {target.name} is not this machine; "
+            "pass --device rpc://HOST:PORT or rpc://TRACKER:PORT/KEY)"
+        )
+        return {"measurement": None, "where": reason, "summary": "not measured: no device"}
+    x = np.load(directory / SAMPLE_INPUT)
+    device_kind = "cuda" if target.kind == "cuda" else "cpu"
+
+    arguments = dict(
+        arch=target.arch, device_kind=device_kind, repeat=repeat, warmup=warmup,
+        kernels_path=directory / "kernels.json", onnx_path=directory / "model.onnx", on_progress=on_progress,
+    )
+    if device is None:
+        with local_agent(threads) as agent:
+            session = connect(agent.address)
+            # asked in the agent: this process may hold the build-time stand-in for the CUDA driver
+            if device_kind == "cuda" and not session.fingerprint.get("cuda"):
+                return {
+                    "measurement": None,
+                    "where": "not measured: no NVIDIA GPU on this host (TVM finds no CUDA device)",
+                    "summary": "not measured: no GPU",
+                }
+            measurement = measure(session, directory / "model.so", x, **arguments)
+            del session
+        address = "this host"
+    else:
+        address = parse_device(device)
+        session = connect(address, wait_s, on_progress)
+        measurement = measure(session, directory / "model.so", x, **arguments)
+        del session
+    reference = run_onnxruntime(directory / "model.onnx", x, threads)
+    fingerprint = measurement.device
+    if fingerprint.get("emulated"):
+        where = (
+            f"EMULATED: qemu-user on the build host ({address}); these figures prove the flow and the "
+            "numbers the model computes, not the real board's speed"
+        )
+    elif fingerprint.get("cpu") is None:
+        where = f"measured on the device at {address} (a stock TVM server: real or emulated is unknown)"
+    else:
+        where = f"measured on real hardware: {fingerprint['hostname']} ({fingerprint['cpu']}), {address}"
+    if measurement.cut_short:
+        where += f"; CUT SHORT: {measurement.cut_short}"
+    latency = measurement.latency_ms
+    return {
+        "measurement": measurement,
+        "where": where,
+        "onnx_vs_tvm_max_abs": float(np.abs(measurement.output - reference).max()),
+        "summary": f"median {latency['median']:.3f} ms over {latency['runs']} runs"
+        + (" (emulated)" if fingerprint.get("emulated") else ""),
+    }
+
+
+def apply_measurement(report: dict[str, Any], measured: dict[str, Any]) -> None:
+    """Write a ``measure_bundle`` result into a report, replacing any earlier measurement."""
+    m = measured["measurement"]
+    report["figures"]["latency"] = measured["where"]
+    if m is None:
+        report.update(latency_ms=None, measured_on=None, per_layer=None, onnxruntime_on_device=None)
+        report["parity"]["onnx_vs_tvm_max_abs"] = None
+        report["memory"]["peak_rss_bytes"] = None
+        report["figures"]["peak_rss_bytes"] = "not measured"
+        return
+    report["latency_ms"] = {
+        **m.latency_ms,
+        "requested_runs": m.runs_requested,
+        "cut_short": m.cut_short,
+        "cold_first_run": m.cold_ms,
+        "module_load": m.load_ms,
+    }
+    report["measured_on"] = {**m.device, "emulated": bool(m.device.get("emulated"))}
+    report["parity"]["onnx_vs_tvm_max_abs"] = measured["onnx_vs_tvm_max_abs"]
+    report["parity"]["tvm_on"] = "the device" if m.device.get("cpu") else "the device (stock server)"
+    report["memory"]["peak_rss_bytes"] = m.memory["peak_rss_growth_bytes"]
+    report["figures"]["peak_rss_bytes"] = (
+        "growth of the device process's peak RSS (VmHWM, reset first) over its RSS before loading the "
+        "library, while loading and running it"
+        if m.memory["peak_rss_growth_bytes"] is not None
+        else "not measured (needs compactdeploy's device agent on Linux)"
+    )
+    report["per_layer"] = m.per_layer
+    report["onnxruntime_on_device"] = m.onnxruntime
+
+
+def _manifest_measured(report: dict[str, Any]) -> dict[str, Any]:
+    return {"latency_ms": report.get("latency_ms"), "where": report["figures"]["latency"]}
+
+
 def _version(module_name: str) -> str:
     import importlib
 
@@ -344,3 +434,60 @@ def _version(module_name: str) -> str:
         return str(importlib.import_module(module_name).__version__)
     except (ImportError, AttributeError):
         return "unknown"
+
+
+def remeasure(
+    directory: Path,
+    device: str | None,
+    repeat: int = 100,
+    warmup: int = 10,
+    threads: int | None = None,
+    wait_s: float = 60.0,
+    observer: Observer | None = None,
+) -> dict[str, Any]:
+    """Measure an existing bundle (again) on a device and update its report and manifest."""
+    import json
+
+    from . import bundle
+    from .device import parse_device
+    from .zoo import file_sha256
+
+    directory = Path(directory)
+    manifest_path = directory / bundle.MANIFEST
+    if not manifest_path.is_file():
+        raise CompactDeployError(f"{directory} is not a compactdeploy build (no {bundle.MANIFEST})")
+    manifest = json.loads(manifest_path.read_text())
+    for name, digest in manifest.get("files", {}).items():
+        path = directory / name
+        if not path.is_file() or file_sha256(path) != digest:
+            raise CompactDeployError(f"{path} is missing or was changed since the build; rebuild it")
+    if SAMPLE_INPUT not in manifest["files"]:
+        raise CompactDeployError(f"{directory} was built by an older compactdeploy (no {SAMPLE_INPUT}); rebuild it")
+    if device is not None:
+        parse_device(device)
+    spec = manifest["target"]
+    target = TargetSpec(
+        name=spec["name"], description="", arch=spec["arch"], cores=0, memory_mb=0, channel_multiple=1,
+        tvm=spec["tvm_target"], local=spec["name"] == "host",
+    )
+    report = json.loads((directory / "report.json").read_text())
+    clock = _StageClock(observer or _Silent())
+    with clock.stage("benchmark"):
+        measured = measure_bundle(directory, target, device, repeat, warmup, threads, wait_s, clock.progress)
+        clock.summary = measured["summary"]
+    if measured["measurement"] is None:
+        raise CompactDeployError(f"{measured['where']}")
+    apply_measurement(report, measured)
+    staging = bundle.staging_dir(directory)
+    try:
+        for path in directory.iterdir():
+            if path.is_file():
+                shutil.copy2(path, staging / path.name)
+        bundle.write_json(staging / "report.json", report)
+        kept = {k: v for k, v in manifest.items() if k not in ("format", "files")}
+        bundle.write_manifest(staging, {**kept, "measured": _manifest_measured(report)})
+        bundle.commit(staging, directory)
+    except BaseException:
+        bundle.discard(staging)
+        raise
+    return report

@@ -20,6 +20,7 @@ from .errors import CompactDeployError, first_line
 from .resources import data_dir
 
 CHECKPOINT_FORMAT = "compactdeploy-checkpoint/1"
+INIT_SEED = 0  # zoo models start from the same random weights on every run
 
 
 @dataclass(frozen=True)
@@ -148,8 +149,12 @@ def create_model(name: str, args: dict[str, Any] | None = None) -> LoadedModel:
         raise CompactDeployError(
             f"model {name} has no argument {', '.join(unknown)}: it takes {', '.join(valid) or 'none'}"
         )
+    import torch
+
     try:
-        module = spec.factory(**args)
+        with torch.random.fork_rng():  # the same initial weights every time, global RNG untouched
+            torch.manual_seed(INIT_SEED)
+            module = spec.factory(**args)
     except (TypeError, ValueError) as exc:
         raise CompactDeployError(f"cannot build model {name} with {args}: {exc}") from None
     shape = (1, *spec.input_shape(args))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+
 import numpy as np
 import onnx
 import pytest
@@ -22,17 +24,21 @@ def elf_machine(path) -> str:
     return ELF_MACHINE.get(int.from_bytes(header[18:20], "little"), "other")
 
 
-def test_bundle_holds_the_four_files_with_true_hashes(host_build):
-    assert {p.name for p in host_build.iterdir()} == {"model.onnx", "model.so", "manifest.json", "report.json"}
+BUNDLE_FILES = {"model.onnx", "model.so", "report.json", "kernels.json", "sample_input.npy"}
+
+
+def test_bundle_holds_its_files_with_true_hashes(host_build):
+    assert {p.name for p in host_build.iterdir()} == BUNDLE_FILES | {"manifest.json"}
     manifest = read_json(host_build / "manifest.json")
-    assert set(manifest["files"]) == {"model.onnx", "model.so", "report.json"}
+    assert set(manifest["files"]) == BUNDLE_FILES
     for name, digest in manifest["files"].items():
         assert file_sha256(host_build / name) == digest
 
 
 def test_report_has_the_documented_keys(host_build):
     report = read_json(host_build / "report.json")
-    for key in ("model", "prune", "parity", "target", "latency_ms", "memory", "measured_on", "timings_s"):
+    for key in ("model", "prune", "parity", "target", "latency_ms", "memory", "measured_on", "timings_s",
+                "per_layer", "onnxruntime_on_device"):
         assert key in report
     assert set(report["timings_s"]) == {"load", "prune", "export", "compile", "benchmark", "bundle"}
     assert report["prune"]["method"] == "l1" and report["prune"]["ratio"] == 0.5
@@ -43,10 +49,32 @@ def test_report_has_the_documented_keys(host_build):
 
 
 def test_latency_is_a_distribution_over_the_requested_runs(host_build):
-    latency = read_json(host_build / "report.json")["latency_ms"]
-    assert latency["runs"] == 100
+    report = read_json(host_build / "report.json")
+    latency = report["latency_ms"]
+    assert latency["runs"] == latency["requested_runs"] == 100 and latency["cut_short"] is None
     assert 0 < latency["min"] <= latency["median"] <= latency["p90"] <= latency["p99"]
-    assert latency["std"] >= 0 and latency["cold_first_run"] > 0
+    assert latency["std"] >= 0 and latency["cold_first_run"] > 0 and latency["module_load"] > 0
+    assert report["figures"]["latency"].startswith("measured on real hardware")
+    fingerprint = report["measured_on"]
+    assert fingerprint["machine"] == platform.machine() and fingerprint["emulated"] is False
+    assert fingerprint["tvm_version"] and fingerprint["cores"] >= 1
+
+
+def test_per_layer_profile_covers_every_kernel(host_build):
+    report = read_json(host_build / "report.json")
+    profile = report["per_layer"]
+    kernels = read_json(host_build / "kernels.json")
+    assert {k["kernel"] for k in profile["kernels"]} == {k["name"] for k in kernels}
+    assert any(k["kernel"].startswith("conv2d") for k in profile["kernels"])
+    assert abs(sum(k["share"] for k in profile["kernels"]) - 1) < 1e-6
+    # each kernel timed alone: their sum lands near the whole model (noise on a shared 2-core host)
+    assert 0.5 < profile["sum_over_whole"] < 2.0
+
+
+def test_onnxruntime_baseline_runs_on_the_same_device(host_build):
+    baseline = read_json(host_build / "report.json")["onnxruntime_on_device"]
+    assert baseline["latency_ms"]["runs"] == 100
+    assert baseline["tvm_over_onnxruntime"] > 0
 
 
 def test_torch_onnx_and_tvm_agree_on_real_samples(host_build, lenet5_checkpoint):
@@ -108,6 +136,7 @@ def test_rpi4_library_is_an_aarch64_elf_and_is_not_measured_here(rpi4_build):
     report = read_json(rpi4_build / "report.json")
     assert report["latency_ms"] is None and report["measured_on"] is None
     assert report["figures"]["latency"].startswith("not measured: no device")
+    assert "--device rpc://" in report["figures"]["latency"]
     assert report["parity"]["onnx_vs_tvm_max_abs"] is None
     assert report["target"]["tvm_target"]["mcpu"] == "cortex-a72"
     # rpi4 rounds to multiples of 4 where the host rounds to 8

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Installs everything compactdeploy needs on a fresh Debian/Ubuntu machine, idempotently:
 # a virtual environment in .venv with the pinned Python packages, and the aarch64 cross linker.
+# --with-emulator also installs qemu-user and mmdebstrap, for the emulated Raspberry Pi (tests).
 set -euo pipefail
+with_emulator=0
+[ "${1:-}" = "--with-emulator" ] && with_emulator=1
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
@@ -19,24 +22,39 @@ stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
     echo "setup: installing the pinned Python packages into .venv (torch CPU, TVM, ONNX; a few minutes the first time)"
     .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -e ".[test]"
+    .venv/bin/python -m pip install --quiet -e ".[host,test]"
     rm -f .venv/.installed-*
     touch "$stamp"
 fi
 
+SUDO=""
+[ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo -n"
+can_apt() { command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" -eq 0 ] || [ -n "$SUDO" ]; }; }
+apt_updated=0
+apt_install() {
+    export DEBIAN_FRONTEND=noninteractive
+    if [ "$apt_updated" -eq 0 ]; then $SUDO apt-get update -qq; apt_updated=1; fi
+    $SUDO apt-get install -y -qq "$@" >/dev/null
+}
+
 # The Raspberry Pi and Jetson targets link aarch64 libraries. Debian's cross gcc (25 s to install)
 # where apt-get is usable; otherwise zig from PyPI (large, slow first link) does the same job.
 if ! command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 && ! .venv/bin/python -c 'import ziglang' 2>/dev/null; then
-    SUDO=""
-    [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo -n"
-    if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" -eq 0 ] || [ -n "$SUDO" ]; }; then
+    if can_apt; then
         echo "setup: installing the aarch64 cross linker (apt-get install gcc-aarch64-linux-gnu)"
-        export DEBIAN_FRONTEND=noninteractive
-        $SUDO apt-get update -qq
-        $SUDO apt-get install -y -qq gcc-aarch64-linux-gnu >/dev/null
+        apt_install gcc-aarch64-linux-gnu
     else
         echo "setup: no apt-get as root; installing zig from PyPI as the aarch64 linker"
         .venv/bin/python -m pip install --quiet ziglang
+    fi
+fi
+# The emulated Raspberry Pi: qemu-user runs an arm64 Python, mmdebstrap builds its root.
+if [ "$with_emulator" -eq 1 ] && ! { command -v qemu-aarch64 >/dev/null 2>&1 && command -v mmdebstrap >/dev/null 2>&1; }; then
+    if can_apt; then
+        echo "setup: installing qemu-user and mmdebstrap (the emulated Raspberry Pi)"
+        apt_install qemu-user mmdebstrap
+    else
+        echo "setup: warning: cannot apt-get qemu-user and mmdebstrap; the emulated-device tests will be skipped" >&2
     fi
 fi
 echo "setup: ready (.venv/bin/compactdeploy)"

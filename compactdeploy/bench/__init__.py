@@ -1,36 +1,39 @@
-"""Benchmark stage: latency and memory of a compiled model, measured where it runs.
+"""Benchmark stage: latency, memory and a per-layer profile, measured on the device over TVM RPC.
 
-``measure_local`` runs ``runner.py`` in a fresh process on this machine; the device issue adds the
-same measurement over TVM RPC. Both return a ``Measurement``.
+There is one way to measure: through an RPC session. This machine is a device too (an agent on
+127.0.0.1), so host figures and board figures come from the same code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
-import subprocess
-import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import CompactDeployError
+from ..errors import CompactDeployError, first_line
 
-RUNNER = Path(__file__).with_name("runner.py")
+CHUNK_RUNS = 20  # timed runs per RPC call: a device that drops keeps all finished chunks
+PER_LAYER_TOLERANCE = 0.25  # kernels timed alone may sum to within 25 % of the whole model
 
 
 @dataclass(frozen=True)
 class Measurement:
-    latency_ms: dict[str, float]  # median, p90, p99, mean, std, min, runs
-    cold_ms: float
-    load_ms: float
-    peak_rss_growth_bytes: int | None
+    latency_ms: dict[str, float] | None  # median, p90, p99, mean, std, min, runs
+    runs_requested: int
+    cut_short: str | None  # why fewer runs than requested completed, or None
+    cold_ms: float | None  # the first inference in a fresh process, timed on the device
+    load_ms: float | None  # loading the library and creating the VM, timed on the device
+    memory: dict[str, int | None]  # rss_before_bytes, peak_rss_growth_bytes
     output: np.ndarray
-    measured_on: dict[str, Any]
-    threads: int | None
+    device: dict[str, Any]  # the device's fingerprint (emulated or not, CPU, TVM version, ...)
+    per_layer: dict[str, Any] | None
+    onnxruntime: dict[str, Any]  # baseline on the same device, or {"not_measured": reason}
 
 
 def latency_stats(times_ms: list[float]) -> dict[str, float]:
@@ -46,52 +49,145 @@ def latency_stats(times_ms: list[float]) -> dict[str, float]:
     }
 
 
-def measure_local(
+def measure(
+    session,
     lib_path: str | Path,
     x: np.ndarray,
+    *,
+    arch: str,
+    device_kind: str = "cpu",
     repeat: int = 100,
     warmup: int = 10,
-    threads: int | None = None,
-    timeout_s: float = 600,
+    kernels_path: str | Path | None = None,
+    onnx_path: str | Path | None = None,
+    on_progress: Callable[[str], None] | None = None,
 ) -> Measurement:
-    """Load and time ``lib_path`` in a new process on this machine."""
+    """Upload ``lib_path`` to the device of ``session`` and measure it there."""
+    from tvm import relax
+    from tvm import runtime as tvm_runtime
+
+    say = on_progress or (lambda _: None)
     if repeat < 1:
         raise CompactDeployError(f"--repeat must be at least 1 (got {repeat})")
-    env = dict(os.environ)
-    # The runner needs only the TVM runtime; skipping the compiler library saves ~200 MB of RSS.
-    env["TVM_USE_RUNTIME_LIB"] = "1"
-    if threads:
-        env["TVM_NUM_THREADS"] = str(threads)
-    with tempfile.TemporaryDirectory(prefix="compactdeploy-bench-") as tmp:
-        input_path, output_path = Path(tmp, "input.npy"), Path(tmp, "output.npy")
-        np.save(input_path, x)
-        command = [
-            sys.executable, str(RUNNER), "--lib", str(lib_path), "--input", str(input_path),
-            "--output", str(output_path), "--repeat", str(repeat), "--warmup", str(warmup),
-        ]
+    fingerprint = session.fingerprint
+    if fingerprint is not None and fingerprint["machine"] != arch:
+        raise CompactDeployError(
+            f"the library is built for {arch}, but {session.address} is {fingerprint['machine']}: "
+            "build for that device's target (see 'compactdeploy targets')"
+        )
+    if fingerprint is not None and device_kind == "cuda" and not fingerprint.get("cuda"):
+        raise CompactDeployError(f"{session.address} has no CUDA GPU that TVM can use; the library needs one")
+    agent = fingerprint is not None
+    remote, dev = session.remote, session.device(device_kind)
+
+    with _answering(session, "loading the model"):
+        memory_before = session.call("compactdeploy.memory", 1) if agent else None
+        with tempfile.TemporaryDirectory(prefix="compactdeploy-measure-") as tmp:
+            input_path = Path(tmp, "input.npy")
+            np.save(input_path, x)
+            say("uploading the library")
+            remote.upload(str(lib_path), "model.so")
+            remote.upload(str(input_path), "input.npy")
+        first = session.call("compactdeploy.first_run", "model.so", "input.npy", device_kind) if agent else {}
+        vm = relax.VirtualMachine(remote.load_module("model.so"), dev)
+        x_device = tvm_runtime.tensor(x, dev)
+        output = vm["main"](x_device).numpy()
+        if warmup:
+            vm.time_evaluator("main", dev, number=warmup, repeat=1)(x_device)
+
+    times_ms, cut_short = [], None
+    while len(times_ms) < repeat:
+        runs = min(CHUNK_RUNS, repeat - len(times_ms))
         try:
-            done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise CompactDeployError(f"benchmark of {lib_path} took longer than {timeout_s:.0f} s") from None
-        report = _parse_runner_output(done.stdout, done.stderr)
-        output = np.load(output_path)
+            # number=1: each repeat is one inference, so the results are the distribution itself
+            with _answering(session, "timing"):
+                result = vm.time_evaluator("main", dev, number=1, repeat=runs)(x_device)
+        except CompactDeployError as exc:  # the connection dropped or the device died: keep what finished
+            cut_short = f"stopped after {len(times_ms)} of {repeat} runs ({exc})"
+            break
+        times_ms += [t * 1e3 for t in result.results]
+        say(f"timed {len(times_ms)}/{repeat} runs")
+    if not times_ms:
+        raise CompactDeployError(cut_short)
+    latency = latency_stats(times_ms)
+
+    memory = {"rss_before_bytes": None, "peak_rss_growth_bytes": None}
+    per_layer, baseline = None, {"not_measured": "the device runs a stock TVM RPC server, not compactdeploy's agent"}
+    if agent and cut_short is None:
+        try:
+            with _answering(session, "measuring memory"):
+                after = session.call("compactdeploy.memory", 0)
+            memory["rss_before_bytes"] = memory_before["rss_bytes"]
+            if memory_before["peak_reset"]:
+                memory["peak_rss_growth_bytes"] = max(0, after["peak_rss_bytes"] - memory_before["rss_bytes"])
+            if kernels_path is not None and device_kind == "cpu":
+                say("timing each kernel (per-layer profile)")
+                with _answering(session, "timing kernels"):
+                    per_layer = _per_layer(session, Path(kernels_path), latency["median"], repeat)
+            if onnx_path is not None and device_kind == "cpu":
+                say("onnxruntime baseline on the device")
+                with _answering(session, "running onnxruntime"):
+                    baseline = _onnxruntime_baseline(session, Path(onnx_path), repeat, warmup, latency["median"])
+        except CompactDeployError as exc:
+            cut_short = f"all {repeat} runs finished, then {exc}"
     return Measurement(
-        latency_ms=latency_stats(report["times_ms"]),
-        cold_ms=report["cold_ms"],
-        load_ms=report["load_ms"],
-        peak_rss_growth_bytes=report["peak_rss_growth_bytes"],
+        latency_ms=latency,
+        runs_requested=repeat,
+        cut_short=cut_short,
+        cold_ms=first.get("cold_ms"),
+        load_ms=first.get("load_ms"),
+        memory=memory,
         output=output,
-        measured_on=report["device"],
-        threads=int(report["threads"]) if report.get("threads") else None,
+        device=fingerprint or {"hostname": session.address.host, "emulated": None},
+        per_layer=per_layer,
+        onnxruntime=baseline,
     )
 
 
-def _parse_runner_output(stdout: str, stderr: str) -> dict[str, Any]:
-    lines = [line for line in stdout.splitlines() if line.startswith("{")]
-    if not lines:
-        tail = stderr.strip().splitlines()[-1] if stderr.strip() else "no output"
-        raise CompactDeployError(f"the benchmark runner failed: {tail}")
-    report = json.loads(lines[-1])
-    if "error" in report:
-        raise CompactDeployError(f"the benchmark runner failed: {report['error']}")
-    return report
+@contextlib.contextmanager
+def _answering(session, doing: str) -> Iterator[None]:
+    """Turn a device's failure (connection lost, load refused) into one line that names it."""
+    try:
+        yield
+    except CompactDeployError:
+        raise
+    except Exception as exc:  # TVM's RPC raises its own error types, with multi-line messages
+        raise CompactDeployError(f"{session.address} failed while {doing}: {first_line(exc, 160)}") from None
+
+
+def _per_layer(session, kernels_path: Path, whole_ms: float, repeat: int) -> dict[str, Any]:
+    kernels = json.loads(kernels_path.read_text())
+    timed = session.call("compactdeploy.time_kernels", json.dumps(kernels), max(10, min(repeat, 100)))
+    if isinstance(timed, dict):
+        return {"error": timed["error"]}
+    calls = {k["name"]: k["calls"] for k in kernels}
+    rows = [
+        {"kernel": t["name"], "calls": calls[t["name"]], "median_ms": t["median_ms"], "total_ms": t["median_ms"] * calls[t["name"]]}
+        for t in timed
+    ]
+    total = sum(r["total_ms"] for r in rows)
+    for row in rows:
+        row["share"] = row["total_ms"] / total if total else 0.0
+    return {
+        "kernels": sorted(rows, key=lambda r: -r["total_ms"]),
+        "sum_ms": total,
+        "whole_model_median_ms": whole_ms,
+        "sum_over_whole": total / whole_ms if whole_ms else None,
+        "tolerance": PER_LAYER_TOLERANCE,
+        "within_tolerance": bool(whole_ms) and abs(total / whole_ms - 1) <= PER_LAYER_TOLERANCE,
+        "method": "each kernel timed alone on random inputs of its shapes (median of 10 repeats), times its call count",
+    }
+
+
+def _onnxruntime_baseline(session, onnx_path: Path, repeat: int, warmup: int, tvm_median: float) -> dict[str, Any]:
+    session.remote.upload(str(onnx_path), "model.onnx")
+    result = session.call("compactdeploy.onnxruntime_times", "model.onnx", "input.npy", repeat, warmup)
+    if "error" in result:
+        return {"not_measured": result["error"]}
+    stats = latency_stats(result["times_ms"])
+    return {
+        "latency_ms": stats,
+        "version": result["version"],
+        "tvm_over_onnxruntime": tvm_median / stats["median"] if stats["median"] else None,
+        "method": "InferenceSession.run timed with perf_counter on the device, same thread count",
+    }

@@ -1,0 +1,241 @@
+"""The device side: a TVM RPC server with a few measuring functions of compactdeploy's own.
+
+Runs on the board (or under qemu, or on the host as a local device) with only the standard library,
+numpy and the TVM runtime: ``TVM_USE_RUNTIME_LIB=1`` works, so the 240 MB compiler library can be
+left off the device. Started by ``compactdeploy device serve``; imports nothing else of compactdeploy.
+
+The stock TVM RPC server runs every session in a forked child, so the functions registered here
+exist in the process that loads and runs the model, and the memory they read is that process's.
+
+SECURITY: a TVM RPC server runs whatever code its clients send. Serve only on a trusted network;
+the default address is 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import sys
+import time
+
+EMULATED_ENV = "COMPACTDEPLOY_EMULATED"
+EMULATED_CPU_ENV = "COMPACTDEPLOY_EMULATED_CPU"
+# one line on stdout tells a parent process which port the server bound
+PORT_LINE = "compactdeploy-agent-port"
+
+# The model loaded by first_run, kept for the session's later calls (one model per session).
+_SESSION: dict = {}
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def fingerprint() -> dict:
+    """What machine this is: enough to tell a Pi 4 from an emulated one or from the build host."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                key = line.split(":")[0].strip().lower()
+                if key in ("model name", "hardware", "cpu model"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    governor = max_mhz = None
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor") as handle:
+            governor = handle.read().strip()
+        with open("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq") as handle:
+            max_mhz = int(handle.read()) // 1000
+    except (OSError, ValueError):
+        pass
+    import tvm
+
+    if os.environ.get(EMULATED_ENV) == "1":
+        # qemu-user shows the host's /proc/cpuinfo; name the CPU that is really being emulated
+        cpu = f"{os.environ.get(EMULATED_CPU_ENV, 'aarch64')} emulated by qemu-user on {cpu}"
+    return {
+        "hostname": socket.gethostname(),
+        "machine": platform.machine(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "governor": governor,
+        "max_mhz": max_mhz,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "tvm_version": tvm.__version__,
+        "cuda": _cuda_name(),
+        "threads": os.environ.get("TVM_NUM_THREADS"),
+        # qemu-user reports the guest's machine; only its launcher knows the CPU is emulated
+        "emulated": os.environ.get(EMULATED_ENV) == "1",
+    }
+
+
+def _cuda_name() -> str | None:
+    """The first CUDA GPU's name, or None where there is none (or no CUDA runtime)."""
+    try:
+        import tvm
+
+        device = tvm.cuda(0)
+        return str(device.device_name) if device.exist else None
+    except Exception:  # no CUDA plugin or driver: no GPU as far as TVM is concerned
+        return None
+
+
+def _workpath(name: str) -> str:
+    import tvm
+
+    return tvm.get_global_func("tvm.rpc.server.workpath")(name) if os.sep not in name else name
+
+
+def memory(reset: int) -> str:
+    """RSS and peak RSS of this session's process; ``reset`` restarts the peak from now."""
+    reset_ok = False
+    if reset:
+        try:  # writing 5 to clear_refs resets VmHWM (Linux >= 4.0)
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")
+            reset_ok = True
+        except OSError:
+            pass
+    rss, hwm = _status_kb("VmRSS"), _status_kb("VmHWM")
+    return json.dumps({
+        "rss_bytes": None if rss is None else rss * 1024,
+        "peak_rss_bytes": None if hwm is None else hwm * 1024,
+        "peak_reset": reset_ok,
+    })
+
+
+def _device(kind: str):
+    import tvm
+
+    return tvm.cuda(0) if kind == "cuda" else tvm.cpu(0)
+
+
+def first_run(lib_name: str, input_name: str, device_kind: str) -> str:
+    """Load the library and run it once, timing both here on the device (no RPC in the figures)."""
+    import numpy as np
+    import tvm
+    from tvm.runtime.vm import VirtualMachine
+
+    dev = _device(device_kind)
+    start = time.perf_counter()
+    module = tvm.runtime.load_module(_workpath(lib_name))
+    vm = VirtualMachine(module, dev)
+    load_s = time.perf_counter() - start
+    x = tvm.runtime.tensor(np.load(_workpath(input_name)), dev)
+    start = time.perf_counter()
+    vm["main"](x)
+    dev.sync()
+    cold_s = time.perf_counter() - start
+    _SESSION.update(module=module, vm=vm, dev=dev, x=x)
+    return json.dumps({"load_ms": load_s * 1e3, "cold_ms": cold_s * 1e3})
+
+
+def time_kernels(kernels_json: str, repeat: int) -> str:
+    """Median time of each compiled kernel alone, on random inputs of its shapes (needs first_run)."""
+    import numpy as np
+    import tvm
+
+    if "module" not in _SESSION or not _SESSION["module"].imports:
+        return json.dumps({"error": "no model loaded in this session"})
+    kernel_module, dev = _SESSION["module"].imports[0], _SESSION["dev"]
+    rng = np.random.default_rng(0)
+    results = []
+    for kernel in json.loads(kernels_json):
+        args = [
+            tvm.runtime.tensor(rng.standard_normal(a["shape"]).astype(a["dtype"]), dev)
+            if a["dtype"].startswith("float") else tvm.runtime.tensor(np.zeros(a["shape"], a["dtype"]), dev)
+            for a in kernel["args"]
+        ]
+        timer = kernel_module.time_evaluator(kernel["name"], dev, number=max(1, repeat // 10), repeat=10)
+        results.append({"name": kernel["name"], "median_ms": float(np.median(timer(*args).results)) * 1e3})
+    return json.dumps(results)
+
+
+def onnxruntime_times(onnx_name: str, input_name: str, repeat: int, warmup: int) -> str:
+    """Per-run times of the same model in onnxruntime on this device, if it is installed here."""
+    try:
+        import numpy as np
+        import onnxruntime as ort
+    except ImportError:
+        return json.dumps({"error": "onnxruntime is not installed on the device"})
+    threads = os.environ.get("TVM_NUM_THREADS")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    session = ort.InferenceSession(_workpath(onnx_name), options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: np.load(_workpath(input_name))}
+    for _ in range(warmup):
+        session.run(None, feed)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - start) * 1e3)
+    return json.dumps({"times_ms": times, "version": ort.__version__})
+
+
+FUNCTIONS = {
+    "compactdeploy.fingerprint": lambda: json.dumps(fingerprint()),
+    "compactdeploy.memory": memory,
+    "compactdeploy.first_run": first_run,
+    "compactdeploy.time_kernels": time_kernels,
+    "compactdeploy.onnxruntime_times": onnxruntime_times,
+}
+
+
+def serve(host: str, port: int, port_end: int, tracker: str | None, key: str, on_ready=None) -> None:
+    """Register the functions and serve until killed; ``on_ready(port)`` is called once bound."""
+    import tvm_ffi
+    from tvm.rpc import server as rpc_server
+
+    for name, function in FUNCTIONS.items():
+        tvm_ffi.register_global_func(name, function, override=True)
+    tracker_addr = None
+    if tracker:
+        tracker_host, _, tracker_port = tracker.rpartition(":")
+        tracker_addr = (tracker_host, int(tracker_port))
+    # in-process: the stock Server re-executes Python in a worker, which fails under qemu-user
+    bound = rpc_server._popen_start_rpc_server(
+        host, port, port_end, tracker_addr=tracker_addr, key=key, silent=True
+    )
+    print(f"{PORT_LINE} {bound}", flush=True)
+    if on_ready:
+        on_ready(bound)
+    # no Python SIGTERM handler: the session processes sit in TVM's C++ loop, where a Python handler
+    # would never run; the default action ends them at once
+    rpc_server.PopenRPCServerState.current.thread.join()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="compactdeploy device agent (a TVM RPC server)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=9090, help="first port to try")
+    parser.add_argument("--port-end", type=int, default=0, help="last port to try (default: port + 100)")
+    parser.add_argument("--tracker", help="register with a TVM tracker at HOST:PORT")
+    parser.add_argument("--key", default="", help="the device key on the tracker (e.g. rpi4)")
+    args = parser.parse_args(argv)
+    if args.tracker and not args.key:
+        parser.error("--tracker needs --key")
+    try:
+        serve(args.host, args.port, args.port_end or args.port + 100, args.tracker, args.key)
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

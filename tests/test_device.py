@@ -1,0 +1,260 @@
+"""Measuring on a device over TVM RPC: an emulated Raspberry Pi, this host, a tracker, and faults.
+
+Every server here binds 127.0.0.1, is started by the test and stopped by it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import read_json, run_cli
+
+from compactdeploy.bench import measure
+from compactdeploy.device import Agent, DeviceAddress, _free_port, connect, local_agent, parse_device
+from compactdeploy.errors import CompactDeployError
+from compactdeploy.export import run_onnxruntime
+
+needs_emulator = pytest.mark.skipif(
+    not (shutil.which("qemu-aarch64") and shutil.which("mmdebstrap")),
+    reason="the emulated Raspberry Pi needs qemu-user and mmdebstrap (tools/setup.sh --with-emulator)",
+)
+
+
+@pytest.fixture(scope="session")
+def emulated_pi():
+    from compactdeploy.device.emulate import emulated_agent
+
+    with emulated_agent("cortex-a72") as agent:
+        yield agent
+
+
+@pytest.fixture(scope="session")
+def emulated_build(tmp_path_factory, emulated_pi, lenet5_checkpoint):
+    out = tmp_path_factory.mktemp("builds") / "lenet5-rpi4-emulated"
+    assert run_cli(
+        "build", "--model", "lenet5", "--weights", lenet5_checkpoint, "--data", "digits", "--target", "rpi4",
+        "--prune", "l1:0.5", "--device", str(emulated_pi.address), "--repeat", "30", "--out", out,
+    ) == 0
+    return out
+
+
+@needs_emulator
+def test_rpi4_build_is_measured_on_the_emulated_pi_and_says_so(emulated_build):
+    report = read_json(emulated_build / "report.json")
+    device = report["measured_on"]
+    assert device["emulated"] is True and device["machine"] == "aarch64"
+    assert "cortex-a72 emulated by qemu-user" in device["cpu"]
+    assert report["figures"]["latency"].startswith("EMULATED")
+    assert "not the real board's speed" in report["figures"]["latency"]
+    assert report["latency_ms"]["runs"] == 30 and report["latency_ms"]["cut_short"] is None
+    assert report["memory"]["peak_rss_bytes"] > 0
+    assert report["per_layer"]["kernels"]
+    assert "not installed" in report["onnxruntime_on_device"]["not_measured"]
+    manifest = read_json(emulated_build / "manifest.json")
+    assert manifest["measured"]["where"].startswith("EMULATED")
+
+
+@needs_emulator
+def test_aarch64_code_on_the_emulated_pi_matches_onnxruntime_on_the_host(emulated_build, emulated_pi):
+    from tvm import relax, runtime
+
+    assert read_json(emulated_build / "report.json")["parity"]["onnx_vs_tvm_max_abs"] <= 1e-4
+    session = connect(emulated_pi.address)
+    session.remote.upload(str(emulated_build / "model.so"), "model.so")
+    dev = session.remote.cpu()
+    vm = relax.VirtualMachine(session.remote.load_module("model.so"), dev)
+    rng = np.random.default_rng(3)
+    outputs = []
+    for _ in range(3):
+        x = rng.random((1, 1, 28, 28), dtype=np.float32)
+        on_pi = vm["main"](runtime.tensor(x, dev)).numpy()
+        assert np.abs(on_pi - run_onnxruntime(emulated_build / "model.onnx", x)).max() <= 1e-4
+        outputs.append(on_pi)
+    assert np.std(np.concatenate(outputs), axis=0).max() > 1e-3
+
+
+@needs_emulator
+def test_x86_library_is_refused_by_the_aarch64_device_before_upload(host_build, emulated_pi, capsys):
+    status = run_cli("bench", host_build, "--device", str(emulated_pi.address))
+    err = capsys.readouterr().err
+    assert status == 2
+    assert "built for x86_64" in err and "is aarch64" in err
+
+
+def test_unreachable_device_fails_before_any_stage(tmp_path, capsys):
+    port = _free_port()  # nothing listens there
+    out = tmp_path / "out"
+    status = run_cli("build", "--model", "lenet5", "--target", "rpi4", "--device", f"rpc://127.0.0.1:{port}", "--out", out)
+    captured = capsys.readouterr()
+    assert status == 2
+    assert f"cannot reach device 127.0.0.1:{port}" in captured.err
+    assert "done" not in captured.err  # no stage ran
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("text", ["rpc://pi", "http://pi:9090", "rpc://pi:99999", "pi:9090"])
+def test_malformed_device_addresses_are_refused(text):
+    with pytest.raises(CompactDeployError, match="rpc://HOST:PORT"):
+        parse_device(text)
+
+
+def test_device_addresses_parse():
+    assert parse_device("rpc://192.168.1.10:9190/rpi4") == DeviceAddress("192.168.1.10", 9190, "rpi4")
+    assert str(parse_device("rpc://pi.local:9090")) == "rpc://pi.local:9090"
+
+
+def test_a_device_that_drops_mid_benchmark_keeps_the_finished_runs(host_build):
+    agent = local_agent()
+    try:
+        session = connect(agent.address)
+
+        def drop_after_two_chunks(message: str) -> None:
+            if message.startswith("timed 40/"):
+                agent.stop()
+
+        x = np.load(host_build / "sample_input.npy")
+        result = measure(
+            session, host_build / "model.so", x, arch=session.fingerprint["machine"], repeat=1000,
+            warmup=0, on_progress=drop_after_two_chunks,
+        )
+    finally:
+        agent.stop()
+    assert result.latency_ms["runs"] == 40 and result.runs_requested == 1000
+    assert result.cut_short.startswith("stopped after 40 of 1000 runs")
+    assert str(agent.address) in result.cut_short
+
+
+@pytest.fixture
+def tracker():
+    from tvm.rpc.tracker import Tracker
+
+    port = _free_port()
+    server = Tracker("127.0.0.1", port=port, port_end=port + 20, silent=True)
+    yield server
+    server.terminate()
+
+
+def _agent_on_tracker(tracker, key: str) -> Agent:
+    port = _free_port()
+    env = dict(os.environ, TVM_USE_RUNTIME_LIB="1")
+    command = [sys.executable, "-m", "compactdeploy.device.agent", "--port", str(port), "--port-end", str(port + 20),
+               "--tracker", f"127.0.0.1:{tracker.port}", "--key", key]
+    return Agent(command, env, "agent", start_timeout_s=120)
+
+
+def test_tracker_hands_out_a_device_by_key_and_a_busy_key_times_out(tracker, host_build, capsys):
+    with _agent_on_tracker(tracker, "testboard"):
+        address = DeviceAddress("127.0.0.1", tracker.port, "testboard")
+        deadline = time.monotonic() + 30
+        while "testboard" not in tracker_keys(tracker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        # a measurement through the tracker, as a lab with many boards would use it
+        assert run_cli("bench", host_build, "--device", str(address), "--repeat", "20") == 0
+        assert read_json(host_build / "report.json")["latency_ms"]["runs"] == 20
+
+        holder = connect(address, wait_s=10)  # takes the only board
+        messages = []
+        started = time.monotonic()
+        with pytest.raises(CompactDeployError, match="no free 'testboard' device .*every one registered is busy"):
+            connect(address, wait_s=2, on_wait=messages.append)
+        assert 1.5 < time.monotonic() - started < 15
+        assert messages and "waiting for a free 'testboard' device" in messages[0]
+        del holder
+    with pytest.raises(CompactDeployError, match="none is registered with that key"):
+        connect(DeviceAddress("127.0.0.1", tracker.port, "nosuchboard"), wait_s=1)
+
+
+def tracker_keys(tracker) -> set[str]:
+    from tvm import rpc
+
+    return set(rpc.connect_tracker("127.0.0.1", tracker.port).summary().get("queue_info", {}))
+
+
+def test_a_stock_tvm_rpc_server_gives_latency_without_the_agents_extras(host_build):
+    from tvm import rpc
+
+    port = _free_port()
+    server = rpc.Server("127.0.0.1", port=port, port_end=port + 20, silent=True)
+    try:
+        session = connect(DeviceAddress("127.0.0.1", server.port))
+        assert session.fingerprint is None
+        x = np.load(host_build / "sample_input.npy")
+        import platform
+
+        result = measure(session, host_build / "model.so", x, arch=platform.machine(), repeat=20, warmup=2)
+    finally:
+        server.terminate()
+    assert result.latency_ms["runs"] == 20
+    assert result.memory["peak_rss_growth_bytes"] is None and result.per_layer is None
+    assert "stock TVM RPC server" in result.onnxruntime["not_measured"]
+
+
+def test_bench_updates_the_report_and_keeps_the_manifest_true(host_build, capsys):
+    import json
+
+    from compactdeploy.zoo import file_sha256
+
+    assert run_cli("bench", host_build, "--repeat", "25", "--json") == 0
+    printed = json.loads(capsys.readouterr().out)
+    report = read_json(host_build / "report.json")
+    assert printed["latency_ms"]["runs"] == report["latency_ms"]["runs"] == 25
+    manifest = read_json(host_build / "manifest.json")
+    assert manifest["files"]["report.json"] == file_sha256(host_build / "report.json")
+    assert manifest["measured"]["latency_ms"]["runs"] == 25
+
+
+def test_bench_refuses_a_tampered_bundle(host_build, tmp_path, capsys):
+    copy = tmp_path / "bundle"
+    shutil.copytree(host_build, copy)
+    data = bytearray((copy / "model.so").read_bytes())
+    data[-1] ^= 0xFF
+    (copy / "model.so").write_bytes(bytes(data))
+    assert run_cli("bench", copy) == 2
+    assert "was changed since the build" in capsys.readouterr().err
+
+
+def test_device_serve_command_serves_on_loopback_and_answers():
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "compactdeploy.cli", "device", "serve", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("compactdeploy-agent-port")
+        session = connect(DeviceAddress("127.0.0.1", int(line.split()[1])))
+        assert session.fingerprint["emulated"] is False and session.fingerprint["tvm_version"]
+    finally:
+        os.killpg(process.pid, 15)
+        process.wait(timeout=10)
+
+
+def _has_nvidia_gpu() -> bool:
+    return shutil.which("nvidia-smi") is not None and subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _has_nvidia_gpu(), reason="no NVIDIA GPU on this machine: the CUDA target cannot run here")
+def test_cuda_build_runs_on_this_gpu_and_matches_onnxruntime(tmp_path):
+    out = tmp_path / "cuda"
+    assert run_cli("build", "--model", "lenet5", "--target", "cuda", "--repeat", "50", "--out", out) == 0
+    report = read_json(out / "report.json")
+    assert report["latency_ms"]["runs"] == 50
+    assert report["measured_on"]["cuda"]
+    assert report["parity"]["onnx_vs_tvm_max_abs"] <= 1e-4
+
+
+def test_cuda_build_without_a_gpu_is_compiled_and_says_not_measured(tmp_path):
+    if _has_nvidia_gpu():
+        pytest.skip("this machine has a GPU: the test above measures it")
+    out = tmp_path / "cuda"
+    assert run_cli("build", "--model", "lenet300", "--target", "cuda", "--out", out) == 0
+    report = read_json(out / "report.json")
+    assert report["latency_ms"] is None
+    assert report["figures"]["latency"].startswith("not measured: no NVIDIA GPU")
+    assert report["target"]["device_code"].startswith("cuda")
