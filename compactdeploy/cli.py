@@ -40,30 +40,42 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
-@cli.command()
-@click.option("--model", required=True, help="Zoo name (see 'compactdeploy models') or path/to/file.py:factory.")
-@click.option("--target", required=True, help="Target name (see 'compactdeploy targets') or path/to/target.toml.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory (replaced whole).")
-@click.option("--prune", "prune_spec", help="METHOD:RATIO, e.g. l1:0.5 removes half of each layer's channels.")
-@click.option("--weights", type=click.Path(path_type=Path), help="A state_dict or 'compactdeploy train' checkpoint.")
-@click.option("--data", help="digits, wine, breast-cancer, mnist1d or a .npz (x, y): reports accuracy.")
-@click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE", help="Model option, repeatable.")
-@click.option("--input-shape", callback=_parse_shape, help="One sample's shape, e.g. 3,32,32 (batch is 1).")
-@click.option("--exclude", multiple=True, metavar="LAYER", help="Layer name not to prune, repeatable.")
-@click.option("--finetune-epochs", default=0, show_default=True, help="Train this many epochs after pruning (needs --data).")
-@click.option("--repeat", default=100, show_default=True, help="Timed runs when benchmarking.")
-@click.option("--warmup", default=10, show_default=True, help="Untimed runs before timing.")
-@click.option("--threads", type=int, help="Threads for TVM and onnxruntime (default: all cores).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the random example input.")
-@click.option("--device", help="Measure on this device: rpc://HOST:PORT (a server) or rpc://HOST:PORT/KEY (a tracker).")
-@click.option("--device-wait", default=60.0, show_default=True, help="Seconds to wait for a busy tracker key.")
-def build(**options) -> None:
-    """Load, prune, export, compile, benchmark and bundle a model for a target."""
+def _options(*decorators):
+    def apply(function):
+        for decorator in reversed(decorators):
+            function = decorator(function)
+        return function
+
+    return apply
+
+
+# what build and prune share: the model, its data, and how to prune it
+_model_and_pruning = _options(
+    click.option("--model", required=True, help="Zoo name (see 'compactdeploy models') or path/to/file.py:factory."),
+    click.option("--prune", "prune_spec", metavar="METHOD[:RATIO]",
+                 help="l1, random, data-free, noiseout, apoz, obd, taylor; RATIO of each layer's channels goes "
+                      "(data-free:auto picks widths itself)."),
+    click.option("--widths", help="Per-layer widths, e.g. 7=60,9=40 (overrides RATIO for those layers)."),
+    click.option("--weights", type=click.Path(path_type=Path), help="A state_dict or a 'compactdeploy train/prune' checkpoint."),
+    click.option("--data", help="digits, wine, breast-cancer, mnist1d or a .npz (x, y): reports accuracy."),
+    click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE", help="Model option, repeatable."),
+    click.option("--input-shape", callback=_parse_shape, help="One sample's shape, e.g. 3,32,32 (batch is 1)."),
+    click.option("--exclude", multiple=True, metavar="LAYER", help="Layer name not to prune, repeatable."),
+    click.option("--finetune-epochs", default=0, show_default=True, help="Train this many epochs after pruning (needs --data)."),
+    click.option("--distill", is_flag=True, help="Fine-tune with distillation from the unpruned model."),
+    click.option("--noise-outputs", default=0, show_default=True, help="NoiseOut: K noise outputs trained before pruning."),
+    click.option("--noise-epochs", default=3, show_default=True, help="Epochs of that training."),
+    click.option("--calibration-samples", default=256, show_default=True, help="Training samples the data-driven methods see."),
+    click.option("--seed", default=0, show_default=True, help="Seed of training and of the random example input."),
+)
+
+
+def _config(options: dict, **extra):
     from .pipeline import BuildConfig
-    from .pipeline import build as run_build
+    from .prune import parse_widths
     from .zoo import parse_model_args
 
-    config = BuildConfig(
+    return BuildConfig(
         model=options["model"],
         target=options["target"],
         out=options["out"],
@@ -73,17 +85,58 @@ def build(**options) -> None:
         model_args=parse_model_args(options["model_args"]),
         input_shape=options["input_shape"],
         exclude=tuple(options["exclude"]),
+        widths=parse_widths(options["widths"]),
         finetune_epochs=options["finetune_epochs"],
-        repeat=options["repeat"],
-        warmup=options["warmup"],
-        threads=options["threads"],
+        distill=options["distill"],
+        noise_outputs=options["noise_outputs"],
+        noise_epochs=options["noise_epochs"],
+        calibration_samples=options["calibration_samples"],
         seed=options["seed"],
-        device=options["device"],
-        device_wait_s=options["device_wait"],
+        **extra,
+    )
+
+
+@cli.command()
+@_model_and_pruning
+@click.option("--target", required=True, help="Target name (see 'compactdeploy targets') or path/to/target.toml.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory (replaced whole).")
+@click.option("--repeat", default=100, show_default=True, help="Timed runs when benchmarking.")
+@click.option("--warmup", default=10, show_default=True, help="Untimed runs before timing.")
+@click.option("--threads", type=int, help="Threads for TVM and onnxruntime (default: all cores).")
+@click.option("--device", help="Measure on this device: rpc://HOST:PORT (a server) or rpc://HOST:PORT/KEY (a tracker).")
+@click.option("--device-wait", default=60.0, show_default=True, help="Seconds to wait for a busy tracker key.")
+def build(**options) -> None:
+    """Load, prune, export, compile, benchmark and bundle a model for a target."""
+    from .pipeline import build as run_build
+
+    config = _config(
+        options, repeat=options["repeat"], warmup=options["warmup"], threads=options["threads"],
+        device=options["device"], device_wait_s=options["device_wait"],
     )
     with _StageProgress() as progress:
         result = run_build(config, progress)
     _print_build_summary(result)
+
+
+@cli.command("prune")
+@_model_and_pruning
+@click.option("--target", default="host", show_default=True, help="Target whose channel multiple the widths round to.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Checkpoint to write (build --weights takes it).")
+def prune_command(**options) -> None:
+    """Prune a model and write a checkpoint of it, without compiling."""
+    from .pipeline import prune_to_checkpoint
+
+    with _StageProgress() as progress:
+        summary = prune_to_checkpoint(_config(options), progress)
+    out = _console()
+    params = summary["params"]
+    out.print(f"[bold]{summary['model']}[/] pruned with {options['prune_spec']}: params {params['after']:,} of {params['before']:,}")
+    for name, group in summary["prune"]["groups"].items():
+        out.print(f"  {name:<24} {group['before']:>5} -> {group['after']:<5} {group['method']}")
+    if summary["accuracy"]:
+        acc = summary["accuracy"]
+        out.print(f"  accuracy   {acc['before']:.2%} -> {acc['after_pruning']:.2%} pruned -> {acc['after']:.2%}")
+    out.print(f"  wrote      {options['out']} (build --weights {options['out']} replays the pruning)")
 
 
 class _StageProgress:

@@ -7,6 +7,7 @@ appears only when every stage has succeeded.
 from __future__ import annotations
 
 import contextlib
+import copy
 import shutil
 import time
 from collections.abc import Iterator
@@ -37,7 +38,12 @@ class BuildConfig:
     model_args: dict[str, Any] = field(default_factory=dict)
     input_shape: tuple[int, ...] | None = None  # one sample, without the batch dimension
     exclude: tuple[str, ...] = ()
+    widths: dict[str, int] = field(default_factory=dict)  # layer -> width, overriding the ratio
     finetune_epochs: int = 0  # training epochs after pruning (needs data)
+    distill: bool = False  # fine-tune with knowledge distillation from the unpruned model
+    noise_outputs: int = 0  # NoiseOut: K noise outputs trained before pruning (needs noiseout)
+    noise_epochs: int = 3
+    calibration_samples: int = 256  # training samples the data-driven methods look at
     repeat: int = 100
     warmup: int = 10
     threads: int | None = None
@@ -109,13 +115,12 @@ def build(config: BuildConfig, observer: Observer | None = None) -> BuildResult:
     target = load_target(config.target)
     if ".py:" not in config.model:
         get_spec(config.model)  # an unknown name fails here, listing the zoo
-    prune_spec = parse_prune_spec(config.prune) if config.prune else None
+    prune_spec = parse_prune_spec(config.prune, widths_given=bool(config.widths)) if config.prune else None
+    _check_prune_options(config, prune_spec)
     if config.weights is not None and not Path(config.weights).is_file():
         raise CompactDeployError(f"weights file {config.weights} does not exist")
     if config.repeat < 1:
         raise CompactDeployError(f"--repeat must be at least 1 (got {config.repeat})")
-    if config.finetune_epochs and (config.data is None or prune_spec is None):
-        raise CompactDeployError("--finetune-epochs needs --prune and --data (the data to fine-tune on)")
     if config.device is not None:
         check_reachable(parse_device(config.device))  # before any work, not after the compile
     linker = resolve_linker(target)
@@ -132,14 +137,47 @@ def build(config: BuildConfig, observer: Observer | None = None) -> BuildResult:
     return BuildResult(config.out, report, manifest)
 
 
-def _run_stages(config, target: TargetSpec, prune_spec, linker, staging: Path, clock: _StageClock):
+def _check_prune_options(config: BuildConfig, spec) -> None:
+    from .prune import METHODS
+
+    if config.widths and spec is None:
+        raise CompactDeployError("--widths needs --prune METHOD (the method that picks which channels go)")
+    if spec is not None and METHODS[spec.method].needs_data and config.data is None:
+        raise CompactDeployError(f"pruning method {spec.method} needs data: pass --data (a dataset name or a .npz)")
+    if config.finetune_epochs and (config.data is None or spec is None):
+        raise CompactDeployError("--finetune-epochs needs --prune and --data (the data to fine-tune on)")
+    if config.distill and not config.finetune_epochs:
+        raise CompactDeployError("--distill needs --finetune-epochs (distillation happens while fine-tuning)")
+    if config.noise_outputs and (spec is None or spec.method != "noiseout"):
+        raise CompactDeployError("--noise-outputs belongs to NoiseOut: use it with --prune noiseout:RATIO and --data")
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """A model's size at one point of the pipeline."""
+
+    widths: dict[str, int]
+    macs: int
+    params: int
+
+
+@dataclass
+class _Pruned:
+    """What the load and prune stages hand on."""
+
+    model: Any  # LoadedModel
+    data: Any  # Dataset or None
+    example: Any  # torch.Tensor, one input
+    shapes: tuple[_Shape, _Shape]  # before, after
+    accuracies: tuple[float | None, float | None, float | None]  # before, pruned, fine-tuned
+    result: Any  # PruneResult or None
+
+
+def _load_and_prune(config, target: TargetSpec, prune_spec, clock: _StageClock) -> _Pruned:
     import torch
 
-    from . import bundle
-    from .compile import compile_onnx
-    from .data import fit_to_model, load_dataset, preprocessing_for
-    from .export import export_onnx
-    from .prune import count_macs_params, layer_widths, prune
+    from .data import fit_to_model, load_dataset
+    from .prune import Calibration, count_macs_params, layer_widths, prune
     from .train import evaluate, train
     from .zoo import check_input, load_model
 
@@ -147,11 +185,13 @@ def _run_stages(config, target: TargetSpec, prune_spec, linker, staging: Path, c
         data = load_dataset(config.data) if config.data else None
         model = load_model(config.model, data, config.weights, config.model_args, config.input_shape)
         sample_shape = model.input_shape[1:]
+        calibration, x_test = None, None
         if data is not None:
             x_test = fit_to_model(data, data.x_test, sample_shape)
             example = torch.from_numpy(x_test[:1].copy())
+            count = min(config.calibration_samples, len(data.x_train))
+            calibration = Calibration(fit_to_model(data, data.x_train[:count], sample_shape), data.y_train[:count])
         else:
-            x_test = None
             example = torch.randn(*model.input_shape, generator=torch.Generator().manual_seed(config.seed))
         check_input(model.module, example)
         accuracy_before = evaluate(model.module, x_test, data.y_test) if data is not None else None
@@ -160,22 +200,71 @@ def _run_stages(config, target: TargetSpec, prune_spec, linker, staging: Path, c
 
     prune_result = None
     with clock.stage("prune"):
+        teacher = copy.deepcopy(model.module).eval() if config.distill else None
+        if config.noise_outputs:
+            clock.progress(f"training {config.noise_epochs} epochs with {config.noise_outputs} noise outputs")
+            train(model, data, config.noise_epochs, seed=config.seed, noise_outputs=config.noise_outputs)
         if prune_spec is not None:
-            prune_result = prune(model.module, example, prune_spec, target.channel_multiple, config.exclude)
+            clock.progress(f"{prune_spec.method}: choosing channels")
+            prune_result = prune(
+                model.module, example, prune_spec, target.channel_multiple, config.exclude, config.widths, calibration
+            )
+            fallbacks = sum(1 for g in prune_result.groups.values() if g["method"] != prune_spec.method)
             clock.summary = (
-                f"{prune_spec.method}:{prune_spec.ratio}, params {prune_result.params_before:,} -> "
-                f"{prune_result.params_after:,}"
+                f"{config.prune}, params {prune_result.params_before:,} -> {prune_result.params_after:,}"
+                + (f" ({fallbacks} coupled groups by l1)" if fallbacks else "")
             )
         else:
             clock.summary = "skipped (no --prune)"
         accuracy_pruned = evaluate(model.module, x_test, data.y_test) if data is not None else None
+        accuracy_after = accuracy_pruned
         if config.finetune_epochs:
-            tuned = train(model, data, config.finetune_epochs, seed=config.seed)
+            clock.progress(f"fine-tuning {config.finetune_epochs} epochs" + (" with distillation" if teacher else ""))
+            accuracy_after = train(model, data, config.finetune_epochs, seed=config.seed, teacher=teacher).test_accuracy
             clock.summary += f", fine-tuned {config.finetune_epochs} epochs"
-            accuracy_after = tuned.test_accuracy
-        else:
-            accuracy_after = accuracy_pruned
         after = _Shape(layer_widths(model.module), *count_macs_params(model.module, example))
+    return _Pruned(model, data, example, (before, after), (accuracy_before, accuracy_pruned, accuracy_after), prune_result)
+
+
+def prune_to_checkpoint(config: BuildConfig, observer: Observer | None = None) -> dict[str, Any]:
+    """``compactdeploy prune``: load and prune only, and write a checkpoint that ``build`` replays."""
+    from .train import save_pruned_checkpoint
+
+    target = load_target(config.target)
+    if ".py:" not in config.model:
+        from .zoo import get_spec
+
+        get_spec(config.model)
+    if not config.prune:
+        raise CompactDeployError("prune needs --prune METHOD[:RATIO]")
+    from .prune import parse_prune_spec
+
+    spec = parse_prune_spec(config.prune, widths_given=bool(config.widths))
+    _check_prune_options(config, spec)
+    if config.weights is not None and not Path(config.weights).is_file():
+        raise CompactDeployError(f"weights file {config.weights} does not exist")
+    clock = _StageClock(observer or _Silent())
+    pruned = _load_and_prune(config, target, spec, clock)
+    summary = {
+        "model": pruned.model.name,
+        "prune": {**spec.as_dict(), "groups": pruned.result.groups},
+        "params": {"before": pruned.shapes[0].params, "after": pruned.shapes[1].params},
+        "accuracy": dict(zip(("before", "after_pruning", "after"), pruned.accuracies)) if pruned.data else None,
+        "widths": {n: {"before": w, "after": pruned.shapes[1].widths.get(n)} for n, w in pruned.shapes[0].widths.items()},
+    }
+    save_pruned_checkpoint(pruned.model, pruned.result.plan, summary, config.out)
+    return summary
+
+
+def _run_stages(config, target: TargetSpec, prune_spec, linker, staging: Path, clock: _StageClock):
+    from . import bundle
+    from .compile import compile_onnx
+    from .data import preprocessing_for
+    from .export import export_onnx
+
+    pruned = _load_and_prune(config, target, prune_spec, clock)
+    model, data, example, prune_result = pruned.model, pruned.data, pruned.example, pruned.result
+    sample_shape = model.input_shape[1:]
 
     with clock.stage("export"):
         exported = export_onnx(model.module, example, staging / "model.onnx")
@@ -194,10 +283,7 @@ def _run_stages(config, target: TargetSpec, prune_spec, linker, staging: Path, c
         clock.summary = measured["summary"]
 
     with clock.stage("bundle"):
-        report = _report(
-            config, target, model, data, (before, after), prune_result, exported, compiled,
-            (accuracy_before, accuracy_pruned, accuracy_after),
-        )
+        report = _report(config, target, model, data, pruned.shapes, prune_result, exported, compiled, pruned.accuracies)
         apply_measurement(report, measured)
         # the bundle stage's own time, up to here: only the hashing below is left out
         report["timings_s"] = {**clock.timings, "bundle": clock.elapsed()}
@@ -230,15 +316,6 @@ def _run_stages(config, target: TargetSpec, prune_spec, linker, staging: Path, c
     return report, manifest
 
 
-@dataclass(frozen=True)
-class _Shape:
-    """A model's size at one point of the pipeline."""
-
-    widths: dict[str, int]
-    macs: int
-    params: int
-
-
 def _report(
     config, target, model, data, shapes: tuple[_Shape, _Shape], prune_result, exported, compiled,
     accuracies: tuple[float | None, float | None, float | None],
@@ -260,8 +337,13 @@ def _report(
         "prune": (
             {
                 **prune_result.spec.as_dict(),
+                "widths_requested": config.widths,
                 "channel_multiple": prune_result.channel_multiple,
                 "excluded": list(config.exclude),
+                "calibration_samples": config.calibration_samples if config.data else None,
+                "noise_outputs": config.noise_outputs,
+                "distill": config.distill,
+                "groups": prune_result.groups,
                 "plan": prune_result.plan,
             }
             if prune_result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from .data import Dataset, fit_to_model
+from .errors import CompactDeployError
 from .zoo import CHECKPOINT_FORMAT, LoadedModel
 
 # (epoch, epochs, train loss, test accuracy)
@@ -24,17 +26,21 @@ class TrainResult:
     epochs: int
 
 
-def evaluate(module, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> float:
-    """Top-1 accuracy of ``module`` on (x, y)."""
+def evaluate(module, x: np.ndarray, y: np.ndarray, batch_size: int = 256, classes: int | None = None) -> float:
+    """Top-1 accuracy of ``module`` on (x, y), over the first ``classes`` outputs (default: all)."""
     import torch
 
     module.eval()
     correct = 0
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
-            logits = module(torch.from_numpy(x[start : start + batch_size]))
+            logits = module(torch.from_numpy(x[start : start + batch_size]))[:, :classes]
             correct += int((logits.argmax(1).numpy() == y[start : start + batch_size]).sum())
     return correct / max(1, len(x))
+
+
+DISTILL_TEMPERATURE = 4.0
+DISTILL_WEIGHT = 0.5  # of the soft-target loss; the rest is cross-entropy on the labels
 
 
 def train(
@@ -45,11 +51,21 @@ def train(
     batch_size: int = 64,
     seed: int = 0,
     on_epoch: EpochCallback | None = None,
+    teacher=None,
+    noise_outputs: int = 0,
 ) -> TrainResult:
-    """Adam on cross-entropy; returns the test accuracy after the last epoch."""
+    """Adam on cross-entropy; returns the test accuracy after the last epoch.
+
+    ``teacher``: distil from it too (Hinton et al.: KL at temperature 4, weight 0.5).
+    ``noise_outputs``: NoiseOut's aid, K extra outputs trained to fresh random targets each batch,
+    which raises the correlation between hidden neurons; they are removed before returning.
+    """
     import torch
+    import torch.nn.functional as F
 
     torch.manual_seed(seed)
+    if noise_outputs:
+        _add_outputs(model.module, noise_outputs)
     sample_shape = model.input_shape[1:]
     x_train = fit_to_model(data, data.x_train, sample_shape)
     x_test = fit_to_model(data, data.x_test, sample_shape)
@@ -66,22 +82,72 @@ def train(
             if len(idx) < 2:  # BatchNorm cannot train on a single sample
                 continue
             optimiser.zero_grad()
-            loss = torch.nn.functional.cross_entropy(
-                module(torch.from_numpy(x_train[idx])), torch.from_numpy(data.y_train[idx])
-            )
+            x = torch.from_numpy(x_train[idx])
+            logits = module(x)
+            if noise_outputs:
+                logits, noise = logits[:, :-noise_outputs], logits[:, -noise_outputs:]
+            loss = F.cross_entropy(logits, torch.from_numpy(data.y_train[idx]))
+            if noise_outputs:
+                loss = loss + F.mse_loss(noise, torch.randn_like(noise))
+            if teacher is not None:
+                with torch.no_grad():
+                    soft = F.softmax(teacher(x) / DISTILL_TEMPERATURE, dim=1)
+                distill = F.kl_div(F.log_softmax(logits / DISTILL_TEMPERATURE, dim=1), soft, reduction="batchmean")
+                loss = (1 - DISTILL_WEIGHT) * loss + DISTILL_WEIGHT * DISTILL_TEMPERATURE**2 * distill
             loss.backward()
             optimiser.step()
             total += loss.item() * len(idx)
         losses.append(total / len(x_train))
-        accuracy = evaluate(module, x_test, data.y_test)
+        accuracy = evaluate(module, x_test, data.y_test, classes=data.num_classes)
         if on_epoch:
             on_epoch(epoch + 1, epochs, losses[-1], accuracy)
+    if noise_outputs:
+        _drop_outputs(module, noise_outputs)
     module.eval()
     return TrainResult(accuracy, losses, epochs)
 
 
+def _output_layer(module):
+    from torch import nn
+
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise CompactDeployError("--noise-outputs needs a model whose output layer is an nn.Linear")
+    return linears[-1]
+
+
+def _add_outputs(module, count: int) -> None:
+    """Widen the output layer by ``count`` rows, trained to noise and dropped after training."""
+    import torch
+
+    layer = _output_layer(module)
+    extra = torch.randn(count, layer.in_features) * layer.weight.detach().std()
+    layer.weight = torch.nn.Parameter(torch.cat([layer.weight.detach(), extra]))
+    layer.bias = torch.nn.Parameter(torch.cat([layer.bias.detach(), torch.zeros(count)]))
+    layer.out_features += count
+
+
+def _drop_outputs(module, count: int) -> None:
+    import torch
+
+    layer = _output_layer(module)
+    layer.weight = torch.nn.Parameter(layer.weight.detach()[:-count].clone())
+    layer.bias = torch.nn.Parameter(layer.bias.detach()[:-count].clone())
+    layer.out_features -= count
+
+
 def save_checkpoint(model: LoadedModel, data: Dataset, result: TrainResult, path: str | Path) -> None:
-    """Write a checkpoint that ``build --weights`` can load with ``weights_only=True``; atomically."""
+    """A trained model's checkpoint, which ``build --weights`` loads with ``weights_only=True``."""
+    _write_checkpoint(model, path, data=data.name, epochs=result.epochs, test_accuracy=result.test_accuracy)
+
+
+def save_pruned_checkpoint(model: LoadedModel, plan: dict[str, list[int]], summary: dict[str, Any], path: str | Path) -> None:
+    """A pruned model's checkpoint: the original model, the plan that narrows it, its weights."""
+    _write_checkpoint(model, path, prune_plan=plan, prune_summary=json.dumps(summary))
+
+
+def _write_checkpoint(model: LoadedModel, path: str | Path, **extra: Any) -> None:
+    """Plain data only (weights_only loading), written to a temporary name and renamed into place."""
     import torch
 
     path = Path(path)
@@ -91,9 +157,7 @@ def save_checkpoint(model: LoadedModel, data: Dataset, result: TrainResult, path
         "model": model.name,
         "model_args": model.args,
         "input_shape": list(model.input_shape),
-        "data": data.name,
-        "epochs": result.epochs,
-        "test_accuracy": result.test_accuracy,
+        **extra,
         "state_dict": model.module.state_dict(),
     }
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

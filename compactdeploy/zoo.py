@@ -299,6 +299,13 @@ def load_model(
     if input_shape is not None:
         model.input_shape = (1, *input_shape)
     if checkpoint is not None:
+        if checkpoint.get("prune_plan"):
+            # a 'compactdeploy prune' checkpoint: narrow the fresh model the same way, then load
+            import torch
+
+            from .prune import replay
+
+            replay(model.module, torch.zeros(model.input_shape), checkpoint["prune_plan"])
         load_weights(model, weights, checkpoint)
     return model
 

@@ -1,9 +1,10 @@
 """Structured pruning over torch-pruning's dependency graph.
 
 torch-pruning finds the groups of coupled layers (a residual add, a depthwise conv and a concat tie
-channels together); this module decides how many channels each group keeps (rounded to the target's
-``channel_multiple``), which ones (a criterion from ``importance``), and records the removals as a
-plan that can be replayed on a fresh copy of the same model.
+channels together); this module decides how many channels each group keeps (a ratio rounded to the
+target's ``channel_multiple``, or a width per layer), lets a method from ``methods`` choose which
+(and compensate for them), removes them, and records the removals as a plan that can be replayed
+on a fresh copy of the same model.
 """
 
 from __future__ import annotations
@@ -13,16 +14,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import CompactDeployError
-from .importance import CRITERIA
+from .groups import channel_group
+from .methods import AUTO, METHODS, Calibration
 
 
 @dataclass(frozen=True)
 class PruneSpec:
     method: str
-    ratio: float  # fraction of each group's channels to remove, before rounding
+    ratio: float | None  # fraction of each group's channels to remove, before rounding; None: --widths only
+    auto: bool = False  # data-free:auto: the method picks each group's width
 
     def as_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "ratio": self.ratio}
+        return {"method": self.method, "ratio": "auto" if self.auto else self.ratio}
 
 
 @dataclass(frozen=True)
@@ -35,17 +38,25 @@ class PruneResult:
     params_after: int
     macs_before: int
     macs_after: int
-    # group root layer name -> channel indices removed from it, in the order they were removed
+    # group root layer name -> channel indices removed from it
     plan: dict[str, list[int]]
+    # group root layer name -> what decided it ({"method", "before", "after"}), for the report
+    groups: dict[str, dict[str, Any]]
 
 
-def parse_prune_spec(text: str) -> PruneSpec:
-    """``"l1:0.5"`` -> PruneSpec("l1", 0.5)."""
+def parse_prune_spec(text: str, widths_given: bool = False) -> PruneSpec:
+    """``"l1:0.5"`` -> PruneSpec("l1", 0.5); ``"data-free:auto"``; ``"taylor"`` alone with --widths."""
     method, sep, ratio_text = text.partition(":")
-    if method not in CRITERIA:
-        raise CompactDeployError(f"unknown pruning method {method!r}: choose one of {', '.join(CRITERIA)}")
+    if method not in METHODS:
+        raise CompactDeployError(f"unknown pruning method {method!r}: choose one of {', '.join(METHODS)}")
     if not sep:
-        raise CompactDeployError(f"--prune {text!r} needs a ratio: METHOD:RATIO, e.g. {method}:0.5")
+        if widths_given:
+            return PruneSpec(method, None)
+        raise CompactDeployError(f"--prune {text!r} needs a ratio: METHOD:RATIO, e.g. {method}:0.5 (or give --widths)")
+    if ratio_text == "auto":
+        if method != "data-free":
+            raise CompactDeployError("only data-free has an automatic stopping rule: data-free:auto")
+        return PruneSpec(method, None, auto=True)
     try:
         ratio = float(ratio_text)
     except ValueError:
@@ -53,6 +64,17 @@ def parse_prune_spec(text: str) -> PruneSpec:
     if not 0.0 < ratio < 1.0:
         raise CompactDeployError(f"prune ratio {ratio} must be between 0 and 1 (exclusive), e.g. {method}:0.5")
     return PruneSpec(method, ratio)
+
+
+def parse_widths(text: str | None) -> dict[str, int]:
+    """``"conv1=8,fc1=60"`` -> {"conv1": 8, "fc1": 60}."""
+    widths: dict[str, int] = {}
+    for item in filter(None, (text or "").split(",")):
+        name, sep, value = item.strip().partition("=")
+        if not sep or not value.strip().lstrip("-").isdigit():
+            raise CompactDeployError(f"--widths item {item!r} is not LAYER=WIDTH (e.g. 7=60)")
+        widths[name.strip()] = int(value)
+    return widths
 
 
 def _prunable_types():
@@ -125,31 +147,41 @@ def prune(
     spec: PruneSpec,
     channel_multiple: int = 1,
     exclude: tuple[str, ...] = (),
+    widths: dict[str, int] | None = None,
+    calibration: Calibration | None = None,
 ) -> PruneResult:
-    """Remove ``spec.ratio`` of the channels of every prunable group of ``module``, in place."""
-    import torch
-
-    criterion = CRITERIA[spec.method]
-    if criterion.needs_data:
-        raise CompactDeployError(f"pruning method {spec.method} needs data: pass --data")
-    importance = criterion.make()
+    """Prune every prunable group of ``module`` in place, by ``spec`` and the per-layer ``widths``."""
+    method = METHODS[spec.method]()
+    if method.needs_data and calibration is None:
+        raise CompactDeployError(f"pruning method {spec.method} needs data: pass --data (a dataset or a .npz)")
+    widths = dict(widths or {})
     module.eval()
     widths_before = layer_widths(module)
     macs_before, params_before = count_macs_params(module, example_input)
     graph, ignored, name_of = _graph(module, example_input, exclude)
+    roots = [g[0].dep.target.module for g in graph.get_all_groups(ignored_layers=ignored, root_module_types=list(_prunable_types()))]
+    views = [channel_group(graph, root) for root in roots]
+    _check_widths(widths, roots, views, name_of, widths_before)
+    method.prepare(module, views, calibration)
     plan: dict[str, list[int]] = {}
-    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=list(_prunable_types())):
-        root = group[0].dep.target.module
-        width = graph.get_out_channels(root)
-        keep = kept_width(width, spec.ratio, channel_multiple)
-        if keep >= width:
+    groups: dict[str, dict[str, Any]] = {}
+    for root, view in zip(roots, views):
+        name = name_of[root]
+        if name in widths:
+            n_remove = view.width - widths[name]
+        elif spec.auto:
+            n_remove = AUTO
+        elif spec.ratio is not None:
+            n_remove = view.width - kept_width(view.width, spec.ratio, channel_multiple)
+        else:
             continue
-        scores = importance(group)
-        if scores is None:  # torch-pruning returns None for groups it cannot score
+        if n_remove == 0:
             continue
-        remove = sorted(torch.argsort(scores)[: width - keep].tolist())
-        _remove_channels(graph, root, remove)
-        plan[name_of[root]] = remove
+        selection = method.select(view, n_remove, channel_multiple)
+        groups[name] = {"method": selection.method, "before": view.width, "after": view.width - len(selection.remove)}
+        if selection.remove:
+            _remove_channels(graph, root, selection.remove)
+            plan[name] = selection.remove
     macs_after, params_after = count_macs_params(module, example_input)
     return PruneResult(
         spec=spec,
@@ -161,7 +193,27 @@ def prune(
         macs_before=macs_before,
         macs_after=macs_after,
         plan=plan,
+        groups=groups,
     )
+
+
+def _check_widths(widths, roots, views, name_of, all_widths) -> None:
+    root_names = {name_of[root]: view for root, view in zip(roots, views)}
+    for name, width in widths.items():
+        if name not in all_widths:
+            raise CompactDeployError(f"--widths names layer {name!r}, which the model does not have; layers: {', '.join(all_widths)}")
+        if name not in root_names:
+            owner = next(
+                (root for root, view in root_names.items()
+                 if any(name_of.get(m) == name for m in [p.module for p in view.producers] + view.depthwise)),
+                None,
+            )
+            hint = f": its width follows layer {owner}" if owner else " (it is the output layer, or excluded)"
+            raise CompactDeployError(f"layer {name!r} cannot be given a width{hint}")
+        if width < 1:
+            raise CompactDeployError(f"--widths {name}={width} would remove every channel of {name}; keep at least 1")
+        if width > root_names[name].width:
+            raise CompactDeployError(f"--widths {name}={width} is wider than {name} ({root_names[name].width}); compactdeploy prunes, it does not widen")
 
 
 def _remove_channels(graph, root, indices: list[int]) -> None:

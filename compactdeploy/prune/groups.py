@@ -1,0 +1,150 @@
+"""A per-channel view of one torch-pruning group: which weights make channel c, which consume it.
+
+torch-pruning finds the coupled layers; the research methods need more than that: the incoming
+weight-set W_c of each channel (every producer's row, batch-norm folded in), the outgoing weights
+a_c (each consumer's input slice, a block of columns behind a flatten), and the elementwise ops in
+between (to know whether ReLU's positive homogeneity holds). ``ChannelGroup`` gives exactly that,
+and applies the merge compensation a_i <- a_i + s * a_j.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+_GRAD_FN = re.compile(r"\((\w+)Backward\d*\)")
+# how torch-pruning traces a consuming layer itself (a Linear's matmul and transpose, a conv);
+# depthwise convolutions are caught by their modules, not here
+_CONSUMER_OPS = {"Addmm", "Mm", "T", "Linear", "Convolution", "Unsqueeze"}
+# ops that act on each channel alone and keep "equal inputs -> equal outputs"
+_CHANNELWISE = {"Relu", "MaxPool2DWithIndices", "MaxPool2D", "AvgPool2D", "AdaptiveAvgPool2D", "Mean", "View",
+                "Reshape", "Flatten", "Hardtanh", "Clone", "Contiguous", "T", "Permute", "Transpose", "Squeeze",
+                "Unsqueeze", "NativeBatchNorm", "Dropout"} | _CONSUMER_OPS
+# ops for which positive scaling commutes: f(c*x) = c*f(x) for c > 0
+_POSITIVELY_HOMOGENEOUS = {"Relu", "MaxPool2DWithIndices", "MaxPool2D", "AvgPool2D", "AdaptiveAvgPool2D", "Mean",
+                           "View", "Reshape", "Flatten", "Clone", "Contiguous", "T", "Permute", "Transpose",
+                           "Squeeze", "Unsqueeze", "Dropout"} | _CONSUMER_OPS
+
+
+@dataclass
+class _Slices:
+    module: nn.Module
+    per_channel: list[list[int]]  # channel (root index) -> indices along the pruned dimension
+
+
+@dataclass
+class ChannelGroup:
+    root: nn.Module
+    width: int
+    producers: list[_Slices] = field(default_factory=list)  # conv/linear whose out-channels are the channel
+    norms: list[_Slices] = field(default_factory=list)  # batch norms on the channel
+    consumers: list[_Slices] = field(default_factory=list)  # conv/linear whose in-channels are the channel
+    depthwise: list[nn.Module] = field(default_factory=list)
+    ops: set[str] = field(default_factory=set)  # elementwise ops on the channel (grad_fn names)
+
+    @property
+    def merge_problem(self) -> str | None:
+        """Why merging with compensation is not exact here, or None when it is well defined."""
+        if len(self.producers) != 1:
+            return "its channels are a sum of several layers (a residual addition)"
+        if self.depthwise:
+            return "a depthwise convolution sits between producer and consumer"
+        if not self.consumers:
+            return "no layer consumes its channels"
+        other = self.ops - _CHANNELWISE
+        if other:
+            return f"{', '.join(sorted(other))} acts across its channels"
+        return None
+
+    @property
+    def positively_homogeneous(self) -> bool:
+        """ReLU-like path: scaling a channel's incoming weights by c > 0 scales what consumers see by c."""
+        return not (self.ops - _POSITIVELY_HOMOGENEOUS)
+
+    def incoming(self) -> torch.Tensor:
+        """(width, k): each channel's incoming weight-set with its bias, batch-norm folded in."""
+        producer = self.producers[0]
+        weight = producer.module.weight.detach()
+        bias = producer.module.bias.detach() if producer.module.bias is not None else torch.zeros(weight.shape[0])
+        index = torch.tensor([idx[0] for idx in producer.per_channel])
+        w = weight[index].reshape(self.width, -1).clone()
+        b = bias[index].clone()
+        for norm in self.norms:
+            bn = norm.module
+            n_index = torch.tensor([idx[0] for idx in norm.per_channel])
+            scale = (bn.weight.detach()[n_index] if bn.affine else torch.ones(self.width)) / torch.sqrt(
+                bn.running_var[n_index] + bn.eps
+            )
+            shift = bn.bias.detach()[n_index] if bn.affine else torch.zeros(self.width)
+            w = w * scale[:, None]
+            b = (b - bn.running_mean[n_index]) * scale + shift
+        return torch.cat([w, b[:, None]], dim=1)
+
+    def outgoing(self) -> list[torch.Tensor]:
+        """For each consumer, (width, m): the weights that read each channel, flattened."""
+        result = []
+        for consumer in self.consumers:
+            weight = consumer.module.weight.detach()
+            result.append(torch.stack([weight[:, idx].reshape(-1) for idx in consumer.per_channel]))
+        return result
+
+    def mean_square_outgoing(self) -> torch.Tensor:
+        """<a_j^2>: the mean squared outgoing weight of each channel, over all consumers."""
+        squares = [a.pow(2) for a in self.outgoing()]
+        return torch.cat(squares, dim=1).mean(dim=1)
+
+    @torch.no_grad()
+    def fold_into(self, keep: int, drop: int, scale: float = 1.0, shift: float = 0.0) -> None:
+        """Consumers read ``keep`` in place of ``drop``: a_keep += scale * a_drop, bias += shift * a_drop.
+
+        ``shift`` compensates an affine relation h_drop = scale * h_keep + shift (NoiseOut); for a
+        convolution the bias term sums the kernel, exact away from zero padding.
+        """
+        for consumer in self.consumers:
+            weight = consumer.module.weight
+            keep_idx, drop_idx = consumer.per_channel[keep], consumer.per_channel[drop]
+            dropped = weight[:, drop_idx].clone()
+            weight[:, keep_idx] += scale * dropped
+            if shift:
+                if consumer.module.bias is None:
+                    consumer.module.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype))
+                consumer.module.bias += shift * dropped.reshape(weight.shape[0], -1).sum(dim=1)
+
+
+def channel_group(graph, root: nn.Module) -> ChannelGroup:
+    """The per-channel view of the group rooted at ``root`` (before any of it is pruned)."""
+    width = graph.get_out_channels(root)
+    group = graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, idxs=list(range(width)))
+    view = ChannelGroup(root=root, width=width)
+    for item in group.items:
+        dep, module = item.dep, item.dep.target.module
+        per_channel: list[list[int]] = [[] for _ in range(width)]
+        for index, root_index in zip(item.idxs, item.root_idxs):
+            per_channel[int(root_index)].append(int(index))
+        handler = getattr(dep.handler, "__name__", "")
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            is_depthwise = isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+            if is_depthwise:
+                if module not in view.depthwise:
+                    view.depthwise.append(module)
+            elif handler == "prune_out_channels" and not _has(view.producers, module):
+                view.producers.append(_Slices(module, per_channel))
+            elif handler == "prune_in_channels" and not _has(view.consumers, module):
+                view.consumers.append(_Slices(module, per_channel))
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if not _has(view.norms, module):
+                view.norms.append(_Slices(module, per_channel))
+        else:
+            match = _GRAD_FN.search(str(dep.target.name))
+            if match:
+                view.ops.add(match.group(1))
+            elif "Reshape" in str(dep.target.name) or "Flatten" in str(dep.target.name):
+                view.ops.add("Reshape")
+    return view
+
+
+def _has(slices: list[_Slices], module: nn.Module) -> bool:
+    return any(s.module is module for s in slices)
