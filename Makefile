@@ -8,5 +8,5 @@ demo: setup
 	bash tools/demo.sh
 
 test:
-	bash tools/setup.sh --with-emulator
+	bash tools/setup.sh --for-tests
 	.venv/bin/python -m pytest -q

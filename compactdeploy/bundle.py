@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tarfile
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from . import bundle_runner
 from .errors import CompactDeployError
 from .zoo import file_sha256
 
-MANIFEST_FORMAT = "compactdeploy-bundle/1"
-MANIFEST = "manifest.json"
+MANIFEST_FORMAT = bundle_runner.FORMAT
+MANIFEST = bundle_runner.MANIFEST
+RUNNER = "run.py"
 
 
 def check_out_dir(out: Path) -> None:
@@ -71,13 +74,36 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
+def add_runner(directory: Path) -> None:
+    """Put the standalone runner in the bundle, so a device needs only numpy and the TVM runtime."""
+    shutil.copyfile(Path(bundle_runner.__file__), directory / RUNNER)
+
+
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Write ``manifest.json`` with the sha256 of every other file in ``directory``."""
+    """Write ``manifest.json`` with the sha256 of every other file, then ``SHA256SUMS`` over all."""
     files = {
-        str(path.relative_to(directory)): file_sha256(path)
-        for path in sorted(directory.rglob("*"))
-        if path.is_file() and path.name != MANIFEST
+        path.name: file_sha256(path)
+        for path in sorted(directory.iterdir())
+        if path.is_file() and path.name not in (MANIFEST, bundle_runner.SUMS) and not path.name.startswith(".")
     }
     manifest = {"format": MANIFEST_FORMAT, **manifest, "files": files}
     write_json(directory / MANIFEST, manifest)
+    bundle_runner.write_sums(directory)
     return manifest
+
+
+def pack(directory: Path, archive: Path | None = None) -> Path:
+    """A verified bundle as ``NAME.tar.gz`` (one top directory, regular files only), atomically."""
+    directory = Path(directory)
+    try:
+        bundle_runner.verify(directory, check_machine=False)
+    except bundle_runner.BundleError as exc:
+        raise CompactDeployError(str(exc)) from None
+    archive = Path(archive) if archive else directory.with_name(directory.name + ".tar.gz")
+    tmp = archive.with_name(f".{archive.name}.tmp-{os.getpid()}")
+    with tarfile.open(tmp, "w:gz") as out:
+        for path in sorted(directory.iterdir()):
+            if path.is_file() and not path.name.startswith("."):
+                out.add(path, arcname=f"{directory.name}/{path.name}", recursive=False)
+    os.replace(tmp, archive)
+    return archive

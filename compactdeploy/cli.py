@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from .bundle_runner import BundleError
 from .errors import CompactDeployError, first_line
 
 
@@ -209,7 +210,7 @@ def _print_build_summary(result) -> None:
     _print_measurement(out, report)
     for note in report["compile"]["notes"]:
         out.print(f"  [yellow]note[/]       {note}")
-    files = ", ".join(sorted(result.manifest["files"]) + ["manifest.json"])
+    files = ", ".join(sorted(result.manifest["files"]) + ["manifest.json", "SHA256SUMS"])
     out.print(f"  wrote      {result.out}/ ({files})")
 
 
@@ -315,6 +316,54 @@ def bench(bundle, device, repeat, warmup, threads, device_wait, as_json) -> None
     _print_measurement(out, report)
     parity = report["parity"]["onnx_vs_tvm_max_abs"]
     out.print(f"  parity     onnxruntime on this host vs TVM on the device: {parity:.1e}")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--input", "input_path", type=click.Path(path_type=Path), help="An .npy file with one input.")
+@click.option("--output", type=click.Path(path_type=Path), help="Write the output here (.npy).")
+@click.option("--bench", type=int, metavar="RUNS", help="Time RUNS inferences on the bundled sample input.")
+@click.option("--verify", "verify_only", is_flag=True, help="Only verify the bundle.")
+def run(bundle, input_path, output, bench, verify_only) -> None:
+    """Verify a bundle, then run it on this machine (needs only numpy and the TVM runtime)."""
+    from .bundle_runner import execute
+
+    click.echo(execute(bundle, input_path, output, bench, verify_only))
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="Archive to write (default: BUNDLE.tar.gz).")
+def pack(bundle, out) -> None:
+    """Verify a bundle and write it as one .tar.gz."""
+    from .bundle import pack as pack_bundle
+
+    click.echo(f"wrote {pack_bundle(bundle, out)}")
+
+
+@cli.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.argument("destination", type=click.Path(path_type=Path))
+def unpack(archive, destination) -> None:
+    """Unpack a bundle archive safely (no path escapes, no links), verify it, then put it in place."""
+    from .bundle_runner import install_archive
+
+    result = install_archive(archive, destination)
+    click.echo(f"installed {result['model']} for {result['target']} at {result['path']}")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--to", "to", required=True, help="ssh://[USER@]HOST[:PORT]:/PATH or rpc://HOST:PORT[/KEY].")
+@click.option("--dest", help="Path on an rpc:// device (default ~/compactdeploy/bundles/NAME).")
+@click.option("--ssh-config", type=click.Path(path_type=Path), help="An ssh_config file (default: your own).")
+@click.option("--device-wait", default=60.0, show_default=True, help="Seconds to wait for a busy tracker key.")
+def ship(bundle, to, dest, ssh_config, device_wait) -> None:
+    """Send a bundle to a device; it is verified there before it replaces anything."""
+    from .ship import ship as ship_bundle
+
+    result = ship_bundle(bundle, to, dest, ssh_config, device_wait)
+    click.echo(f"shipped {bundle} to {result['to']} ({result['path']}, verified)")
 
 
 @cli.group()
@@ -447,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         cli.main(args=argv, prog_name="compactdeploy", standalone_mode=False)
-    except CompactDeployError as exc:
+    except (CompactDeployError, BundleError) as exc:
         if debug:
             raise
         click.echo(f"error: {exc}", err=True)

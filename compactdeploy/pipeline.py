@@ -288,6 +288,7 @@ def _run_stages(config, target: TargetSpec, prune_spec, linker, staging: Path, c
         # the bundle stage's own time, up to here: only the hashing below is left out
         report["timings_s"] = {**clock.timings, "bundle": clock.elapsed()}
         bundle.write_json(staging / "report.json", report)
+        bundle.add_runner(staging)
         manifest = bundle.write_manifest(
             staging,
             {
@@ -530,19 +531,14 @@ def remeasure(
     """Measure an existing bundle (again) on a device and update its report and manifest."""
     import json
 
-    from . import bundle
+    from . import bundle, bundle_runner
     from .device import parse_device
-    from .zoo import file_sha256
 
     directory = Path(directory)
-    manifest_path = directory / bundle.MANIFEST
-    if not manifest_path.is_file():
-        raise CompactDeployError(f"{directory} is not a compactdeploy build (no {bundle.MANIFEST})")
-    manifest = json.loads(manifest_path.read_text())
-    for name, digest in manifest.get("files", {}).items():
-        path = directory / name
-        if not path.is_file() or file_sha256(path) != digest:
-            raise CompactDeployError(f"{path} is missing or was changed since the build; rebuild it")
+    try:
+        manifest = bundle_runner.verify(directory, check_machine=False)
+    except bundle_runner.BundleError as exc:
+        raise CompactDeployError(f"{exc}; rebuild it") from None
     if SAMPLE_INPUT not in manifest["files"]:
         raise CompactDeployError(f"{directory} was built by an older compactdeploy (no {SAMPLE_INPUT}); rebuild it")
     if device is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,27 @@ def jetson_build(tmp_path_factory) -> Path:
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+needs_emulator = pytest.mark.skipif(
+    not (shutil.which("qemu-aarch64") and shutil.which("mmdebstrap")),
+    reason="the emulated Raspberry Pi needs qemu-user and mmdebstrap (tools/setup.sh --for-tests)",
+)
+
+
+@pytest.fixture(scope="session")
+def emulated_pi():
+    from compactdeploy.device.emulate import emulated_agent
+
+    with emulated_agent("cortex-a72") as agent:
+        yield agent
+
+
+@pytest.fixture(scope="session")
+def emulated_build(tmp_path_factory, emulated_pi, lenet5_checkpoint):
+    out = tmp_path_factory.mktemp("builds") / "lenet5-rpi4-emulated"
+    assert run_cli(
+        "build", "--model", "lenet5", "--weights", lenet5_checkpoint, "--data", "digits", "--target", "rpi4",
+        "--prune", "l1:0.5", "--device", str(emulated_pi.address), "--repeat", "30", "--out", out,
+    ) == 0
+    return out

@@ -24,11 +24,11 @@ def elf_machine(path) -> str:
     return ELF_MACHINE.get(int.from_bytes(header[18:20], "little"), "other")
 
 
-BUNDLE_FILES = {"model.onnx", "model.so", "report.json", "kernels.json", "sample_input.npy"}
+BUNDLE_FILES = {"model.onnx", "model.so", "report.json", "kernels.json", "sample_input.npy", "run.py"}
 
 
 def test_bundle_holds_its_files_with_true_hashes(host_build):
-    assert {p.name for p in host_build.iterdir()} == BUNDLE_FILES | {"manifest.json"}
+    assert {p.name for p in host_build.iterdir()} == BUNDLE_FILES | {"manifest.json", "SHA256SUMS"}
     manifest = read_json(host_build / "manifest.json")
     assert set(manifest["files"]) == BUNDLE_FILES
     for name, digest in manifest["files"].items():

@@ -13,36 +13,12 @@ import time
 
 import numpy as np
 import pytest
-from conftest import read_json, run_cli
+from conftest import needs_emulator, read_json, run_cli
 
 from compactdeploy.bench import measure
 from compactdeploy.device import Agent, DeviceAddress, _free_port, connect, local_agent, parse_device
 from compactdeploy.errors import CompactDeployError
 from compactdeploy.export import run_onnxruntime
-
-needs_emulator = pytest.mark.skipif(
-    not (shutil.which("qemu-aarch64") and shutil.which("mmdebstrap")),
-    reason="the emulated Raspberry Pi needs qemu-user and mmdebstrap (tools/setup.sh --with-emulator)",
-)
-
-
-@pytest.fixture(scope="session")
-def emulated_pi():
-    from compactdeploy.device.emulate import emulated_agent
-
-    with emulated_agent("cortex-a72") as agent:
-        yield agent
-
-
-@pytest.fixture(scope="session")
-def emulated_build(tmp_path_factory, emulated_pi, lenet5_checkpoint):
-    out = tmp_path_factory.mktemp("builds") / "lenet5-rpi4-emulated"
-    assert run_cli(
-        "build", "--model", "lenet5", "--weights", lenet5_checkpoint, "--data", "digits", "--target", "rpi4",
-        "--prune", "l1:0.5", "--device", str(emulated_pi.address), "--repeat", "30", "--out", out,
-    ) == 0
-    return out
-
 
 @needs_emulator
 def test_rpi4_build_is_measured_on_the_emulated_pi_and_says_so(emulated_build):
@@ -216,7 +192,7 @@ def test_bench_refuses_a_tampered_bundle(host_build, tmp_path, capsys):
     data[-1] ^= 0xFF
     (copy / "model.so").write_bytes(bytes(data))
     assert run_cli("bench", copy) == 2
-    assert "was changed since the build" in capsys.readouterr().err
+    assert "model.so does not match its sha256" in capsys.readouterr().err
 
 
 def test_device_serve_command_serves_on_loopback_and_answers():

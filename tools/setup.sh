@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs everything compactdeploy needs on a fresh Debian/Ubuntu machine, idempotently:
 # a virtual environment in .venv with the pinned Python packages, and the aarch64 cross linker.
-# --with-emulator also installs qemu-user and mmdebstrap, for the emulated Raspberry Pi (tests).
+# --for-tests also installs what the tests use: qemu-user and mmdebstrap (the emulated Raspberry
+# Pi) and OpenSSH's server and client (shipping over SSH to 127.0.0.1).
 set -euo pipefail
-with_emulator=0
-[ "${1:-}" = "--with-emulator" ] && with_emulator=1
+for_tests=0
+[ "${1:-}" = "--for-tests" ] && for_tests=1
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
@@ -48,13 +49,14 @@ if ! command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 && ! .venv/bin/python -c '
         .venv/bin/python -m pip install --quiet ziglang
     fi
 fi
-# The emulated Raspberry Pi: qemu-user runs an arm64 Python, mmdebstrap builds its root.
-if [ "$with_emulator" -eq 1 ] && ! { command -v qemu-aarch64 >/dev/null 2>&1 && command -v mmdebstrap >/dev/null 2>&1; }; then
+# For the tests: qemu-user runs an arm64 Python and mmdebstrap builds its root (the emulated
+# Raspberry Pi); sshd on 127.0.0.1 receives shipped bundles.
+if [ "$for_tests" -eq 1 ] && ! { command -v qemu-aarch64 && command -v mmdebstrap && [ -x /usr/sbin/sshd ]; } >/dev/null 2>&1; then
     if can_apt; then
-        echo "setup: installing qemu-user and mmdebstrap (the emulated Raspberry Pi)"
-        apt_install qemu-user mmdebstrap
+        echo "setup: installing qemu-user, mmdebstrap and openssh-server (for the tests)"
+        apt_install qemu-user mmdebstrap openssh-server openssh-client
     else
-        echo "setup: warning: cannot apt-get qemu-user and mmdebstrap; the emulated-device tests will be skipped" >&2
+        echo "setup: warning: cannot apt-get qemu-user, mmdebstrap and openssh-server; those tests will be skipped" >&2
     fi
 fi
 echo "setup: ready (.venv/bin/compactdeploy)"

@@ -6,17 +6,17 @@ There is one way to measure: through an RPC session. This machine is a device to
 
 from __future__ import annotations
 
-import contextlib
 import json
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import CompactDeployError, first_line
+from ..device import answering
+from ..errors import CompactDeployError
 
 CHUNK_RUNS = 20  # timed runs per RPC call: a device that drops keeps all finished chunks
 PER_LAYER_TOLERANCE = 0.25  # kernels timed alone may sum to within 25 % of the whole model
@@ -80,7 +80,7 @@ def measure(
     agent = fingerprint is not None
     remote, dev = session.remote, session.device(device_kind)
 
-    with _answering(session, "loading the model"):
+    with answering(session.address, "loading the model"):
         memory_before = session.call("compactdeploy.memory", 1) if agent else None
         with tempfile.TemporaryDirectory(prefix="compactdeploy-measure-") as tmp:
             input_path = Path(tmp, "input.npy")
@@ -100,7 +100,7 @@ def measure(
         runs = min(CHUNK_RUNS, repeat - len(times_ms))
         try:
             # number=1: each repeat is one inference, so the results are the distribution itself
-            with _answering(session, "timing"):
+            with answering(session.address, "timing"):
                 result = vm.time_evaluator("main", dev, number=1, repeat=runs)(x_device)
         except CompactDeployError as exc:  # the connection dropped or the device died: keep what finished
             cut_short = f"stopped after {len(times_ms)} of {repeat} runs ({exc})"
@@ -115,18 +115,18 @@ def measure(
     per_layer, baseline = None, {"not_measured": "the device runs a stock TVM RPC server, not compactdeploy's agent"}
     if agent and cut_short is None:
         try:
-            with _answering(session, "measuring memory"):
+            with answering(session.address, "measuring memory"):
                 after = session.call("compactdeploy.memory", 0)
             memory["rss_before_bytes"] = memory_before["rss_bytes"]
             if memory_before["peak_reset"]:
                 memory["peak_rss_growth_bytes"] = max(0, after["peak_rss_bytes"] - memory_before["rss_bytes"])
             if kernels_path is not None and device_kind == "cpu":
                 say("timing each kernel (per-layer profile)")
-                with _answering(session, "timing kernels"):
+                with answering(session.address, "timing kernels"):
                     per_layer = _per_layer(session, Path(kernels_path), latency["median"], repeat)
             if onnx_path is not None and device_kind == "cpu":
                 say("onnxruntime baseline on the device")
-                with _answering(session, "running onnxruntime"):
+                with answering(session.address, "running onnxruntime"):
                     baseline = _onnxruntime_baseline(session, Path(onnx_path), repeat, warmup, latency["median"])
         except CompactDeployError as exc:
             cut_short = f"all {repeat} runs finished, then {exc}"
@@ -142,17 +142,6 @@ def measure(
         per_layer=per_layer,
         onnxruntime=baseline,
     )
-
-
-@contextlib.contextmanager
-def _answering(session, doing: str) -> Iterator[None]:
-    """Turn a device's failure (connection lost, load refused) into one line that names it."""
-    try:
-        yield
-    except CompactDeployError:
-        raise
-    except Exception as exc:  # TVM's RPC raises its own error types, with multi-line messages
-        raise CompactDeployError(f"{session.address} failed while {doing}: {first_line(exc, 160)}") from None
 
 
 def _per_layer(session, kernels_path: Path, whole_ms: float, repeat: int) -> dict[str, Any]:

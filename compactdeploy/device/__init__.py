@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +62,17 @@ class Session:
 
     def device(self, kind: str):
         return self.remote.cuda(0) if kind == "cuda" else self.remote.cpu(0)
+
+
+@contextlib.contextmanager
+def answering(address: DeviceAddress, doing: str) -> Iterator[None]:
+    """Turn a device's failure (connection lost, load refused) into one line that names it."""
+    try:
+        yield
+    except CompactDeployError:
+        raise
+    except Exception as exc:  # TVM's RPC raises its own error types, with multi-line messages
+        raise CompactDeployError(f"{address} failed while {doing}: {first_line(exc, 160)}") from None
 
 
 def check_reachable(address: DeviceAddress, timeout_s: float = CONNECT_TIMEOUT_S) -> None:

@@ -188,12 +188,25 @@ def onnxruntime_times(onnx_name: str, input_name: str, repeat: int, warmup: int)
     return json.dumps({"times_ms": times, "version": ort.__version__})
 
 
+def install_bundle(archive_name: str, destination: str) -> str:
+    """Unpack a shipped bundle archive to ``destination`` (verified, then renamed into place)."""
+    from compactdeploy.bundle_runner import BundleError, install_archive
+
+    try:
+        return json.dumps(install_archive(_workpath(archive_name), os.path.expanduser(destination)))
+    except BundleError as exc:
+        return json.dumps({"error": str(exc)})
+    except Exception as exc:  # report anything else in one line too, rather than as an RPC failure
+        return json.dumps({"error": f"{type(exc).__name__}: {exc}"})
+
+
 FUNCTIONS = {
     "compactdeploy.fingerprint": lambda: json.dumps(fingerprint()),
     "compactdeploy.memory": memory,
     "compactdeploy.first_run": first_run,
     "compactdeploy.time_kernels": time_kernels,
     "compactdeploy.onnxruntime_times": onnxruntime_times,
+    "compactdeploy.install_bundle": install_bundle,
 }
 
 

@@ -1,0 +1,230 @@
+"""Verify and run a compactdeploy bundle with only numpy and the TVM runtime.
+
+Every bundle carries a copy of this file as ``run.py``; ``compactdeploy run`` uses it too. On a
+device, without compactdeploy:
+
+    pip install apache-tvm numpy && export TVM_USE_RUNTIME_LIB=1
+    python run.py --input sample.npy --output out.npy      # the bundle is the directory of run.py
+    python run.py --bench 200
+
+Nothing is loaded before the bundle is verified: every file's sha256 against ``SHA256SUMS`` (which
+covers ``manifest.json``) and ``manifest.json``, and the bundle's architecture against this machine.
+Hashes catch corruption and edits of single files; they are not a signature (someone who rewrites
+the bundle and its hash lists consistently is not detected).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+SUMS = "SHA256SUMS"
+FORMAT = "compactdeploy-bundle/1"
+
+
+class BundleError(Exception):
+    """A bundle that must not be loaded, or input it cannot take: one line that says why."""
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(bundle: str | Path, check_machine: bool = True) -> dict:
+    """The bundle's manifest, once every file checks out; BundleError otherwise."""
+    bundle = Path(bundle)
+    sums_path, manifest_path = bundle / SUMS, bundle / MANIFEST
+    if not manifest_path.is_file() or not sums_path.is_file():
+        raise BundleError(f"{bundle} is not a compactdeploy bundle (no {MANIFEST} or {SUMS})")
+    sums = {}
+    for line in sums_path.read_text().splitlines():
+        digest, _, name = line.partition("  ")
+        if not name or "/" in name or name.startswith("."):
+            raise BundleError(f"{sums_path} has a malformed line: {line[:80]!r}")
+        sums[name] = digest
+    for name, digest in sums.items():
+        path = bundle / name
+        if not path.is_file() or path.is_symlink():
+            raise BundleError(f"{path} is missing; the bundle is incomplete")
+        if sha256(path) != digest:
+            raise BundleError(f"{path} does not match its sha256 in {SUMS}: the file was changed or corrupted")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{manifest_path} is not valid JSON ({exc.msg})") from None
+    if manifest.get("format") != FORMAT:
+        raise BundleError(f"{manifest_path} is not a {FORMAT} manifest")
+    listed = set(manifest.get("files", {}))
+    if listed | {MANIFEST} != set(sums):
+        raise BundleError(f"{MANIFEST} and {SUMS} list different files: the bundle was changed")
+    for name, digest in manifest["files"].items():
+        if sums[name] != digest:
+            raise BundleError(f"{name}: {MANIFEST} and {SUMS} disagree on its sha256: the bundle was changed")
+    if check_machine:
+        built_for, here = manifest["target"]["arch"], platform.machine()
+        if built_for != here:
+            raise BundleError(
+                f"{bundle} is built for {built_for} (target {manifest['target']['name']}); this machine is {here}"
+            )
+    return manifest
+
+
+def write_sums(bundle: Path) -> None:
+    """Write SHA256SUMS for every file of the bundle (``sha256sum -c SHA256SUMS`` checks it)."""
+    lines = [
+        f"{sha256(path)}  {path.name}"
+        for path in sorted(bundle.iterdir())
+        if path.is_file() and path.name != SUMS and not path.name.startswith(".")
+    ]
+    tmp = bundle / f".{SUMS}.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, bundle / SUMS)
+
+
+class Model:
+    """A verified bundle, loaded: ``model(x)`` runs one inference."""
+
+    def __init__(self, bundle: str | Path):
+        import tvm
+        from tvm.runtime.vm import VirtualMachine
+
+        self.bundle = Path(bundle)
+        self.manifest = verify(self.bundle)
+        self.input = self.manifest["inputs"][0]
+        cuda = self.manifest["target"]["kind"] == "cuda"
+        self.device = tvm.cuda(0) if cuda else tvm.cpu(0)
+        if cuda and not self.device.exist:
+            raise BundleError(f"{self.bundle} needs an NVIDIA GPU, and TVM finds none on this machine")
+        library = self.bundle / self.manifest["library"]
+        self.vm = VirtualMachine(tvm.runtime.load_module(str(library)), self.device)
+
+    def check(self, x) -> None:
+        expected_shape, expected_dtype = tuple(self.input["shape"]), self.input["dtype"]
+        if tuple(x.shape) != expected_shape or str(x.dtype) != expected_dtype:
+            raise BundleError(
+                f"input has shape {tuple(x.shape)} and dtype {x.dtype}; the model takes "
+                f"'{self.input['name']}' of shape {expected_shape} and dtype {expected_dtype}"
+            )
+
+    def __call__(self, x):
+        import tvm
+
+        self.check(x)
+        return self.vm["main"](tvm.runtime.tensor(x, self.device)).numpy()
+
+    def bench(self, runs: int, warmup: int = 10) -> dict:
+        import numpy as np
+        import tvm
+
+        x = np.load(self.bundle / self.manifest["sample_input"])
+        self.check(x)
+        tensor = tvm.runtime.tensor(x, self.device)
+        if warmup:
+            self.vm.time_evaluator("main", self.device, number=warmup, repeat=1)(tensor)
+        times = np.asarray(self.vm.time_evaluator("main", self.device, number=1, repeat=runs)(tensor).results) * 1e3
+        return {
+            "runs": runs, "median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90)),
+            "p99_ms": float(np.percentile(times, 99)), "mean_ms": float(times.mean()), "min_ms": float(times.min()),
+            "machine": platform.machine(), "hostname": platform.node(),
+        }
+
+
+def _safe_members(archive: tarfile.TarFile):
+    for member in archive.getmembers():
+        parts = Path(member.name).parts
+        if member.name.startswith("/") or ".." in parts:
+            raise BundleError(f"archive entry {member.name!r} points outside the destination; refusing the archive")
+        if not (member.isfile() or member.isdir()):
+            raise BundleError(f"archive entry {member.name!r} is a link or device file; refusing the archive")
+    return archive.getmembers()
+
+
+def install_archive(archive_path: str | Path, destination: str | Path) -> dict:
+    """Unpack a bundle archive to ``destination``: into a temporary sibling, verify, then rename.
+
+    Entries with absolute paths, ``..``, links or device files refuse the whole archive; an
+    earlier bundle at ``destination`` is replaced only once the new one is verified.
+    """
+    destination = Path(destination).absolute()
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
+    try:
+        try:
+            with tarfile.open(archive_path, "r:gz") as archive:
+                members = _safe_members(archive)
+                tops = {Path(m.name).parts[0] for m in members if Path(m.name).parts}
+                if len(tops) != 1:
+                    raise BundleError(f"{archive_path} must hold one bundle directory (it holds {len(tops)} entries)")
+                # the entry checks above are the guard; tarfile's own filter (Python >= 3.11.4; Debian
+                # bookworm and Raspberry Pi OS ship 3.11.2) is added where it exists
+                extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+                archive.extractall(staging, members=members, **extra)
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise BundleError(f"{archive_path} is not a readable bundle archive ({exc})") from None
+        unpacked = staging / tops.pop()
+        manifest = verify(unpacked, check_machine=False)
+        if destination.exists():
+            os.replace(destination, staging / ".previous")
+        os.replace(unpacked, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {"path": str(destination), "model": manifest["model"]["name"], "target": manifest["target"]["name"]}
+
+
+def execute(bundle: str | Path, input_path=None, output_path=None, bench: int | None = None, verify_only=False) -> str:
+    """Do what the command line asks; returns what to print, raises BundleError."""
+    if verify_only:
+        manifest = verify(bundle)
+        return f"ok: {manifest['model']['name']} for {manifest['target']['name']}, {len(manifest['files'])} files verified"
+    model = Model(bundle)
+    if bench:
+        return json.dumps(model.bench(bench))
+    import numpy as np
+
+    if not input_path:
+        raise BundleError("give --input FILE.npy (or --bench RUNS, or --verify)")
+    try:
+        x = np.load(input_path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"cannot read {input_path} as an .npy array ({exc})") from None
+    start = time.perf_counter()
+    y = model(x)
+    elapsed = (time.perf_counter() - start) * 1e3
+    if output_path:
+        np.save(output_path, y)
+        return f"wrote {output_path}: shape {tuple(y.shape)}, {elapsed:.2f} ms"
+    return np.array2string(y, threshold=50)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Verify and run a compactdeploy bundle (numpy + TVM runtime only).")
+    parser.add_argument("bundle", nargs="?", default=str(Path(__file__).resolve().parent), help="bundle directory")
+    parser.add_argument("--input", help="an .npy file with one input")
+    parser.add_argument("--output", help="write the output here (.npy); default: print it")
+    parser.add_argument("--bench", type=int, metavar="RUNS", help="time RUNS inferences on the bundled sample input")
+    parser.add_argument("--verify", action="store_true", help="only verify the bundle")
+    args = parser.parse_args(argv)
+    try:
+        print(execute(args.bundle, args.input, args.output, args.bench, args.verify))
+    except BundleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
