@@ -263,13 +263,20 @@ def _size(n: int) -> str:
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE", help="Model option, repeatable.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--learn-arch", type=click.Choice(["gates", "gdropout", "sparse"]),
+              help="Let training choose the widths (gates, gdropout) or the weights kept (sparse).")
+@click.option("--arch-strength", default=0.01, show_default=True,
+              help="gates/sparse: lambda1; gdropout: the weight of the Beta prior.")
+@click.option("--arch-k", default=0.3, show_default=True, help="gates: lambda3 = k * lambda1 (the width penalty).")
+@click.option("--prior", default="0.05,0.5", show_default=True, metavar="ALPHA,BETA",
+              help="gdropout's Beta prior: SAL (< 1, the default, beta/alpha = 10), Dropout++ (equal, > 1), flat (1,1).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Checkpoint file to write.")
-def train(model, data, epochs, lr, batch_size, model_args, seed, out) -> None:
+def train(model, data, epochs, lr, batch_size, model_args, seed, learn_arch, arch_strength, arch_k, prior, out) -> None:
     """Train a model on a local dataset and write a checkpoint for 'build --weights'."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .data import load_dataset
-    from .train import save_checkpoint
+    from .data import fit_to_model, load_dataset
+    from .train import save_checkpoint, save_pruned_checkpoint
     from .train import train as run_train
     from .zoo import load_model, parse_model_args
 
@@ -277,6 +284,19 @@ def train(model, data, epochs, lr, batch_size, model_args, seed, out) -> None:
         raise CompactDeployError(f"--epochs must be at least 1 (got {epochs})")
     dataset = load_dataset(data)
     loaded = load_model(model, dataset, model_args=parse_model_args(model_args))
+    learner = None
+    if learn_arch:
+        import torch
+
+        from .learn import ArchConfig, ArchLearner
+
+        try:
+            alpha, beta = (float(v) for v in prior.split(","))
+        except ValueError:
+            raise CompactDeployError(f"--prior {prior!r} is not ALPHA,BETA (e.g. 0.05,0.5)") from None
+        example = torch.from_numpy(fit_to_model(dataset, dataset.x_train[:1], loaded.input_shape[1:]))
+        config = ArchConfig(learn_arch, strength=arch_strength, k=arch_k, alpha=alpha, beta=beta)
+        learner = ArchLearner(loaded.module, example, config)
     console = _console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task(f"training {loaded.name} on {dataset.name}", total=epochs)
@@ -284,9 +304,25 @@ def train(model, data, epochs, lr, batch_size, model_args, seed, out) -> None:
         def on_epoch(epoch, total, loss, accuracy):
             bar.update(task, advance=1, description=f"epoch {epoch}/{total} loss {loss:.3f} test acc {accuracy:.2%}")
 
-        result = run_train(loaded, dataset, epochs, lr=lr, batch_size=batch_size, seed=seed, on_epoch=on_epoch)
-    save_checkpoint(loaded, dataset, result, out)
-    _console().print(
+        result = run_train(
+            loaded, dataset, epochs, lr=lr, batch_size=batch_size, seed=seed, on_epoch=on_epoch, learner=learner
+        )
+    console = _console()
+    if learner is None:
+        save_checkpoint(loaded, dataset, result, out)
+    else:
+        summary = {"method": learn_arch, **learner.summary(), "test_accuracy": result.test_accuracy}
+        plan = learner.finalize()
+        save_pruned_checkpoint(loaded, plan, summary, out, learner.linearized)
+        if learn_arch == "sparse":
+            console.print(f"  kept {summary['weights_kept']:,} of {summary['weights']:,} weights ({summary['sparsity']:.1%} sparse)")
+        else:
+            for name, layer in summary["layers"].items():
+                linear = " (learnt linear: ReLU removed)" if layer.get("linear") else ""
+                console.print(f"  {name:<20} {layer['width']:>5} -> {layer['kept']:<5}{linear}")
+            for name, why in summary["not_gated"].items():
+                console.print(f"  {name:<20} not gated: {why}")
+    console.print(
         f"{loaded.name} on {dataset.name}: test accuracy {result.test_accuracy:.2%} after {epochs} epochs "
         f"({len(dataset.y_test)} test samples); wrote {out}"
     )

@@ -39,6 +39,7 @@ def evaluate(module, x: np.ndarray, y: np.ndarray, batch_size: int = 256, classe
     return correct / max(1, len(x))
 
 
+GATE_LR = 0.1
 DISTILL_TEMPERATURE = 4.0
 DISTILL_WEIGHT = 0.5  # of the soft-target loss; the rest is cross-entropy on the labels
 
@@ -53,12 +54,14 @@ def train(
     on_epoch: EpochCallback | None = None,
     teacher=None,
     noise_outputs: int = 0,
+    learner=None,
 ) -> TrainResult:
     """Adam on cross-entropy; returns the test accuracy after the last epoch.
 
     ``teacher``: distil from it too (Hinton et al.: KL at temperature 4, weight 0.5).
     ``noise_outputs``: NoiseOut's aid, K extra outputs trained to fresh random targets each batch,
     which raises the correlation between hidden neurons; they are removed before returning.
+    ``learner``: an ``learn.ArchLearner`` whose gates train along, with their penalty.
     """
     import torch
     import torch.nn.functional as F
@@ -70,7 +73,11 @@ def train(
     x_train = fit_to_model(data, data.x_train, sample_shape)
     x_test = fit_to_model(data, data.x_test, sample_shape)
     module = model.module
-    optimiser = torch.optim.Adam(module.parameters(), lr=lr)
+    gates = learner.parameters() if learner else []
+    gate_ids = {id(p) for p in gates}
+    optimiser = torch.optim.Adam([p for p in module.parameters() if id(p) not in gate_ids], lr=lr)
+    # plain SGD for the gates: Adam would normalise away the penalty's strength, leaving its sign
+    gate_optimiser = torch.optim.SGD(gates, lr=GATE_LR, momentum=0.9) if gates else None
     rng = np.random.default_rng(seed)
     losses, accuracy = [], 0.0
     for epoch in range(epochs):
@@ -82,6 +89,8 @@ def train(
             if len(idx) < 2:  # BatchNorm cannot train on a single sample
                 continue
             optimiser.zero_grad()
+            if gate_optimiser:
+                gate_optimiser.zero_grad()
             x = torch.from_numpy(x_train[idx])
             logits = module(x)
             if noise_outputs:
@@ -94,8 +103,13 @@ def train(
                     soft = F.softmax(teacher(x) / DISTILL_TEMPERATURE, dim=1)
                 distill = F.kl_div(F.log_softmax(logits / DISTILL_TEMPERATURE, dim=1), soft, reduction="batchmean")
                 loss = (1 - DISTILL_WEIGHT) * loss + DISTILL_WEIGHT * DISTILL_TEMPERATURE**2 * distill
+            if learner is not None:
+                loss = loss + learner.penalty(len(x_train))
             loss.backward()
             optimiser.step()
+            if gate_optimiser:
+                gate_optimiser.step()
+                learner.clip()
             total += loss.item() * len(idx)
         losses.append(total / len(x_train))
         accuracy = evaluate(module, x_test, data.y_test, classes=data.num_classes)
@@ -141,9 +155,12 @@ def save_checkpoint(model: LoadedModel, data: Dataset, result: TrainResult, path
     _write_checkpoint(model, path, data=data.name, epochs=result.epochs, test_accuracy=result.test_accuracy)
 
 
-def save_pruned_checkpoint(model: LoadedModel, plan: dict[str, list[int]], summary: dict[str, Any], path: str | Path) -> None:
+def save_pruned_checkpoint(
+    model: LoadedModel, plan: dict[str, list[int]], summary: dict[str, Any], path: str | Path,
+    linearized: list[str] | None = None,
+) -> None:
     """A pruned model's checkpoint: the original model, the plan that narrows it, its weights."""
-    _write_checkpoint(model, path, prune_plan=plan, prune_summary=json.dumps(summary))
+    _write_checkpoint(model, path, prune_plan=plan, prune_summary=json.dumps(summary), linearized=linearized or [])
 
 
 def _write_checkpoint(model: LoadedModel, path: str | Path, **extra: Any) -> None:

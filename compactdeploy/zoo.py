@@ -299,8 +299,12 @@ def load_model(
     if input_shape is not None:
         model.input_shape = (1, *input_shape)
     if checkpoint is not None:
+        if checkpoint.get("linearized"):
+            from .learn import linearize  # layers that 'train --learn-arch gates' made linear
+
+            linearize(model.module, checkpoint["linearized"])
         if checkpoint.get("prune_plan"):
-            # a 'compactdeploy prune' checkpoint: narrow the fresh model the same way, then load
+            # a 'compactdeploy prune' (or learn-arch) checkpoint: narrow the fresh model the same way
             import torch
 
             from .prune import replay

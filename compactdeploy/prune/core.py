@@ -92,15 +92,15 @@ def layer_widths(module) -> dict[str, int]:
     return widths
 
 
-def output_layers(module, example_input) -> list:
-    """The last conv/linear layer to run: its outputs are the model's, so its width is fixed."""
+def call_order(module, example_input, types: tuple | None = None) -> list:
+    """The leaf modules (or those of ``types``) in the order one forward pass calls them, repeats kept."""
     import torch
 
     order: list = []
     hooks = [
         layer.register_forward_hook(lambda m, *_: order.append(m))
         for layer in module.modules()
-        if isinstance(layer, _prunable_types())
+        if (isinstance(layer, types) if types else not list(layer.children()))
     ]
     try:
         with torch.no_grad():
@@ -108,7 +108,12 @@ def output_layers(module, example_input) -> list:
     finally:
         for hook in hooks:
             hook.remove()
-    return order[-1:]
+    return order
+
+
+def output_layers(module, example_input) -> list:
+    """The last conv/linear layer to run: its outputs are the model's, so its width is fixed."""
+    return call_order(module, example_input, _prunable_types())[-1:]
 
 
 def kept_width(width: int, ratio: float, multiple: int) -> int:
