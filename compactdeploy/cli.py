@@ -313,13 +313,15 @@ def train(model, data, epochs, lr, batch_size, model_args, seed, learn_arch, arc
     else:
         summary = {"method": learn_arch, **learner.summary(), "test_accuracy": result.test_accuracy}
         plan = learner.finalize()
-        save_pruned_checkpoint(loaded, plan, summary, out, learner.linearized)
+        save_pruned_checkpoint(loaded, plan, summary, out, learner.linearized, learner.merged)
         if learn_arch == "sparse":
             console.print(f"  kept {summary['weights_kept']:,} of {summary['weights']:,} weights ({summary['sparsity']:.1%} sparse)")
         else:
             for name, layer in summary["layers"].items():
                 linear = " (learnt linear: ReLU removed)" if layer.get("linear") else ""
                 console.print(f"  {name:<20} {layer['width']:>5} -> {layer['kept']:<5}{linear}")
+            for first, second in learner.merged:
+                console.print(f"  {first} merged into {second} (a linear layer folded into the next)")
             for name, why in summary["not_gated"].items():
                 console.print(f"  {name:<20} not gated: {why}")
     console.print(

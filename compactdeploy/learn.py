@@ -22,7 +22,7 @@ depthwise convolution) are not gated.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -73,6 +73,7 @@ class ArchLearner:
         self.skipped: dict[str, str] = {}
         self.weight_gates: dict[str, nn.Parameter] = {}
         self.linearized: list[str] = []  # ReLUs whose depth gate opened: replaced by the identity
+        self.merged: list[tuple[str, str]] = []  # (linear layer, next layer) pairs folded into one
         self._hooks: list = []
         if config.method == "sparse":
             self._attach_weight_gates()
@@ -250,19 +251,50 @@ class ArchLearner:
         self._hooks.clear()
         # a layer whose depth gate opened (d = 1) is linear: its ReLU becomes the identity
         names = {m: n for n, m in self.module.named_modules()}
-        self.linearized = [names[g.relu] for g in self.groups if g.depth is not None and g.depth >= 0.5]
+        linear = [g for g in self.groups if g.depth is not None and g.depth >= 0.5]
+        self.linearized = [names[g.relu] for g in linear]
+        # a linear Linear -> Linear step with nothing else between collapses into one layer
+        order = call_order(self.module, self.example)
+        mergeable = [
+            g for g in linear
+            if isinstance(g.view.producers[0].module, nn.Linear) and len(g.view.consumers) == 1
+            and isinstance(g.view.consumers[0].module, nn.Linear) and not g.view.norms
+            and not (g.view.ops - {"Relu", "T", "Addmm", "Mm", "Linear", "Reshape"})
+            and all(len(idx) == 1 for idx in g.view.consumers[0].per_channel)  # one column per unit: no flatten
+        ]
+        mergeable.sort(key=lambda g: order.index(g.view.producers[0].module))
+        self.merged = [(names[g.view.producers[0].module], names[g.view.consumers[0].module]) for g in mergeable]
         linearize(self.module, self.linearized)
         if plan:
             replay(self.module, self.example, plan)
+        merge_linear(self.module, self.merged)
         return plan
+
+
+def merge_linear(module: nn.Module, pairs: list[tuple[str, str]], compute: bool = True) -> None:
+    """Fold each (first, second) pair of nn.Linear with nothing between into one layer in place of
+    the second; the first becomes the identity. ``compute=False`` only reshapes (to load weights)."""
+    for first_name, second_name in pairs:
+        first, second = module.get_submodule(first_name), module.get_submodule(second_name)
+        merged = nn.Linear(first.in_features, second.out_features, bias=True)
+        if compute:
+            with torch.no_grad():
+                merged.weight.copy_(second.weight @ first.weight)
+                bias = second.weight @ first.bias if first.bias is not None else torch.zeros(second.out_features)
+                merged.bias.copy_(bias + (second.bias if second.bias is not None else 0))
+        _replace(module, second_name, merged)
+        _replace(module, first_name, nn.Identity())
+
+
+def _replace(module: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(module.get_submodule(parent_name) if parent_name else module, child, new)
 
 
 def linearize(module: nn.Module, names: list[str]) -> None:
     """Replace the named activation modules by the identity (layers learnt to be linear)."""
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, child, nn.Identity())
+        _replace(module, name, nn.Identity())
 
 
 def _relu_after(order: list[nn.Module], producer: nn.Module, view: ChannelGroup) -> nn.Module | None:

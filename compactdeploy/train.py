@@ -158,9 +158,13 @@ def save_checkpoint(model: LoadedModel, data: Dataset, result: TrainResult, path
 def save_pruned_checkpoint(
     model: LoadedModel, plan: dict[str, list[int]], summary: dict[str, Any], path: str | Path,
     linearized: list[str] | None = None,
+    merged: list[tuple[str, str]] | None = None,
 ) -> None:
     """A pruned model's checkpoint: the original model, the plan that narrows it, its weights."""
-    _write_checkpoint(model, path, prune_plan=plan, prune_summary=json.dumps(summary), linearized=linearized or [])
+    _write_checkpoint(
+        model, path, prune_plan=plan, prune_summary=json.dumps(summary), linearized=linearized or [],
+        merged=[list(pair) for pair in merged or []],
+    )
 
 
 def _write_checkpoint(model: LoadedModel, path: str | Path, **extra: Any) -> None:

@@ -310,6 +310,10 @@ def load_model(
             from .prune import replay
 
             replay(model.module, torch.zeros(model.input_shape), checkpoint["prune_plan"])
+        if checkpoint.get("merged"):
+            from .learn import merge_linear  # linear layers folded into the next: reshape, then load
+
+            merge_linear(model.module, [tuple(pair) for pair in checkpoint["merged"]], compute=False)
         load_weights(model, weights, checkpoint)
     return model
 

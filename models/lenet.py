@@ -12,13 +12,13 @@ from compactdeploy.zoo import register_model
     default_data="digits",
     input_arg="in_features",
 )
-def lenet300(in_features: int = 784, num_classes: int = 10) -> nn.Module:
+def lenet300(in_features: int = 784, num_classes: int = 10, hidden1: int = 300, hidden2: int = 100) -> nn.Module:
     return nn.Sequential(
-        nn.Linear(in_features, 300),
+        nn.Linear(in_features, hidden1),
         nn.ReLU(),
-        nn.Linear(300, 100),
+        nn.Linear(hidden1, hidden2),
         nn.ReLU(),
-        nn.Linear(100, num_classes),
+        nn.Linear(hidden2, num_classes),
     )
 
 

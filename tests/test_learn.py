@@ -58,7 +58,23 @@ def test_a_trained_gated_model_and_its_physically_pruned_form_agree(method, stre
         assert zeros >= summary["weights"] - summary["weights_kept"]
     else:
         assert any(layer["kept"] < layer["width"] for layer in summary["layers"].values())
-        assert model.module[0].out_features == summary["layers"]["0"]["kept"]  # really narrower
+        params = sum(p.numel() for p in model.module.parameters())
+        assert params < 784 * 300 + 300 * 100 + 100 * 10  # really smaller (narrower, or merged)
+
+
+def test_layers_learnt_linear_are_merged_into_the_next_exactly():
+    data, model, x = _digits_model()
+    learner = ArchLearner(model.module, x[:1], ArchConfig("gates", strength=0.01))
+    train(model, data, 10, learner=learner)
+    model.module.eval()
+    with torch.no_grad():
+        gated = model.module(x)
+    learner.finalize()
+    assert learner.linearized and learner.merged
+    linears = [m for m in model.module.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 3 - len(learner.merged)
+    with torch.no_grad():
+        assert (model.module(x) - gated).abs().max() <= 1e-4 * gated.abs().max()
 
 
 @pytest.mark.parametrize("method", ["gates", "gdropout", "sparse"])

@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
 import time
-from pathlib import Path
 
 import numpy as np
+import benchlib
 import torch
 
 from compactdeploy.data import fit_to_model, load_dataset
@@ -29,7 +27,7 @@ from compactdeploy.prune import METHODS, Calibration, PruneSpec, prune
 from compactdeploy.train import evaluate, train
 from compactdeploy.zoo import load_model
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+DOCS = benchlib.DOCS
 SETUPS = [
     # name, model, model args, dataset, layer to prune, training epochs, neurons removed
     ("LeNet-5 (conv20-conv50-fc500) on digits", "lenet5", {"conv1": 20, "conv2": 50, "fc1": 500, "fc2": 0},
@@ -69,13 +67,8 @@ def run_setup(title, model_name, args, dataset, layer, epochs, removals, methods
 
 
 def write(rows, methods, seconds):
-    DOCS.mkdir(exist_ok=True)
-    meta = {
-        "measured_on": f"{platform.node()} ({platform.processor() or platform.machine()}), CPU, {time.strftime('%Y-%m-%d')}",
-        "finetune_epochs": FINETUNE_EPOCHS, "calibration_samples": CALIBRATION, "seconds": round(seconds),
-        "command": ".venv/bin/python tools/bench_pruning.py",
-    }
-    (DOCS / "pruning-benchmark.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    meta = benchlib.meta("bench_pruning.py", seconds, finetune_epochs=FINETUNE_EPOCHS, calibration_samples=CALIBRATION)
+    benchlib.write_json("pruning-benchmark", meta, rows)
     lines = [
         "# Pruning benchmark: accuracy after removing neurons of one layer",
         "",

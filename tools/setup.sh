@@ -23,7 +23,7 @@ stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
     echo "setup: installing the pinned Python packages into .venv (torch CPU, TVM, ONNX; a few minutes the first time)"
     .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -e ".[host,test]"
+    .venv/bin/python -m pip install --quiet -e ".[host,test,bench]"
     rm -f .venv/.installed-*
     touch "$stamp"
 fi
