@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,18 @@ def check_out_dir(out: Path) -> None:
     parent.mkdir(parents=True, exist_ok=True)
     if not os.access(parent, os.W_OK):
         raise CompactDeployError(f"cannot write to {parent}")
+
+
+@contextlib.contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A staging directory that replaces ``out`` if the block succeeds, and vanishes if it fails."""
+    staging = staging_dir(out)
+    try:
+        yield staging
+        commit(staging, out)
+    except BaseException:
+        discard(staging)
+        raise
 
 
 def staging_dir(out: Path) -> Path:

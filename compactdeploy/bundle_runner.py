@@ -95,6 +95,22 @@ def write_sums(bundle: Path) -> None:
     os.replace(tmp, bundle / SUMS)
 
 
+def latency_stats(times_ms) -> dict:
+    """Median, p90, p99, mean, std and min of per-run times (ms), and how many runs."""
+    import numpy as np
+
+    values = np.asarray(times_ms, dtype=np.float64)
+    return {
+        "median": float(np.median(values)),
+        "p90": float(np.percentile(values, 90)),
+        "p99": float(np.percentile(values, 99)),
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+        "min": float(values.min()),
+        "runs": int(values.size),
+    }
+
+
 class Model:
     """A verified bundle, loaded: ``model(x)`` runs one inference."""
 
@@ -136,9 +152,9 @@ class Model:
         if warmup:
             self.vm.time_evaluator("main", self.device, number=warmup, repeat=1)(tensor)
         times = np.asarray(self.vm.time_evaluator("main", self.device, number=1, repeat=runs)(tensor).results) * 1e3
+        stats = latency_stats(times)
         return {
-            "runs": runs, "median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90)),
-            "p99_ms": float(np.percentile(times, 99)), "mean_ms": float(times.mean()), "min_ms": float(times.min()),
+            "runs": stats["runs"], **{f"{key}_ms": stats[key] for key in ("median", "p90", "p99", "mean", "min")},
             "machine": platform.machine(), "hostname": platform.node(),
         }
 

@@ -207,13 +207,12 @@ class ArchLearner:
                 layers[gated.name]["linear"] = bool(gated.depth >= 0.5)
         return {"layers": layers, "not_gated": self.skipped}
 
-    def _open(self, gated: _GatedGroup, channel: int) -> bool:
-        threshold = 0.5 if self.config.method == "gates" else KEEP_THRESHOLD
-        return bool(gated.gate.detach()[channel] >= threshold)
+    def _open(self, gated: _GatedGroup) -> torch.Tensor:
+        """Which units pass anything: gate >= 0.5 (gates), keep probability >= the threshold (gdropout)."""
+        return gated.gate.detach() >= (0.5 if self.config.method == "gates" else KEEP_THRESHOLD)
 
     def _kept(self, gated: _GatedGroup) -> torch.Tensor:
-        threshold = 0.5 if self.config.method == "gates" else KEEP_THRESHOLD
-        kept = gated.gate.detach() >= threshold
+        kept = self._open(gated)
         if not kept.any():  # never an empty layer: keep the strongest unit
             kept[int(torch.argmax(gated.gate.detach()))] = True
         return kept
@@ -232,7 +231,7 @@ class ArchLearner:
         plan: dict[str, list[int]] = {}
         for gated in self.groups:
             kept = self._kept(gated)
-            silent = [c for c in range(gated.view.width) if kept[c] and not self._open(gated, c)]
+            silent = (kept & ~self._open(gated)).nonzero().flatten().tolist()
             if silent:  # the unit kept so that no layer is empty: it passed nothing when gated, so neither now
                 with torch.no_grad():
                     for consumer in gated.view.consumers:

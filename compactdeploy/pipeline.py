@@ -24,7 +24,6 @@ from .targets import TargetSpec, load_target
 
 PARITY_TOLERANCE = 1e-4
 SAMPLE_INPUT = "sample_input.npy"  # the input the bundle was checked with: reused by bench and run
-STAGES = ("load", "prune", "export", "compile", "benchmark", "bundle")
 
 
 @dataclass(frozen=True)
@@ -104,14 +103,11 @@ class _StageClock:
         return round(time.perf_counter() - self._start, 3)
 
 
-def build(config: BuildConfig, observer: Observer | None = None) -> BuildResult:
-    from . import bundle
-    from .compile import resolve_linker
-    from .device import check_reachable, parse_device
+def _check_inputs(config: BuildConfig):
+    """The checks build and prune share, none of them heavy: (target, prune spec or None)."""
     from .prune import parse_prune_spec
     from .zoo import get_spec
 
-    # --- checks that need no heavy work: fail before any stage runs ---
     target = load_target(config.target)
     if ".py:" not in config.model:
         get_spec(config.model)  # an unknown name fails here, listing the zoo
@@ -119,6 +115,16 @@ def build(config: BuildConfig, observer: Observer | None = None) -> BuildResult:
     _check_prune_options(config, prune_spec)
     if config.weights is not None and not Path(config.weights).is_file():
         raise CompactDeployError(f"weights file {config.weights} does not exist")
+    return target, prune_spec
+
+
+def build(config: BuildConfig, observer: Observer | None = None) -> BuildResult:
+    from . import bundle
+    from .compile import resolve_linker
+    from .device import check_reachable, parse_device
+
+    # --- checks that need no heavy work: fail before any stage runs ---
+    target, prune_spec = _check_inputs(config)
     if config.repeat < 1:
         raise CompactDeployError(f"--repeat must be at least 1 (got {config.repeat})")
     if config.device is not None:
@@ -127,13 +133,8 @@ def build(config: BuildConfig, observer: Observer | None = None) -> BuildResult:
     bundle.check_out_dir(config.out)
 
     clock = _StageClock(observer or _Silent())
-    staging = bundle.staging_dir(config.out)
-    try:
+    with bundle.staged(config.out) as staging:
         report, manifest = _run_stages(config, target, prune_spec, linker, staging, clock)
-        bundle.commit(staging, config.out)
-    except BaseException:
-        bundle.discard(staging)
-        raise
     return BuildResult(config.out, report, manifest)
 
 
@@ -230,19 +231,9 @@ def prune_to_checkpoint(config: BuildConfig, observer: Observer | None = None) -
     """``compactdeploy prune``: load and prune only, and write a checkpoint that ``build`` replays."""
     from .train import save_pruned_checkpoint
 
-    target = load_target(config.target)
-    if ".py:" not in config.model:
-        from .zoo import get_spec
-
-        get_spec(config.model)
     if not config.prune:
         raise CompactDeployError("prune needs --prune METHOD[:RATIO]")
-    from .prune import parse_prune_spec
-
-    spec = parse_prune_spec(config.prune, widths_given=bool(config.widths))
-    _check_prune_options(config, spec)
-    if config.weights is not None and not Path(config.weights).is_file():
-        raise CompactDeployError(f"weights file {config.weights} does not exist")
+    target, spec = _check_inputs(config)
     clock = _StageClock(observer or _Silent())
     pruned = _load_and_prune(config, target, spec, clock)
     summary = {
@@ -556,16 +547,11 @@ def remeasure(
     if measured["measurement"] is None:
         raise CompactDeployError(f"{measured['where']}")
     apply_measurement(report, measured)
-    staging = bundle.staging_dir(directory)
-    try:
+    with bundle.staged(directory) as staging:
         for path in directory.iterdir():
             if path.is_file():
                 shutil.copy2(path, staging / path.name)
         bundle.write_json(staging / "report.json", report)
         kept = {k: v for k, v in manifest.items() if k not in ("format", "files")}
         bundle.write_manifest(staging, {**kept, "measured": _manifest_measured(report)})
-        bundle.commit(staging, directory)
-    except BaseException:
-        bundle.discard(staging)
-        raise
     return report

@@ -63,16 +63,17 @@ def ship(bundle: Path, to: str, dest: str | None = None, ssh_config: Path | None
         return _ship_rpc(archive, address, dest or f"~/compactdeploy/bundles/{Path(bundle).name}", wait_s)
 
 
-def _ssh_base(target: SshDestination, ssh_config: Path | None, program: str) -> list[str]:
-    if shutil.which(program) is None:
-        raise CompactDeployError(f"{program} not found: install OpenSSH's client (apt-get install openssh-client)")
+def _ssh_command(target: SshDestination, ssh_config: Path | None) -> list[str]:
+    """``ssh [options] HOST``: append the remote command."""
+    if shutil.which("ssh") is None:
+        raise CompactDeployError("ssh not found: install OpenSSH's client (apt-get install openssh-client)")
     # BatchMode: fail instead of prompting (for a password or an unknown host key)
-    command = [program, "-o", "BatchMode=yes", "-o", f"ConnectTimeout={SSH_TIMEOUT_S}"]
+    command = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={SSH_TIMEOUT_S}"]
     if ssh_config:
         command += ["-F", str(ssh_config)]
     if target.port:
         command += ["-p", str(target.port)]
-    return command
+    return command + [target.host]
 
 
 def _run(command: list[str], what: str, timeout: float = 600, stdin=None) -> None:
@@ -90,23 +91,23 @@ def _run(command: list[str], what: str, timeout: float = 600, stdin=None) -> Non
 def _ship_ssh(archive: Path, name: str, target: SshDestination, ssh_config: Path | None) -> dict:
     dest = target.path
     staging = posixpath.join(posixpath.dirname(dest), f".{posixpath.basename(dest)}.partial-{secrets.token_hex(4)}")
-    ssh = _ssh_base(target, ssh_config, "ssh")
+    ssh = _ssh_command(target, ssh_config)
     where = f"ssh {target.host}"
     q = shlex.quote
-    _run(ssh + [target.host, f"mkdir -p {q(staging)}"], f"{where} (creating {staging})")
+    _run(ssh + [f"mkdir -p {q(staging)}"], f"{where} (creating {staging})")
     try:
         # streamed through ssh itself: no dependence on the device's sftp or legacy scp
         with open(archive, "rb") as data:
-            _run(ssh + [target.host, f"cat > {q(staging)}/bundle.tar.gz"], f"{where} (copying the bundle)", stdin=data)
+            _run(ssh + [f"cat > {q(staging)}/bundle.tar.gz"], f"{where} (copying the bundle)", stdin=data)
         install = (
             f"set -e; cd {q(staging)}; tar -xzf bundle.tar.gz --no-same-owner; rm bundle.tar.gz; "
             f"cd {q(name)}; sha256sum -c --quiet SHA256SUMS; cd /; "
             f"if [ -e {q(dest)} ]; then mv {q(dest)} {q(staging)}/previous; fi; "
             f"mv {q(staging)}/{q(name)} {q(dest)}"
         )
-        _run(ssh + [target.host, install], f"{where} (verifying and installing)")
+        _run(ssh + [install], f"{where} (verifying and installing)")
     finally:
-        subprocess.run(ssh + [target.host, f"rm -rf {q(staging)}"], capture_output=True, timeout=60,
+        subprocess.run(ssh + [f"rm -rf {q(staging)}"], capture_output=True, timeout=60,
                        stdin=subprocess.DEVNULL, check=False)
     return {"to": f"ssh://{target.host}:{dest}", "path": dest}
 

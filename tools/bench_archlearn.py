@@ -144,11 +144,7 @@ def write(rows, seconds) -> None:
 
 
 def plot(rows) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = benchlib.pyplot()
     setups = list(dict.fromkeys(r["setup"] for r in rows))
     figure, axes = plt.subplots(1, len(setups), figsize=(6 * len(setups), 4.5), squeeze=False)
     markers = {"plain": "s", "gates": "o", "gdropout": "^", "sparse": "x", "bo-tpe (best)": "*"}
@@ -164,11 +160,7 @@ def plot(rows) -> None:
         ax.set_xscale("log")
         ax.set_title(setup, fontsize=10)
         ax.set_xlabel("parameters (log)")
-        ax.set_ylabel("test accuracy")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(DOCS / "archlearn-benchmark.png", dpi=110)
+    benchlib.save_figure(figure, axes, "archlearn-benchmark")
 
 
 def main() -> None:

@@ -105,11 +105,7 @@ def write(rows, methods, seconds):
 
 
 def plot(rows, methods):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = benchlib.pyplot()
     setups = list(dict.fromkeys(r["setup"] for r in rows))
     figure, axes = plt.subplots(2, len(setups), figsize=(6 * len(setups), 8), squeeze=False)
     for col, setup in enumerate(setups):
@@ -120,11 +116,7 @@ def plot(rows, methods):
                 ax.plot(*zip(*points), marker="o", label=method)
             ax.set_title(f"{setup}\n{label}", fontsize=9)
             ax.set_xlabel("neurons removed")
-            ax.set_ylabel("test accuracy")
-            ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(DOCS / "pruning-benchmark.png", dpi=110)
+    benchlib.save_figure(figure, axes, "pruning-benchmark")
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..bundle_runner import latency_stats
 from ..device import answering
 from ..errors import CompactDeployError
 
@@ -34,19 +35,6 @@ class Measurement:
     device: dict[str, Any]  # the device's fingerprint (emulated or not, CPU, TVM version, ...)
     per_layer: dict[str, Any] | None
     onnxruntime: dict[str, Any]  # baseline on the same device, or {"not_measured": reason}
-
-
-def latency_stats(times_ms: list[float]) -> dict[str, float]:
-    values = np.asarray(times_ms, dtype=np.float64)
-    return {
-        "median": float(np.median(values)),
-        "p90": float(np.percentile(values, 90)),
-        "p99": float(np.percentile(values, 99)),
-        "mean": float(values.mean()),
-        "std": float(values.std()),
-        "min": float(values.min()),
-        "runs": int(values.size),
-    }
 
 
 def measure(

@@ -9,7 +9,6 @@ on a fresh copy of the same model.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -242,13 +241,3 @@ def replay(module, example_input, plan: dict[str, list[int]]) -> None:
             raise CompactDeployError(f"pruning plan removes {len(indices)} of {width} channels of {name}")
         _remove_channels(graph, names[name], indices)
 
-
-def ratio_summary(result: PruneResult) -> dict[str, Any]:
-    """Fractions kept, for the human summary."""
-    def frac(after: int, before: int) -> float:
-        return after / before if before else math.nan
-
-    return {
-        "params_kept": frac(result.params_after, result.params_before),
-        "macs_kept": frac(result.macs_after, result.macs_before),
-    }

@@ -91,11 +91,6 @@ class ChannelGroup:
             result.append(torch.stack([weight[:, idx].reshape(-1) for idx in consumer.per_channel]))
         return result
 
-    def mean_square_outgoing(self) -> torch.Tensor:
-        """<a_j^2>: the mean squared outgoing weight of each channel, over all consumers."""
-        squares = [a.pow(2) for a in self.outgoing()]
-        return torch.cat(squares, dim=1).mean(dim=1)
-
     @torch.no_grad()
     def fold_into(self, keep: int, drop: int, scale: float = 1.0, shift: float = 0.0) -> None:
         """Consumers read ``keep`` in place of ``drop``: a_keep += scale * a_drop, bias += shift * a_drop.

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -61,13 +60,18 @@ class Method:
         raise NotImplementedError
 
 
+def _lowest(scores: torch.Tensor, count: int) -> list[int]:
+    """The ``count`` channels with the lowest scores, in index order."""
+    return sorted(torch.argsort(scores)[:count].tolist())
+
+
 class Scorer(Method):
     def scores(self, view: ChannelGroup) -> torch.Tensor:
         raise NotImplementedError
 
     def select(self, view: ChannelGroup, n_remove: int, multiple: int = 1) -> Selection:
         scores = self.scores(view)
-        return Selection(sorted(torch.argsort(scores)[:n_remove].tolist()), self.name)
+        return Selection(_lowest(scores, n_remove), self.name)
 
 
 def l1_scores(view: ChannelGroup) -> torch.Tensor:
@@ -237,7 +241,7 @@ class _Merger(Method):
         problem = view.merge_problem
         if problem is not None:
             count = n_remove if n_remove != AUTO else 0
-            return Selection(sorted(torch.argsort(l1_scores(view))[:count].tolist()), f"l1 (fallback: {problem})")
+            return Selection(_lowest(l1_scores(view), count), f"l1 (fallback: {problem})")
         return self.merge(view, n_remove, multiple)
 
     def merge(self, view: ChannelGroup, n_remove: int, multiple: int) -> Selection:
@@ -314,7 +318,7 @@ class NoiseOut(_Merger):
 
     def merge(self, view: ChannelGroup, n_remove: int, multiple: int) -> Selection:
         if id(view) not in self.stats:
-            return Selection(sorted(torch.argsort(l1_scores(view))[:n_remove].tolist()), "l1 (fallback: no activations seen)")
+            return Selection(_lowest(l1_scores(view), n_remove), "l1 (fallback: no activations seen)")
         n, sums, products = self.stats[id(view)]
         mean = sums / n
         cov = products / n - torch.outer(mean, mean)
@@ -355,6 +359,3 @@ METHODS: dict[str, Callable[[], Method]] = {
     "taylor": Taylor,
 }
 
-
-def describe() -> dict[str, dict[str, Any]]:
-    return {name: {"description": make.description, "needs_data": make.needs_data} for name, make in METHODS.items()}
