@@ -106,13 +106,18 @@ def _config(options: dict, **extra):
 @click.option("--threads", type=int, help="Threads for TVM and onnxruntime (default: all cores).")
 @click.option("--device", help="Measure on this device: rpc://HOST:PORT (a server) or rpc://HOST:PORT/KEY (a tracker).")
 @click.option("--device-wait", default=60.0, show_default=True, help="Seconds to wait for a busy tracker key.")
+@click.option(
+    "--tune-trials", default=0, show_default=True,
+    help="Tune the kernels with this many MetaSchedule measurements on the device; records in the "
+    "tuning database count, so a rerun resumes and a tuned model costs nothing.",
+)
 def build(**options) -> None:
     """Load, prune, export, compile, benchmark and bundle a model for a target."""
     from .pipeline import build as run_build
 
     config = _config(
         options, repeat=options["repeat"], warmup=options["warmup"], threads=options["threads"],
-        device=options["device"], device_wait_s=options["device_wait"],
+        device=options["device"], device_wait_s=options["device_wait"], tune_trials=options["tune_trials"],
     )
     with _StageProgress() as progress:
         result = run_build(config, progress)
@@ -207,6 +212,16 @@ def _print_build_summary(result) -> None:
     parity = report["parity"]
     tvm_parity = "not checked (no device)" if parity["onnx_vs_tvm_max_abs"] is None else f"{parity['onnx_vs_tvm_max_abs']:.1e}"
     out.print(f"  parity     torch vs onnxruntime {parity['torch_vs_onnx_max_abs']:.1e}, onnxruntime vs TVM {tvm_parity}")
+    tuning = report.get("tuning")
+    if tuning:
+        ran = (
+            f"; this build ran {tuning['trials_run']} trials in {tuning['tune_s']:.0f} s, reused {tuning['trials_reused']}"
+            if tuning["requested_trials"] else " (no --tune-trials)"
+        )
+        out.print(
+            f"  tuning     {tuning['kernels_scheduled']}/{tuning['kernels_tunable']} kernels scheduled from "
+            f"{tuning['database']}{ran}"
+        )
     _print_measurement(out, report)
     for note in report["compile"]["notes"]:
         out.print(f"  [yellow]note[/]       {note}")

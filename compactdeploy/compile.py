@@ -17,6 +17,7 @@ from .cuda import binary_codegen
 from .errors import CompactDeployError, first_line
 from .resources import cache_dir
 from .targets import TargetSpec
+from .tune import TuningDatabase
 
 LIB_NAME = "model.so"
 KERNELS_NAME = "kernels.json"
@@ -48,6 +49,8 @@ class CompileResult:
     device_code: str  # "cpu", or for CUDA: "cuda-sm_87-fatbin" (machine code) or "cuda-source"
     linker: str
     compile_s: float
+    kernels_scheduled: int  # kernels that got a schedule from the tuning database
+    kernels_tunable: int  # kernels a tuning database could schedule (0: DLight schedules them all)
     notes: list[str] = field(default_factory=list)
 
 
@@ -90,31 +93,35 @@ def _zig_wrapper(triple: str) -> Path:
     return path
 
 
-def _cpu_pipeline(tvm_target):
-    from tvm import relax, transform
+def _cpu_lower(mod, tvm_target, database):
+    from tvm import relax
 
-    # Fold the weight transposes and reshapes that the ONNX importer leaves for run time.
-    return transform.Sequential([relax.transform.FoldConstant(), relax.get_pipeline("default")])
+    from .tune import apply_database, lower_for_tuning
+
+    # Fused kernels, each scheduled from the tuning database where it holds a record; the rest
+    # compile unscheduled (correct but slow: see 'build --tune-trials').
+    lowered, scheduled, tasks = apply_database(lower_for_tuning(mod, tvm_target), tvm_target, database)
+    with tvm_target:
+        return relax.get_pipeline("default")(lowered), scheduled, tasks
 
 
-def _cuda_pipeline(tvm_target):
+def _cuda_lower(mod, tvm_target, database):
     from tvm import relax
 
     # The CUDA pipeline schedules every kernel with DLight; unscheduled GPU kernels do not build.
-    return relax.get_default_pipeline(tvm_target)
+    with tvm_target:
+        return relax.get_default_pipeline(tvm_target)(mod), 0, 0
 
 
 # One table for the per-kind differences; add a kind here, not an if-chain elsewhere.
-PIPELINES: dict[str, Callable] = {"llvm": _cpu_pipeline, "cuda": _cuda_pipeline}
+PIPELINES: dict[str, Callable] = {"llvm": _cpu_lower, "cuda": _cuda_lower}
 
 
-def compile_onnx(onnx_path: str | Path, target: TargetSpec, out_dir: str | Path, linker: Linker) -> CompileResult:
-    """Compile an ONNX file for ``target``; writes ``out_dir/model.so``."""
+def import_onnx(onnx_path: str | Path, target: TargetSpec):
+    """The ONNX file as a Relax module, weights embedded as constants."""
     import onnx
-    import tvm
     from tvm.relax.frontend.onnx import from_onnx
 
-    start = time.perf_counter()
     if target.kind not in PIPELINES:
         raise CompactDeployError(
             f"target {target.name}: TVM kind {target.kind!r} is not supported; use one of {', '.join(PIPELINES)}"
@@ -127,9 +134,19 @@ def compile_onnx(onnx_path: str | Path, target: TargetSpec, out_dir: str | Path,
         mod = from_onnx(model, keep_params_in_input=False)
     except Exception as exc:  # TVM reports unsupported operators with several exception types
         raise CompactDeployError(f"TVM cannot import {onnx_path}: {first_line(exc)}") from None
+    return mod
+
+
+def compile_onnx(
+    onnx_path: str | Path, target: TargetSpec, out_dir: str | Path, linker: Linker, database: TuningDatabase | None = None
+) -> CompileResult:
+    """Compile an ONNX file for ``target``, with the schedules ``database`` holds; writes ``out_dir/model.so``."""
+    import tvm
+
+    start = time.perf_counter()
+    mod = import_onnx(onnx_path, target)
     tvm_target = target.tvm_target()
-    with tvm_target:
-        lowered = PIPELINES[target.kind](tvm_target)(mod)
+    lowered, scheduled, tunable = PIPELINES[target.kind](mod, tvm_target, database)
     workspace = planned_storage_bytes(lowered)
     kernels = kernel_calls(lowered)
     device_code, notes = "cpu", []
@@ -162,6 +179,8 @@ def compile_onnx(onnx_path: str | Path, target: TargetSpec, out_dir: str | Path,
         device_code=device_code,
         linker=linker.description,
         compile_s=time.perf_counter() - start,
+        kernels_scheduled=scheduled,
+        kernels_tunable=tunable,
         notes=notes,
     )
 

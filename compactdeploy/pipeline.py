@@ -49,6 +49,7 @@ class BuildConfig:
     seed: int = 0
     device: str | None = None  # rpc://HOST:PORT[/KEY]; None: this machine when the target is it
     device_wait_s: float = 60.0  # how long to wait for a busy tracker key
+    tune_trials: int = 0  # MetaSchedule measurements to spend (records in the database count)
 
 
 @dataclass(frozen=True)
@@ -122,11 +123,17 @@ def build(config: BuildConfig, observer: Observer | None = None) -> BuildResult:
     from . import bundle
     from .compile import resolve_linker
     from .device import check_reachable, parse_device
+    from .tune import check_tunable
 
     # --- checks that need no heavy work: fail before any stage runs ---
     target, prune_spec = _check_inputs(config)
     if config.repeat < 1:
         raise CompactDeployError(f"--repeat must be at least 1 (got {config.repeat})")
+    check_tunable(target, config.tune_trials)
+    if config.tune_trials and config.device is None and not target.is_this_machine():
+        raise CompactDeployError(
+            f"tuning for {target.name} measures candidates on the device: pass --device rpc://HOST:PORT[/KEY]"
+        )
     if config.device is not None:
         check_reachable(parse_device(config.device))  # before any work, not after the compile
     linker = resolve_linker(target)
@@ -261,9 +268,19 @@ def _run_stages(config, target: TargetSpec, prune_spec, linker, staging: Path, c
         exported = export_onnx(model.module, example, staging / "model.onnx")
         clock.summary = f"opset {exported.opset}, torch vs onnxruntime max |diff| {exported.torch_vs_onnx_max_abs:.2e}"
 
+    database = _tuning_database(config, target, clock)
+    tuned = None
+    if config.tune_trials:
+        with clock.stage("tune"):
+            tuned = _tune(config, target, database, exported.path, linker, clock)
+            clock.summary = tuned.summary()
+
     with clock.stage("compile"):
-        compiled = compile_onnx(exported.path, target, staging, linker)
-        clock.summary = f"{target.name} ({target.arch}, {compiled.device_code}), linked with {compiled.linker}"
+        compiled = compile_onnx(exported.path, target, staging, linker, database)
+        clock.summary = (
+            f"{target.name} ({target.arch}, {compiled.device_code}), linked with {compiled.linker}; "
+            f"{compiled.kernels_scheduled}/{compiled.kernels_tunable} kernels from tuning records"
+        )
 
     with clock.stage("benchmark"):
         np.save(staging / SAMPLE_INPUT, example.numpy())
@@ -275,6 +292,7 @@ def _run_stages(config, target: TargetSpec, prune_spec, linker, staging: Path, c
 
     with clock.stage("bundle"):
         report = _report(config, target, model, data, pruned.shapes, prune_result, exported, compiled, pruned.accuracies)
+        report["tuning"] = _tuning_report(database, tuned, compiled)
         apply_measurement(report, measured)
         # the bundle stage's own time, up to here: only the hashing below is left out
         report["timings_s"] = {**clock.timings, "bundle": clock.elapsed()}
@@ -306,6 +324,64 @@ def _run_stages(config, target: TargetSpec, prune_spec, linker, staging: Path, c
         )
         clock.summary = str(config.out)
     return report, manifest
+
+
+def _tuning_database(config: BuildConfig, target: TargetSpec, clock: _StageClock):
+    """The tuning database this build reads (and, with --tune-trials, writes); None: none applies."""
+    from .tune import database_for, newest_database
+
+    if target.kind != "llvm":
+        return None
+    if config.device is not None:
+        from .device import connect, parse_device
+
+        session = connect(parse_device(config.device), config.device_wait_s, clock.progress)
+        fingerprint = session.fingerprint
+        del session  # frees the tracker key for the measurements that follow
+        return database_for(target, fingerprint)
+    if target.is_this_machine():
+        from .device.agent import fingerprint
+
+        return database_for(target, fingerprint())
+    return newest_database(target)  # a cross build without a device: the records last tuned for it
+
+
+def _tune(config: BuildConfig, target: TargetSpec, database, onnx_path: Path, linker, clock: _StageClock):
+    from .compile import import_onnx
+    from .tune import local_runner, lower_for_tuning, rpc_runner, tune
+
+    lowered = lower_for_tuning(import_onnx(onnx_path, target), target.tvm_target())
+    if config.device is None:
+        runner = local_runner()
+    else:
+        from .device import parse_device
+
+        runner = rpc_runner(parse_device(config.device))
+    try:
+        return tune(lowered, target, database, config.tune_trials, runner, linker.command, clock.progress)
+    except KeyboardInterrupt:
+        raise CompactDeployError(
+            f"tuning interrupted; every finished batch is kept in {database.path}: "
+            "run the same command again to resume"
+        ) from None
+
+
+def _tuning_report(database, tuned, compiled) -> dict[str, Any] | None:
+    if database is None:
+        return None
+    section = {
+        "database": str(database.path),
+        "device": database.identity,
+        "kernels_scheduled": compiled.kernels_scheduled,
+        "kernels_tunable": compiled.kernels_tunable,
+        "requested_trials": 0,
+    }
+    if tuned is not None:
+        section.update(
+            requested_trials=tuned.requested_trials, trials_run=tuned.trials_run,
+            trials_reused=tuned.trials_reused, tune_s=tuned.tune_s, kernels=tuned.tasks,
+        )
+    return section
 
 
 def _report(

@@ -41,7 +41,10 @@ class TargetSpec:
 
     def tvm_target_dict(self) -> dict[str, Any]:
         """The TVM target as plain data, with ``mcpu = "native"`` resolved (for reports)."""
-        return _resolve_native(dict(self.tvm))
+        spec = _resolve_native(dict(self.tvm))
+        if spec.get("kind") == "llvm":
+            spec.setdefault("num-cores", self.cores)  # MetaSchedule sizes parallel loops by it
+        return spec
 
     def tvm_target(self):
         """The ``tvm.target.Target`` (imports TVM)."""

@@ -200,6 +200,26 @@ def install_bundle(archive_name: str, destination: str) -> str:
         return json.dumps({"error": f"{type(exc).__name__}: {exc}"})
 
 
+def random_fill_for_measure(tensor) -> None:
+    """Random inputs for MetaSchedule's measurements, where the TVM runtime lacks its own.
+
+    The runtime-only library a device loads (TVM_USE_RUNTIME_LIB=1, and the emulated Pi) has no
+    ``tvm.contrib.random``; numpy fills the tensor instead.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng()
+    dtype = np.dtype(str(tensor.dtype))
+    shape = tuple(int(d) for d in tensor.shape)
+    if dtype.kind in "iu":
+        values = rng.integers(0, 8, size=shape).astype(dtype)
+    elif dtype.kind == "b":
+        values = rng.integers(0, 2, size=shape).astype(dtype)
+    else:
+        values = rng.uniform(-1.0, 1.0, size=shape).astype(dtype)
+    tensor.copyfrom(values)
+
+
 FUNCTIONS = {
     "compactdeploy.fingerprint": lambda: json.dumps(fingerprint()),
     "compactdeploy.memory": memory,
@@ -217,6 +237,8 @@ def serve(host: str, port: int, port_end: int, tracker: str | None, key: str, on
 
     for name, function in FUNCTIONS.items():
         tvm_ffi.register_global_func(name, function, override=True)
+    if tvm_ffi.get_global_func("tvm.contrib.random.random_fill_for_measure", allow_missing=True) is None:
+        tvm_ffi.register_global_func("tvm.contrib.random.random_fill_for_measure", random_fill_for_measure)
     tracker_addr = None
     if tracker:
         tracker_host, _, tracker_port = tracker.rpartition(":")

@@ -29,7 +29,7 @@ DEBIAN_PACKAGES = ("python3.11", "libstdc++6")
 # onnxruntime is left out: its native module crashes on import under qemu-user (seen with 1.31.1).
 DEVICE_WHEELS = (
     "apache-tvm==0.27.0.post1",
-    "apache-tvm-ffi==0.1.15.post2",
+    "apache-tvm-ffi==0.1.14.post1",
     "numpy==2.4.6",
     "ml_dtypes==0.6.0",
     "typing_extensions==4.16.0",

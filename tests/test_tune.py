@@ -1,0 +1,114 @@
+"""Tuning: records land in the per-device database, later builds reuse them, interrupted runs resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import needs_emulator, read_json, run_cli
+from test_errors import assert_nothing_written, error_of
+
+from compactdeploy.compile import import_onnx
+from compactdeploy.export import export_onnx
+from compactdeploy.targets import load_target
+from compactdeploy.tune import BATCH, TuningDatabase, local_runner, lower_for_tuning, plan_budgets, tune
+from compactdeploy.zoo import create_model
+
+
+def build(out: Path, *args: str) -> dict:
+    assert run_cli("build", *args, "--out", out) == 0
+    return read_json(out / "report.json")
+
+
+def test_budget_split_follows_the_work_and_keeps_a_floor():
+    budgets = plan_budgets([1e6, 1e4, 1.0], [3, 1, 1], 120)
+    assert sum(budgets) <= 120
+    assert budgets[0] > budgets[1] > budgets[2] >= BATCH // 2
+    assert plan_budgets([1e6, 1e6], [1, 1], 3) == [1, 1]  # a budget smaller than a floor still splits
+
+
+def test_tuned_build_then_reuse_then_a_pruned_variant_shares_records(tmp_path):
+    lenet5 = ("--model", "lenet5", "--target", "host", "--repeat", "30")
+    first = build(tmp_path / "a", *lenet5, "--tune-trials", "16")["tuning"]
+    assert first["trials_run"] >= 8 and first["trials_reused"] == 0
+    assert first["kernels_scheduled"] == first["kernels_tunable"] > 0
+    database = Path(first["database"])
+    assert (database / "database_tuning_record.json").read_text().count("\n") == first["trials_run"]
+    assert json.loads((database / "identity.json").read_text())["cpu"]
+
+    again = build(tmp_path / "b", *lenet5, "--tune-trials", "16")
+    assert again["tuning"]["trials_run"] == 0, "a tuned model must not be tuned again"
+    assert again["tuning"]["trials_reused"] == first["trials_run"]
+    assert again["timings_s"]["tune"] < 15  # no MetaSchedule start-up when there is nothing to do
+
+    plain = build(tmp_path / "c", *lenet5)  # no --tune-trials: the records still apply
+    assert plain["tuning"]["kernels_scheduled"] == first["kernels_scheduled"]
+    assert plain["parity"]["onnx_vs_tvm_max_abs"] <= 1e-4
+
+    # fc2 narrower: the convolutions and pools keep their shapes, so their records are reused
+    variant = build(tmp_path / "d", *lenet5, "--model-arg", "fc2=40", "--tune-trials", "16")["tuning"]
+    assert 0 < variant["trials_reused"] < first["trials_run"]
+    assert 0 < variant["trials_run"] < first["trials_run"]
+    assert variant["kernels_scheduled"] == variant["kernels_tunable"]
+    assert read_json(tmp_path / "d" / "report.json")["parity"]["onnx_vs_tvm_max_abs"] <= 1e-4
+
+
+def test_an_interrupted_tuning_run_keeps_its_batches_and_resumes(tmp_path):
+    target = load_target("host")
+    model = create_model("mlp-tabular")
+    exported = export_onnx(model.module, torch.randn(model.input_shape), tmp_path / "m.onnx")
+    lowered = lower_for_tuning(import_onnx(exported.path, target), target.tvm_target())
+    database = TuningDatabase(tmp_path / "db", {"test": "interrupt"})
+
+    def stop_after_first_batch(message: str) -> None:
+        records = database.path / "database_tuning_record.json"
+        # the unscheduled kernel's record comes first, then the first search batch
+        if records.exists() and records.read_text().count("\n") >= 2:
+            raise KeyboardInterrupt  # as Ctrl-C would, once the first batch is published
+
+    with pytest.raises(BaseException):
+        tune(lowered, target, database, 12, local_runner(), None, stop_after_first_batch)
+    kept = (database.path / "database_tuning_record.json").read_text().count("\n")
+    assert kept == 4  # the first kernel's records (unscheduled + a batch of 3), published before the stop
+
+    resumed = tune(lowered, target, database, 12, local_runner(), None)
+    assert resumed.trials_reused == kept
+    assert resumed.trials_run == 12 - kept
+    assert all(task["best_us"] is not None for task in resumed.tasks)
+
+
+def test_tuning_a_gpu_target_is_refused(capsys, tmp_path):
+    out = tmp_path / "out"
+    message = error_of(capsys, "build", "--model", "lenet5", "--target", "jetson-orin-nano", "--tune-trials", "8", "--out", out)
+    assert "CPU targets only" in message
+    assert_nothing_written(out)
+
+
+def test_tuning_a_remote_target_without_a_device_is_refused(capsys, tmp_path):
+    out = tmp_path / "out"
+    message = error_of(capsys, "build", "--model", "lenet5", "--target", "rpi4", "--tune-trials", "8", "--out", out)
+    assert "--device" in message
+    assert_nothing_written(out)
+
+
+def test_negative_trials_are_refused(capsys, tmp_path):
+    message = error_of(capsys, "build", "--model", "lenet5", "--target", "host", "--tune-trials", "-1", "--out", tmp_path / "o")
+    assert "--tune-trials" in message
+
+
+@needs_emulator
+def test_tuning_for_the_pi_measures_on_the_emulated_pi(tmp_path, emulated_pi):
+    report = build(
+        tmp_path / "pi", "--model", "mlp-tabular", "--target", "rpi4", "--device", str(emulated_pi.address),
+        "--tune-trials", "6", "--repeat", "10",
+    )
+    tuning = report["tuning"]
+    assert tuning["device"]["emulated"] is True and tuning["device"]["machine"] == "aarch64"
+    assert tuning["trials_run"] >= 3 and tuning["kernels_scheduled"] == tuning["kernels_tunable"]
+    assert report["parity"]["onnx_vs_tvm_max_abs"] <= 1e-4
+    # a later cross build with no device applies the records tuned for that target
+    plain = build(tmp_path / "cross", "--model", "mlp-tabular", "--target", "rpi4")
+    assert plain["tuning"]["database"] == tuning["database"]
+    assert plain["tuning"]["kernels_scheduled"] == tuning["kernels_scheduled"]
