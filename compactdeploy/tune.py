@@ -220,10 +220,12 @@ def tune(
     tasks = _tasks(lowered, tvm_target)
     with database.locked():
         db = database.open()
-        budgets = plan_budgets([_flops(t) for t in tasks], [int(t.weight) for t in tasks], trials)
+        flops = [_flops(t) for t in tasks]
+        budgets = plan_budgets(flops, [int(t.weight) for t in tasks], trials)
+        counts = _record_counts(db, tasks)
         states = [
-            TaskState(t.task_name, _flops(t), int(t.weight), budget, _count_records(db, t), _best_us(db, t))
-            for t, budget in zip(tasks, budgets)
+            TaskState(t.task_name, f, int(t.weight), budget, count, _best_us(db, t))
+            for t, f, budget, count in zip(tasks, flops, budgets, counts)
         ]
         reused = sum(s.trials for s in states)
         # a deficit under a quarter batch on a kernel that has records is not worth MetaSchedule's
@@ -235,7 +237,7 @@ def tune(
         ran = 0
         if todo:
             say(f"{len(todo)} of {len(tasks)} kernels to tune; loading MetaSchedule (about 30 s)")
-            builder = WarmBuilder(target.tvm_target(), linker_command)
+            builder = WarmBuilder(linker_command)
             try:
                 with tempfile.TemporaryDirectory(prefix="compactdeploy-tune-") as work:
                     for number, (task, state) in enumerate(todo, 1):
@@ -271,25 +273,44 @@ def _tune_one(ms, task, state: TaskState, number, count, states, database, build
     remaining = state.budget - state.trials
     if remaining <= 0:
         return progress.measured
-    context = ms.relax_integration.extracted_tasks_to_tune_contexts([task], str(scratch))[0][0]
     say(progress.line())
-    # MetaSchedule prints a task table per batch to stdout at its logger's level, which each
-    # tune_tasks call resets to DEBUG; progress comes through ``say`` instead
-    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
-    ms.tune_tasks(
-        tasks=[context],
-        task_weights=[1.0],
-        work_dir=str(scratch),
-        max_trials_global=remaining,
-        max_trials_per_task=remaining,
-        num_trials_per_iter=BATCH,
-        builder=builder,
-        runner=runner,
-        database=db,
-        measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), progress.callback()],
-        task_scheduler="round-robin",
-    )
+    with _metaschedule_logging():
+        context = ms.relax_integration.extracted_tasks_to_tune_contexts([task], str(scratch))[0][0]
+        ms.tune_tasks(
+            tasks=[context],
+            task_weights=[1.0],
+            work_dir=str(scratch),
+            max_trials_global=remaining,
+            max_trials_per_task=remaining,
+            num_trials_per_iter=BATCH,
+            builder=builder,
+            runner=runner,
+            database=db,
+            measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), progress.callback()],
+            task_scheduler="round-robin",
+        )
     return progress.measured
+
+
+@contextlib.contextmanager
+def _metaschedule_logging() -> Iterator[None]:
+    """Keep MetaSchedule's logging configuration from printing or failing.
+
+    Every tuning call reconfigures its loggers: it prints a task table per batch to stdout at its
+    logger's level (which it resets to DEBUG each time; progress comes through ``say`` instead),
+    and it lists that logger's handlers by name, failing on unnamed ones (pytest's capture
+    handlers, an application's own), so those are set aside while it runs.
+    """
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    unnamed = [h for h in logger.handlers if h.get_name() is None]
+    for handler in unnamed:
+        logger.removeHandler(handler)
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for handler in unnamed:
+            logger.addHandler(handler)
 
 
 class _TuneProgress:
@@ -305,7 +326,7 @@ class _TuneProgress:
             self.measured += 1
             self.state.trials += 1
             if built.error_msg is None and run.error_msg is None and run.run_secs:
-                us = sum(float(s) for s in run.run_secs) / len(run.run_secs) * 1e6
+                us = _mean_seconds(run.run_secs) * 1e6
                 if self.state.best_us is None or us < self.state.best_us:
                     self.state.best_us = round(us, 3)
         _publish(self.scratch, self.database.path)
@@ -351,12 +372,13 @@ def _record_unscheduled(ms, task, db, builder, runner) -> float | None:
     if built.error_msg is not None:
         return None
     args_info = ms.arg_info.ArgInfo.from_entry_func(schedule.mod, remove_preproc=True)
-    run = runner.run([ms.runner.RunnerInput(built.artifact_path, _device_type(target), args_info)])[0].result()
+    # the target kind as device type, as MetaSchedule passes it (rpc_runner renames it)
+    run = runner.run([ms.runner.RunnerInput(built.artifact_path, target.kind.name, args_info)])[0].result()
     if run.error_msg is not None or not run.run_secs:
         return None
     seconds = [float(s) for s in run.run_secs]
     db.commit_tuning_record(ms.database.TuningRecord(schedule.trace, db.commit_workload(mod), seconds, target, args_info))
-    return sum(seconds) / len(seconds) * 1e6
+    return _mean_seconds(seconds) * 1e6
 
 
 def _publish(scratch: Path, destination: Path) -> None:
@@ -386,16 +408,18 @@ def _flops(task) -> float:
         return 1.0
 
 
-def _workload_records(db, task) -> list:
-    mod = task.dispatched[0]
-    if not db.has_workload(mod):
-        return []
-    workload = db.commit_workload(mod)
-    return [r for r in db.get_all_tuning_records() if r.workload.same_as(workload)]
-
-
-def _count_records(db, task) -> int:
-    return len(_workload_records(db, task))
+def _record_counts(db, tasks) -> list[int]:
+    """How many records the database holds for each task (one pass over the records)."""
+    records = db.get_all_tuning_records()
+    counts = []
+    for task in tasks:
+        mod = task.dispatched[0]
+        if not db.has_workload(mod):
+            counts.append(0)
+            continue
+        workload = db.commit_workload(mod)
+        counts.append(sum(1 for r in records if r.workload.same_as(workload)))
+    return counts
 
 
 def _best_seconds(db, task) -> float | None:
@@ -405,7 +429,12 @@ def _best_seconds(db, task) -> float | None:
     best = db.get_top_k(db.commit_workload(mod), 1)
     if not best or not best[0].run_secs:
         return None
-    return sum(float(s) for s in best[0].run_secs) / len(best[0].run_secs)
+    return _mean_seconds(best[0].run_secs)
+
+
+def _mean_seconds(run_secs) -> float:
+    """A candidate's time: the mean of its repeats (TVM hands them over as FloatImm)."""
+    return sum(float(s) for s in run_secs) / len(run_secs)
 
 
 def _best_us(db, task) -> float | None:
@@ -433,7 +462,7 @@ def build_candidate(mod, target, linker_command: str | None) -> str:
     return path
 
 
-def WarmBuilder(tvm_target, linker_command: str | None, workers: int | None = None, timeout_s: float = 300.0):
+def WarmBuilder(linker_command: str | None, workers: int | None = None, timeout_s: float = 300.0):
     """A MetaSchedule builder whose worker processes live for the whole tuning run."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
@@ -494,10 +523,6 @@ def rpc_runner(address):
     config = RPCConfig(tracker_host="unused", tracker_port=1, tracker_key="unused", session_timeout_sec=120)
     runner = RPCRunner(rpc_config=config, evaluator_config=_evaluator(), f_create_session=connect_server)
     return _named_device_runner(runner)
-
-
-def _device_type(target) -> str:
-    return "cpu" if target.kind.name == "llvm" else target.kind.name
 
 
 def _named_device_runner(inner):
