@@ -111,6 +111,13 @@ def _config(options: dict, **extra):
     help="Tune the kernels with this many MetaSchedule measurements on the device; records in the "
     "tuning database count, so a rerun resumes and a tuned model costs nothing.",
 )
+@click.option("--latency-budget", metavar="TIME",
+              help="Search the widths: the most accurate model whose latency measured on the device is within "
+                   "TIME (8ms, 800us, or 60%% of the unpruned model).")
+@click.option("--memory-budget", metavar="SIZE", help="... and whose weights + workspace fit SIZE (40MB, 512KiB, 50%%).")
+@click.option("--resume", is_flag=True, help="Reuse the models an interrupted search already built and measured.")
+@click.option("--fit-rounds", default=6, show_default=True, help="Models the search may build and measure, at most.")
+@click.option("--fit-points", default=8, show_default=True, help="Candidate widths per group (multiples of the target's).")
 def build(**options) -> None:
     """Load, prune, export, compile, benchmark and bundle a model for a target."""
     from .pipeline import build as run_build
@@ -118,6 +125,8 @@ def build(**options) -> None:
     config = _config(
         options, repeat=options["repeat"], warmup=options["warmup"], threads=options["threads"],
         device=options["device"], device_wait_s=options["device_wait"], tune_trials=options["tune_trials"],
+        latency_budget=options["latency_budget"], memory_budget=options["memory_budget"], resume=options["resume"],
+        fit_rounds=options["fit_rounds"], fit_points=options["fit_points"],
     )
     with _StageProgress() as progress:
         result = run_build(config, progress)
@@ -221,6 +230,14 @@ def _print_build_summary(result) -> None:
         out.print(
             f"  tuning     {tuning['kernels_scheduled']}/{tuning['kernels_tunable']} kernels scheduled from "
             f"{tuning['database']}{ran}"
+        )
+    fit = report.get("fit")
+    if fit:
+        error = fit["predictor_error_pct"]
+        predicted = f"; predictor error median {error['median']:.1f} %, worst {error['worst']:.1f} %" if error["count"] else ""
+        out.print(
+            f"  search     {fit['status']} ({fit['budget']['latency'] or ''} {fit['budget']['memory'] or ''}".rstrip()
+            + f"): {len(fit['verified'])} models measured{predicted}; plots {', '.join(fit['plots'])}"
         )
     _print_measurement(out, report)
     for note in report["compile"]["notes"]:

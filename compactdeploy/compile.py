@@ -141,10 +141,18 @@ def compile_onnx(
     onnx_path: str | Path, target: TargetSpec, out_dir: str | Path, linker: Linker, database: TuningDatabase | None = None
 ) -> CompileResult:
     """Compile an ONNX file for ``target``, with the schedules ``database`` holds; writes ``out_dir/model.so``."""
+    start = time.perf_counter()
+    return compile_module(import_onnx(onnx_path, target), target, out_dir, linker, database, start)
+
+
+def compile_module(
+    mod, target: TargetSpec, out_dir: str | Path, linker: Linker, database: TuningDatabase | None = None,
+    start: float | None = None,
+) -> CompileResult:
+    """Compile a Relax module (every public function) for ``target``; writes ``out_dir/model.so``."""
     import tvm
 
-    start = time.perf_counter()
-    mod = import_onnx(onnx_path, target)
+    start = time.perf_counter() if start is None else start
     tvm_target = target.tvm_target()
     lowered, scheduled, tunable = PIPELINES[target.kind](mod, tvm_target, database)
     workspace = planned_storage_bytes(lowered)
@@ -200,7 +208,8 @@ def planned_storage_bytes(lowered) -> int:
             count = int(np.prod([int(v) for v in expr.args[0].values]))
             total += count * np.dtype(str(expr.args[2].value)).itemsize
 
-    relax.analysis.post_order_visit(lowered["main"], visit)
+    for function in _entry_functions(lowered):
+        relax.analysis.post_order_visit(function, visit)
     return total
 
 
@@ -226,8 +235,17 @@ def kernel_calls(lowered) -> list[dict[str, Any]]:
         args = [{"shape": [int(d) for d in a.ty.shape], "dtype": str(a.ty.dtype)} for a in expr.args]
         kernels[name] = {"name": name, "args": args, "calls": 1}
 
-    relax.analysis.post_order_visit(lowered["main"], visit)
+    for function in _entry_functions(lowered):
+        relax.analysis.post_order_visit(function, visit)
     return list(kernels.values())
+
+
+def _entry_functions(lowered) -> list:
+    """``main``, or every Relax function of a module without one (the width search's probe modules)."""
+    from tvm import relax
+
+    functions = {gv.name_hint: f for gv, f in lowered.functions_items() if isinstance(f, relax.Function)}
+    return [functions["main"]] if "main" in functions else list(functions.values())
 
 
 def _walk_imports(module):

@@ -50,6 +50,11 @@ class BuildConfig:
     device: str | None = None  # rpc://HOST:PORT[/KEY]; None: this machine when the target is it
     device_wait_s: float = 60.0  # how long to wait for a busy tracker key
     tune_trials: int = 0  # MetaSchedule measurements to spend (records in the database count)
+    latency_budget: str | None = None  # "8ms", "60%": search the widths that meet it on the device
+    memory_budget: str | None = None  # "40MB": weights + planned workspace
+    resume: bool = False  # the search reuses the models it built and measured before
+    fit_rounds: int = 6  # models the search builds and measures after the unpruned one, at most
+    fit_points: int = 8  # candidate widths per group
 
 
 @dataclass(frozen=True)
@@ -112,8 +117,14 @@ def _check_inputs(config: BuildConfig):
     target = load_target(config.target)
     if ".py:" not in config.model:
         get_spec(config.model)  # an unknown name fails here, listing the zoo
-    prune_spec = parse_prune_spec(config.prune, widths_given=bool(config.widths)) if config.prune else None
-    _check_prune_options(config, prune_spec)
+    if _fitting(config):
+        from .fit import check_fit_options
+
+        check_fit_options(config, target)
+        prune_spec = None  # the search decides, then the build prunes to its widths
+    else:
+        prune_spec = parse_prune_spec(config.prune, widths_given=bool(config.widths)) if config.prune else None
+        _check_prune_options(config, prune_spec)
     if config.weights is not None and not Path(config.weights).is_file():
         raise CompactDeployError(f"weights file {config.weights} does not exist")
     return target, prune_spec
@@ -140,9 +151,39 @@ def build(config: BuildConfig, observer: Observer | None = None) -> BuildResult:
     bundle.check_out_dir(config.out)
 
     clock = _StageClock(observer or _Silent())
+    fitted = None
+    if _fitting(config):
+        config, prune_spec, fitted = _fit(config, target, linker, clock)
     with bundle.staged(config.out) as staging:
-        report, manifest = _run_stages(config, target, prune_spec, linker, staging, clock)
+        report, manifest = _run_stages(config, target, prune_spec, linker, staging, clock, fitted)
     return BuildResult(config.out, report, manifest)
+
+
+def _fitting(config: BuildConfig) -> bool:
+    return bool(config.latency_budget or config.memory_budget)
+
+
+def _fit(config: BuildConfig, target: TargetSpec, linker, clock: _StageClock):
+    """The width search; returns the config that builds its choice, the prune spec, and the result."""
+    from dataclasses import replace
+
+    from .fit import search
+    from .prune import parse_prune_spec
+
+    with clock.stage("fit"):
+        fitted = search(config, target, linker, clock.progress)
+        chosen = fitted.report["chosen"]
+        clock.summary = (
+            f"{fitted.report['status']}: {len(fitted.report['verified'])} models measured, chosen "
+            f"{chosen['measured_ms']:.3f} ms ({'EMULATED' if 'EMULATED' in chosen['where'] else 'device'}), "
+            f"{len(fitted.changed)} of {len(fitted.widths)} groups narrowed"
+        )
+    pruning = bool(fitted.changed)
+    config = replace(
+        config, prune=fitted.method if pruning else None, widths=fitted.changed,
+        finetune_epochs=config.finetune_epochs if pruning else 0, distill=config.distill and pruning,
+    )
+    return config, (parse_prune_spec(fitted.method, widths_given=True) if pruning else None), fitted
 
 
 def _check_prune_options(config: BuildConfig, spec) -> None:
@@ -181,27 +222,47 @@ class _Pruned:
     result: Any  # PruneResult or None
 
 
-def _load_and_prune(config, target: TargetSpec, prune_spec, clock: _StageClock) -> _Pruned:
+@dataclass
+class Loaded:
+    """What the load stage hands on: the model, its data, one example input, calibration samples."""
+
+    model: Any  # LoadedModel
+    data: Any  # Dataset or None
+    example: Any  # torch.Tensor, one input
+    calibration: Any  # Calibration or None
+    x_test: np.ndarray | None
+
+
+def load(config: BuildConfig) -> Loaded:
+    """The model with its weights, sized to the data; the example input is a test sample, else random."""
     import torch
 
     from .data import fit_to_model, load_dataset
-    from .prune import Calibration, count_macs_params, layer_widths, prune
-    from .train import evaluate, train
+    from .prune import Calibration
     from .zoo import check_input, load_model
 
+    data = load_dataset(config.data) if config.data else None
+    model = load_model(config.model, data, config.weights, config.model_args, config.input_shape)
+    sample_shape = model.input_shape[1:]
+    calibration, x_test = None, None
+    if data is not None:
+        x_test = fit_to_model(data, data.x_test, sample_shape)
+        example = torch.from_numpy(x_test[:1].copy())
+        count = min(config.calibration_samples, len(data.x_train))
+        calibration = Calibration(fit_to_model(data, data.x_train[:count], sample_shape), data.y_train[:count])
+    else:
+        example = torch.randn(*model.input_shape, generator=torch.Generator().manual_seed(config.seed))
+    check_input(model.module, example)
+    return Loaded(model, data, example, calibration, x_test)
+
+
+def _load_and_prune(config, target: TargetSpec, prune_spec, clock: _StageClock) -> _Pruned:
+    from .prune import count_macs_params, layer_widths, prune
+    from .train import evaluate, train
+
     with clock.stage("load"):
-        data = load_dataset(config.data) if config.data else None
-        model = load_model(config.model, data, config.weights, config.model_args, config.input_shape)
-        sample_shape = model.input_shape[1:]
-        calibration, x_test = None, None
-        if data is not None:
-            x_test = fit_to_model(data, data.x_test, sample_shape)
-            example = torch.from_numpy(x_test[:1].copy())
-            count = min(config.calibration_samples, len(data.x_train))
-            calibration = Calibration(fit_to_model(data, data.x_train[:count], sample_shape), data.y_train[:count])
-        else:
-            example = torch.randn(*model.input_shape, generator=torch.Generator().manual_seed(config.seed))
-        check_input(model.module, example)
+        loaded = load(config)
+        model, data, example, calibration, x_test = loaded.model, loaded.data, loaded.example, loaded.calibration, loaded.x_test
         accuracy_before = evaluate(model.module, x_test, data.y_test) if data is not None else None
         before = _Shape(layer_widths(model.module), *count_macs_params(model.module, example))
         clock.summary = f"{model.name}, input {list(model.input_shape)}, weights: {model.weights['source']}"
@@ -254,7 +315,7 @@ def prune_to_checkpoint(config: BuildConfig, observer: Observer | None = None) -
     return summary
 
 
-def _run_stages(config, target: TargetSpec, prune_spec, linker, staging: Path, clock: _StageClock):
+def _run_stages(config, target: TargetSpec, prune_spec, linker, staging: Path, clock: _StageClock, fitted=None):
     from . import bundle
     from .compile import compile_onnx
     from .data import preprocessing_for
@@ -294,6 +355,8 @@ def _run_stages(config, target: TargetSpec, prune_spec, linker, staging: Path, c
         report = _report(config, target, model, data, pruned.shapes, prune_result, exported, compiled, pruned.accuracies)
         report["tuning"] = _tuning_report(database, tuned, compiled)
         apply_measurement(report, measured)
+        if fitted is not None:
+            report["fit"] = _fit_report(fitted, report, staging)
         # the bundle stage's own time, up to here: only the hashing below is left out
         report["timings_s"] = {**clock.timings, "bundle": clock.elapsed()}
         bundle.write_json(staging / "report.json", report)
@@ -324,6 +387,22 @@ def _run_stages(config, target: TargetSpec, prune_spec, linker, staging: Path, c
         )
         clock.summary = str(config.out)
     return report, manifest
+
+
+def _fit_report(fitted, report: dict[str, Any], staging: Path) -> dict[str, Any]:
+    """The search's report, with this (final, fine-tuned) build's own measurement, and its plots."""
+    from .fit.plots import draw
+
+    section = dict(fitted.report)
+    latency, budget = report["latency_ms"], section["budget"]["latency_ms"]
+    section["final"] = {
+        "measured_ms": latency["median"] if latency else None,
+        "meets_latency_budget": None if not (latency and budget) else latency["median"] <= budget,
+        "note": "the chosen widths built again (fine-tuned where --finetune-epochs is given) and measured again; "
+                "its median can differ from the search's by the device's run-to-run noise",
+    }
+    section["plots"] = draw(section, staging)
+    return section
 
 
 def _tuning_database(config: BuildConfig, target: TargetSpec, clock: _StageClock):

@@ -145,6 +145,14 @@ def _graph(module, example_input, excluded_names: tuple[str, ...]):
     return graph, ignored, {m: n for n, m in names.items()}
 
 
+def prunable_groups(module, example_input, exclude: tuple[str, ...] = ()):
+    """torch-pruning's graph, module -> name, and every prunable group: its root layer and channel view."""
+    graph, ignored, name_of = _graph(module, example_input, exclude)
+    groups = graph.get_all_groups(ignored_layers=ignored, root_module_types=list(_prunable_types()))
+    roots = [g[0].dep.target.module for g in groups]
+    return graph, name_of, roots, [channel_group(graph, root) for root in roots]
+
+
 def prune(
     module,
     example_input,
@@ -162,9 +170,7 @@ def prune(
     module.eval()
     widths_before = layer_widths(module)
     macs_before, params_before = count_macs_params(module, example_input)
-    graph, ignored, name_of = _graph(module, example_input, exclude)
-    roots = [g[0].dep.target.module for g in graph.get_all_groups(ignored_layers=ignored, root_module_types=list(_prunable_types()))]
-    views = [channel_group(graph, root) for root in roots]
+    graph, name_of, roots, views = prunable_groups(module, example_input, exclude)
     _check_widths(widths, roots, views, name_of, widths_before)
     method.prepare(module, views, calibration)
     plan: dict[str, list[int]] = {}

@@ -59,6 +59,11 @@ class Method:
         """Choose ``n_remove`` channels (AUTO: the method decides, keeping a multiple of ``multiple``)."""
         raise NotImplementedError
 
+    def removal_costs(self, view: ChannelGroup) -> np.ndarray:
+        """What removing each channel in turn costs, in the method's order, >= 0 (the width search
+        reads a group's importance curve from it); changes nothing."""
+        raise NotImplementedError
+
 
 def _lowest(scores: torch.Tensor, count: int) -> list[int]:
     """The ``count`` channels with the lowest scores, in index order."""
@@ -72,6 +77,15 @@ class Scorer(Method):
     def select(self, view: ChannelGroup, n_remove: int, multiple: int = 1) -> Selection:
         scores = self.scores(view)
         return Selection(_lowest(scores, n_remove), self.name)
+
+    def removal_costs(self, view: ChannelGroup) -> np.ndarray:
+        return _sorted_costs(self.scores(view))
+
+
+def _sorted_costs(scores: torch.Tensor) -> np.ndarray:
+    """Scores in removal order, shifted to be >= 0 (APoZ scores are negative fractions)."""
+    ordered = np.sort(scores.double().numpy())
+    return ordered - min(0.0, float(ordered[0])) if len(ordered) else ordered
 
 
 def l1_scores(view: ChannelGroup) -> torch.Tensor:
@@ -247,6 +261,14 @@ class _Merger(Method):
     def merge(self, view: ChannelGroup, n_remove: int, multiple: int) -> Selection:
         raise NotImplementedError
 
+    def removal_costs(self, view: ChannelGroup) -> np.ndarray:
+        if view.merge_problem is not None:
+            return _sorted_costs(l1_scores(view))
+        return self.merge_costs(view)
+
+    def merge_costs(self, view: ChannelGroup) -> np.ndarray:
+        raise NotImplementedError
+
 
 def knee(curve: list[float]) -> int:
     """How many merges to make: where the saliency curve turns up (the paper's stopping rule).
@@ -266,6 +288,21 @@ class DataFree(_Merger):
     name, description = "data-free", "merge similar neurons, compensate the next layer (Srinivas & Babu 2015)"
 
     def merge(self, view: ChannelGroup, n_remove: int, multiple: int) -> Selection:
+        merges, curve = self._plan(view, view.width - 1 if n_remove == AUTO else n_remove)
+        if n_remove == AUTO:
+            kept = view.width - knee(curve)
+            if view.width > multiple:  # round the width the knee chose to the target's multiple
+                kept = min(view.width, max(multiple, int(round(kept / multiple)) * multiple))
+            merges = merges[: view.width - kept]
+        for keep, drop, ratio in merges:
+            view.fold_into(keep, drop, scale=ratio)
+        return Selection(sorted(drop for _, drop, _ in merges), self.name, curve)
+
+    def merge_costs(self, view: ChannelGroup) -> np.ndarray:
+        return np.maximum(np.asarray(self._plan(view, view.width - 1)[1]), 0.0)
+
+    def _plan(self, view: ChannelGroup, steps: int) -> tuple[list[tuple[int, int, float]], list[float]]:
+        """The first ``steps`` merges (keep, drop, scale ratio) and their saliencies, without folding."""
         incoming = view.incoming().double()
         norms = incoming.norm(dim=1)
         # on a ReLU path h(c W) = c h(W) for c > 0: compare directions, carry the scale outward
@@ -275,7 +312,6 @@ class DataFree(_Merger):
         outgoing = torch.cat(view.outgoing(), dim=1).double() * scale[:, None]  # a_j in normalised units
         alive = torch.ones(view.width, dtype=torch.bool)
         distance.fill_diagonal_(float("inf"))
-        steps = view.width - 1 if n_remove == AUTO else n_remove
         merges, curve = [], []
         for _ in range(steps):
             a2 = outgoing.pow(2).mean(dim=1)
@@ -288,14 +324,7 @@ class DataFree(_Merger):
             merges.append((keep, drop, float(scale[drop] / scale[keep])))
             outgoing[keep] += outgoing[drop]
             alive[drop] = False
-        if n_remove == AUTO:
-            kept = view.width - knee(curve)
-            if view.width > multiple:  # round the width the knee chose to the target's multiple
-                kept = min(view.width, max(multiple, int(round(kept / multiple)) * multiple))
-            merges = merges[: view.width - kept]
-        for keep, drop, ratio in merges:
-            view.fold_into(keep, drop, scale=ratio)
-        return Selection(sorted(drop for _, drop, _ in merges), self.name, curve)
+        return merges, curve
 
 
 class NoiseOut(_Merger):
@@ -319,6 +348,19 @@ class NoiseOut(_Merger):
     def merge(self, view: ChannelGroup, n_remove: int, multiple: int) -> Selection:
         if id(view) not in self.stats:
             return Selection(_lowest(l1_scores(view), n_remove), "l1 (fallback: no activations seen)")
+        merges, curve = self._plan(view, n_remove)
+        for keep, drop, alpha, beta in merges:
+            view.fold_into(keep, drop, scale=alpha, shift=beta)
+        return Selection(sorted(drop for _, drop, _, _ in merges), self.name, curve)
+
+    def merge_costs(self, view: ChannelGroup) -> np.ndarray:
+        if id(view) not in self.stats:
+            return _sorted_costs(l1_scores(view))
+        # a merge costs what the fit leaves unexplained: 1 - |correlation|
+        return np.clip(1.0 - np.asarray(self._plan(view, view.width - 1)[1]), 0.0, None)
+
+    def _plan(self, view: ChannelGroup, steps: int) -> tuple[list[tuple[int, int, float, float]], list[float]]:
+        """The first ``steps`` merges (keep, drop, alpha, beta) and each pair's |correlation|, without folding."""
         n, sums, products = self.stats[id(view)]
         mean = sums / n
         cov = products / n - torch.outer(mean, mean)
@@ -331,8 +373,8 @@ class NoiseOut(_Merger):
         fit[:, constant] = 1.0  # ...but is predicted exactly (alpha 0, beta its mean)
         fit.fill_diagonal_(-1.0)
         alive = torch.ones(view.width, dtype=torch.bool)
-        removed, curve = [], []
-        for _ in range(n_remove):
+        merges, curve = [], []
+        for _ in range(steps):
             masked = fit.clone()
             masked[~alive, :] = -1.0
             masked[:, ~alive] = -1.0
@@ -343,10 +385,9 @@ class NoiseOut(_Merger):
             else:
                 alpha = float(cov[keep, drop] / var[keep]) if var[keep] > 0 else 0.0
                 beta = float(mean[drop] - alpha * mean[keep])
-            view.fold_into(keep, drop, scale=alpha, shift=beta)
             alive[drop] = False
-            removed.append(drop)
-        return Selection(sorted(removed), self.name, curve)
+            merges.append((keep, drop, alpha, beta))
+        return merges, curve
 
 
 METHODS: dict[str, Callable[[], Method]] = {

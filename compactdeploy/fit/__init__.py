@@ -1,0 +1,10 @@
+"""The loop: per-layer widths chosen against latency measured on the target, under a budget.
+
+costs.py measures what each layer costs at each width on the device (a cached table), allocate.py
+reads the model's groups and their importance and walks from the full model down the table,
+search.py builds and measures the picks until one meets the budget, plots.py draws the result.
+"""
+
+from .search import FitResult, check_fit_options, parse_latency_budget, parse_memory_budget, search
+
+__all__ = ["FitResult", "check_fit_options", "parse_latency_budget", "parse_memory_budget", "search"]

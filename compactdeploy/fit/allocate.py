@@ -1,0 +1,185 @@
+"""Which widths: the model's width space, each group's importance curve, and the allocation.
+
+Allocation is NetAdapt's iteration run on the measured table instead of on the device: from the
+full model, each step shrinks the one group whose cheapest reduction that saves at least ``step`` of
+predicted latency loses the least importance per millisecond saved. Not a knapsack, because the
+cost is not separable: a convolution's time depends on the widths of the group it reads *and* the
+group it writes, so a group's saving depends on its neighbours' widths; each greedy step looks the
+exact layer signatures up. NetAdapt's "smallest reduction that meets the step" is what steps over
+plateaus, where one multiple less saves nothing and only a bigger cut reaches the next step down.
+The steps form a trajectory from the full model to the smallest; the search takes the first point
+under the budget.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .costs import FLOAT_BYTES, LayerSignature, LayerSlot, candidate_widths, signature_of
+
+
+@dataclass(frozen=True)
+class WidthSpace:
+    """The groups the search sizes, the widths each may take, and the layers those widths shape."""
+
+    full: dict[str, int]  # group (its root layer's name) -> full width
+    candidates: dict[str, list[int]]  # group -> widths it may take, ascending, the full one last
+    layers: list[LayerSlot]
+    norm_channels: dict[str, int]  # group -> normalisation layers on its channels (2 parameters each)
+    other_params: int  # parameters no group width changes
+
+    def smallest(self) -> dict[str, int]:
+        return {g: c[0] for g, c in self.candidates.items()}
+
+    def signatures(self, widths: dict[str, int]) -> list[LayerSignature]:
+        return [layer.at(widths, self.full) for layer in self.layers]
+
+    def params(self, widths: dict[str, int]) -> int:
+        norms = sum(2 * count * widths[g] for g, count in self.norm_channels.items())
+        return sum(s.params() for s in self.signatures(widths)) + norms + self.other_params
+
+    def params_bytes(self, widths: dict[str, int]) -> int:
+        return FLOAT_BYTES * self.params(widths)
+
+    def macs(self, widths: dict[str, int]) -> int:
+        return sum(s.macs() for s in self.signatures(widths))
+
+
+def width_space(module, example_input, exclude: tuple[str, ...], multiple: int, points: int) -> WidthSpace:
+    """Read the groups (torch-pruning's) and every conv/linear layer's shape from one forward pass."""
+    import torch
+
+    from ..prune.core import _prunable_types, prunable_groups
+
+    inputs: dict = {}
+
+    def record(layer, args) -> None:  # a pre-hook that returned something would replace the input
+        inputs.setdefault(layer, tuple(args[0].shape))
+
+    hooks = [
+        layer.register_forward_pre_hook(record)
+        for layer in module.modules()
+        if isinstance(layer, _prunable_types())
+    ]
+    try:
+        with torch.no_grad():
+            module.eval()(example_input)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    _, name_of, roots, views = prunable_groups(module, example_input, exclude)
+    out_terms: dict = {}
+    in_terms: dict = {}
+    depthwise: dict = {}
+    full, norms = {}, {}
+    for root, view in zip(roots, views):
+        group = name_of[root]
+        full[group] = view.width
+        norms[group] = len(view.norms)
+        for producer in view.producers:
+            out_terms.setdefault(producer.module, []).append((group, len(producer.per_channel[0])))
+        for consumer in view.consumers:
+            in_terms.setdefault(consumer.module, []).append((group, len(consumer.per_channel[0])))
+        for layer in view.depthwise:
+            depthwise[layer] = group
+    layers = [
+        LayerSlot(name_of[m], signature_of(m, shape), tuple(out_terms.get(m, ())), tuple(in_terms.get(m, ())), depthwise.get(m))
+        for m, shape in inputs.items()
+    ]
+    total_params = sum(p.numel() for p in module.parameters())
+    grouped = sum(layer.full.params() for layer in layers) + sum(2 * n * full[g] for g, n in norms.items())
+    return WidthSpace(
+        full=full,
+        candidates={g: candidate_widths(w, multiple, points) for g, w in full.items()},
+        layers=layers,
+        norm_channels=norms,
+        other_params=total_params - grouped,
+    )
+
+
+def importance_curves(module, example_input, method_name: str, calibration, exclude: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """group -> lost[k]: the share of the group's importance lost when its k least important channels
+    go (lost[0] = 0), by the pruning method's own order. Computed on a copy; the model is unchanged."""
+    from ..prune.core import prunable_groups
+    from ..prune.methods import METHODS
+
+    work = copy.deepcopy(module).eval()
+    _, name_of, roots, views = prunable_groups(work, example_input, exclude)
+    method = METHODS[method_name]()
+    method.prepare(work, views, calibration)
+    curves = {}
+    for root, view in zip(roots, views):
+        costs = np.asarray(method.removal_costs(view), dtype=np.float64)
+        lost = np.concatenate([[0.0], np.cumsum(costs)])
+        curves[name_of[root]] = lost / lost[-1] if lost[-1] > 0 else np.linspace(0.0, 1.0, len(lost))
+    return curves
+
+
+@dataclass(frozen=True)
+class Point:
+    """One model on the trajectory: its widths, predicted cost (ms, before correction) and importance kept."""
+
+    widths: dict[str, int]
+    cost: float
+    importance_kept: float  # mean over groups of the share of importance kept, 1.0 = the full model
+    changed: str | None = None  # the group this step shrank
+
+
+@dataclass
+class Trajectory:
+    """The allocation's steps from the full model down, extended lazily as the search needs them."""
+
+    space: WidthSpace
+    curves: dict[str, np.ndarray]
+    cost: Callable[[list[dict[str, int]]], list[float]]  # widths -> predicted cost; measures what it lacks
+    step_fraction: float = 0.02  # each step saves at least this share of the full model's cost
+    points: list[Point] = field(default_factory=list)
+    done: bool = False
+    step: float = 0.0  # set by start()
+
+    def kept(self, widths: dict[str, int]) -> float:
+        lost = [self.curves[g][self.space.full[g] - w] for g, w in widths.items() if g in self.curves]
+        return 1.0 - float(np.mean(lost)) if lost else 1.0
+
+    def start(self) -> None:
+        full = dict(self.space.full)
+        self.points = [Point(full, self.cost([full])[0], 1.0)]
+        self.step = self.step_fraction * self.points[0].cost
+
+    def extend(self) -> bool:
+        """One more step; False when no group can shrink further."""
+        if not self.points:
+            self.start()
+        if self.done:
+            return False
+        current = self.points[-1]
+        proposals = []  # per group: every narrower candidate, tried in the order NetAdapt tries them
+        for group, widths in self.space.candidates.items():
+            narrower = [w for w in widths if w < current.widths[group]]
+            proposals.append((group, [{**current.widths, group: w} for w in reversed(narrower)]))
+        costs = self.cost([trial for _, trials in proposals for trial in trials])
+        best, index = None, 0
+        for group, trials in proposals:
+            group_costs = costs[index : index + len(trials)]
+            index += len(trials)
+            chosen = None
+            for trial, cost in zip(trials, group_costs):
+                chosen = (trial, cost)
+                if current.cost - cost >= self.step:
+                    break  # the smallest cut that saves a step
+            if chosen is None or current.cost - chosen[1] <= 0:
+                continue
+            trial, cost = chosen
+            loss = self.curves[group][self.space.full[group] - trial[group]] - self.curves[group][self.space.full[group] - current.widths[group]]
+            score = loss / (current.cost - cost)
+            if best is None or score < best[0]:
+                best = (score, Point(trial, cost, self.kept(trial), group))
+        if best is None:
+            self.done = True
+            return False
+        self.points.append(best[1])
+        return True

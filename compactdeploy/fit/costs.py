@@ -1,0 +1,261 @@
+"""What a width costs on the target: every conv/linear layer compiled alone at the widths the search
+may give it, timed on the device, and kept in a table on disk.
+
+A layer's cost depends on both of its widths (a convolution's work is in x out), so the table is
+keyed by the layer's whole signature at those widths, not by a group's width alone; layers of the
+same shape in different models or runs share an entry. Tables live under the cache, one per
+(target, device, TVM version, tuning records), and are rewritten atomically after every batch, so
+an interrupted measurement keeps what it finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import CompactDeployError
+from ..resources import cache_dir
+from ..targets import TargetSpec
+
+PROBE_BATCH = 48  # layers compiled into one library and timed in one session
+FLOAT_BYTES = 4
+
+
+@dataclass(frozen=True)
+class LayerSignature:
+    """One conv/linear layer as the compiler sees it: batch 1, float32, followed by bias and ReLU."""
+
+    kind: str  # "conv1d", "conv2d" or "linear"
+    in_channels: int
+    out_channels: int
+    spatial: tuple[int, ...] = ()  # the input's spatial size; () for linear
+    kernel: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+    bias: bool = True
+
+    @property
+    def key(self) -> str:
+        if self.kind == "linear":
+            return f"linear {self.in_channels}->{self.out_channels} b{int(self.bias)}"
+        return (
+            f"{self.kind} {self.in_channels}->{self.out_channels} @{_dims(self.spatial)} k{_dims(self.kernel)} "
+            f"s{_dims(self.stride)} p{_dims(self.padding)} d{_dims(self.dilation)} g{self.groups} b{int(self.bias)}"
+        )
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (1, self.in_channels, *self.spatial)
+
+    def output_spatial(self) -> tuple[int, ...]:
+        return tuple(
+            (size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, k, s, p, d in zip(self.spatial, self.kernel, self.stride, self.padding, self.dilation)
+        )
+
+    def params(self) -> int:
+        per_output = (self.in_channels // self.groups) * math.prod(self.kernel or (1,))
+        return self.out_channels * per_output + (self.out_channels if self.bias else 0)
+
+    def macs(self) -> int:
+        per_output = (self.in_channels // self.groups) * math.prod(self.kernel or (1,))
+        return self.out_channels * per_output * math.prod(self.output_spatial() or (1,))
+
+
+def _dims(values: tuple[int, ...]) -> str:
+    return "x".join(map(str, values))
+
+
+@dataclass(frozen=True)
+class LayerSlot:
+    """A layer of the model and how the search's group widths change its signature."""
+
+    name: str
+    full: LayerSignature
+    out_terms: tuple[tuple[str, int], ...]  # (group, outputs per channel): it produces the group's channels
+    in_terms: tuple[tuple[str, int], ...]  # (group, inputs per channel; a block behind a flatten): it reads them
+    depthwise_of: str | None = None  # a depthwise conv: in, out and groups all follow this group
+
+    def groups(self) -> set[str]:
+        return {g for g, _ in self.out_terms + self.in_terms} | ({self.depthwise_of} if self.depthwise_of else set())
+
+    def at(self, widths: dict[str, int], full: dict[str, int]) -> LayerSignature:
+        if self.depthwise_of is not None:
+            group = self.depthwise_of
+            multiplier = self.full.out_channels // self.full.in_channels
+            return replace(self.full, in_channels=widths[group], out_channels=widths[group] * multiplier, groups=widths[group])
+        out = self.full.out_channels - sum((full[g] - widths[g]) * n for g, n in self.out_terms)
+        inp = self.full.in_channels - sum((full[g] - widths[g]) * n for g, n in self.in_terms)
+        return replace(self.full, in_channels=inp, out_channels=out)
+
+
+def signature_of(layer, input_shape: tuple[int, ...]) -> LayerSignature:
+    """The signature of a torch conv/linear layer that reads inputs of ``input_shape``."""
+    from torch import nn
+
+    if isinstance(layer, nn.Linear):
+        return LayerSignature("linear", layer.in_features, layer.out_features, bias=layer.bias is not None)
+    kind = "conv2d" if isinstance(layer, nn.Conv2d) else "conv1d"
+    if isinstance(layer.padding, str):
+        raise CompactDeployError(f"the width search does not model padding={layer.padding!r} convolutions yet")
+    return LayerSignature(
+        kind, layer.in_channels, layer.out_channels, spatial=tuple(int(s) for s in input_shape[2:]),
+        kernel=tuple(layer.kernel_size), stride=tuple(layer.stride), padding=tuple(layer.padding),
+        dilation=tuple(layer.dilation), groups=layer.groups, bias=layer.bias is not None,
+    )
+
+
+def candidate_widths(full: int, multiple: int, points: int) -> list[int]:
+    """The widths the search may give a group: multiples of the target's ``multiple``, about
+    ``points`` of them from one multiple up to the full width (which is always one)."""
+    if full <= multiple:
+        return [full]
+    step = multiple * max(1, math.ceil(full / (multiple * points)))
+    return sorted({w for w in range(step, full, step) if w >= multiple} | {full})
+
+
+class LatencyTable:
+    """Measured milliseconds per layer signature, for one device; a JSON file under the cache."""
+
+    def __init__(self, path: Path, identity: dict[str, Any]):
+        self.path = path
+        self.identity = identity
+        self.entries: dict[str, float] = {}
+        if path.exists():
+            try:
+                stored = json.loads(path.read_text())
+                self.entries = {str(k): float(v) for k, v in stored.get("entries", {}).items()}
+            except (ValueError, AttributeError, TypeError):
+                # a damaged table is measured again, not trusted
+                self.entries = {}
+        self.measured_now = 0  # entries this process measured (the rest were reused)
+
+    def __contains__(self, signature: LayerSignature) -> bool:
+        return signature.key in self.entries
+
+    def ms(self, signature: LayerSignature) -> float:
+        return self.entries[signature.key]
+
+    def save(self) -> None:
+        from ..bundle import write_json
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(self.path, {"identity": self.identity, "entries": dict(sorted(self.entries.items()))})
+
+
+def table_for(target: TargetSpec, fingerprint: dict[str, Any] | None, tuning_database) -> LatencyTable:
+    """The table for ``target`` on the device with ``fingerprint``, against the tuning records it compiles with."""
+    from ..tune import database_for
+
+    identity = dict(database_for(target, fingerprint).identity)
+    records = tuning_database.path / "database_tuning_record.json" if tuning_database is not None else None
+    # a layer's time depends on its schedule: new tuning records make a new table
+    identity["tuning_records_sha256"] = (
+        hashlib.sha256(records.read_bytes()).hexdigest() if records is not None and records.exists() else None
+    )
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    return LatencyTable(cache_dir("latency") / f"{target.name}-{digest}.json", identity)
+
+
+def probe_module(signatures: list[LayerSignature], seed: int = 0):
+    """A Relax module with one function per signature: the layer, its bias and a ReLU, random weights.
+
+    The ops are the ones TVM's ONNX importer emits for Conv and Gemm (the weight transpose already
+    folded), so the compiler fuses and schedules each probe as it does the layer in the model.
+    """
+    from tvm import relax
+
+    rng = np.random.default_rng(seed)
+    builder = relax.BlockBuilder()
+
+    def const(*shape):
+        return relax.const(rng.standard_normal(shape).astype("float32") * 0.1)
+
+    for index, s in enumerate(signatures):
+        x = relax.Var("x", relax.TensorType(s.input_shape, "float32"))
+        with builder.function(f"probe_{index}", [x]):
+            with builder.dataflow():
+                if s.kind == "linear":
+                    y = builder.emit(relax.op.matmul(x, const(s.in_channels, s.out_channels)))
+                    if s.bias:
+                        y = builder.emit(relax.op.add(y, const(s.out_channels)))
+                else:
+                    conv = relax.op.nn.conv2d if s.kind == "conv2d" else relax.op.nn.conv1d
+                    weight = const(s.out_channels, s.in_channels // s.groups, *s.kernel)
+                    y = builder.emit(conv(x, weight, strides=s.stride, padding=s.padding, dilation=s.dilation, groups=s.groups))
+                    if s.bias:
+                        y = builder.emit(relax.op.add(y, const(1, s.out_channels, *([1] * len(s.spatial)))))
+                y = builder.emit_output(builder.emit(relax.op.nn.relu(y)))
+            builder.emit_func_output(y)
+    return builder.get()
+
+
+def measure_missing(
+    table: LatencyTable,
+    signatures: Iterable[LayerSignature],
+    target: TargetSpec,
+    session_factory: Callable[[], Any],
+    linker,
+    database,
+    on_progress: Callable[[str], None] | None = None,
+) -> int:
+    """Measure every signature the table lacks on the device, in batches; returns how many."""
+    missing = list({s.key: s for s in signatures if s not in table}.values())
+    say = on_progress or (lambda _: None)
+    for start in range(0, len(missing), PROBE_BATCH):
+        batch = missing[start : start + PROBE_BATCH]
+        say(f"latency table: compiling {len(batch)} layers ({start + len(batch)}/{len(missing)} new, "
+            f"{len(table.entries)} known)")
+        with tempfile.TemporaryDirectory(prefix="compactdeploy-probes-") as tmp:
+            lib = _compile_probes(batch, target, Path(tmp), linker, database)
+            say(f"latency table: timing {len(batch)} layers on the device")
+            times = _time_probes(session_factory, lib, batch, target)
+        for signature, ms in zip(batch, times):
+            table.entries[signature.key] = ms
+        table.measured_now += len(batch)
+        table.save()  # after every batch: an interrupted run keeps what it measured
+    return len(missing)
+
+
+def _compile_probes(batch, target: TargetSpec, directory: Path, linker, database) -> Path:
+    from ..compile import compile_module
+
+    return compile_module(probe_module(batch), target, directory, linker, database).lib_path
+
+
+def _time_probes(session_factory, lib: Path, batch: list[LayerSignature], target: TargetSpec) -> list[float]:
+    from tvm import relax
+    from tvm import runtime as tvm_runtime
+
+    from ..device import answering
+
+    session = session_factory()
+    fingerprint = session.fingerprint
+    if fingerprint is not None and fingerprint["machine"] != target.arch:
+        raise CompactDeployError(
+            f"{session.address} is {fingerprint['machine']}, but target {target.name} is {target.arch}: "
+            "measure a target's costs on a device of that target"
+        )
+    kind = "cuda" if target.kind == "cuda" else "cpu"
+    dev = session.device(kind)
+    rng = np.random.default_rng(0)
+    times = []
+    with answering(session.address, "timing layers for the latency table"):
+        session.remote.upload(str(lib), "probes.so")
+        vm = relax.VirtualMachine(session.remote.load_module("probes.so"), dev)
+        for index, signature in enumerate(batch):
+            x = tvm_runtime.tensor(rng.standard_normal(signature.input_shape).astype("float32"), dev)
+            # several runs per repeat where a layer is tiny, so the timer's resolution does not matter
+            result = vm.time_evaluator(f"probe_{index}", dev, number=1, repeat=7, min_repeat_ms=2)(x)
+            times.append(float(np.median(result.results)) * 1e3)
+    return times
