@@ -183,3 +183,32 @@ class Trajectory:
             return False
         self.points.append(best[1])
         return True
+
+    def fill(self, point: Point, accept: Callable[[Point], bool]) -> Point:
+        """Give back what the last step took too much of: widen, one candidate at a time, the group
+        that regains the most importance per millisecond, while ``accept`` still holds (a greedy
+        step can jump far below the budget, e.g. halving a group of 16)."""
+        current = point
+        while True:
+            trials = []
+            for group, widths in self.space.candidates.items():
+                wider = [w for w in widths if w > current.widths[group]]
+                if wider:
+                    trials.append((group, {**current.widths, group: wider[0]}))
+            if not trials:
+                return current
+            costs = self.cost([trial for _, trial in trials])
+            best = None
+            for (group, trial), cost in zip(trials, costs):
+                candidate = Point(trial, cost, self.kept(trial), group)
+                if not accept(candidate):
+                    continue
+                full = self.space.full[group]
+                gain = self.curves[group][full - current.widths[group]] - self.curves[group][full - trial[group]]
+                score = gain / max(cost - current.cost, 1e-9)
+                if best is None or score > best[0]:
+                    best = (score, candidate)
+            if best is None:
+                return current
+            current = best[1]
+

@@ -333,14 +333,26 @@ def _search(config, target, linker, say, method, latency_budget, memory_budget, 
         smallest = pick is None
         if smallest:
             pick = trajectory.points[-1]
+        else:
+            pick = trajectory.fill(pick, lambda p: fits(p, target_ms))
         seen_before = state.find(pick.widths) is not None
         candidate = verify(pick, predict(pick) if latency_ms else None)
         if candidate.meets(latency_ms, memory_bytes):
             if latency_ms is None or candidate.measured_ms >= latency_ms * (1 - CLOSE_ENOUGH):
                 status = "met the budget"
             elif seen_before or smallest:
-                # the prediction is exact at measured models, so the next round would pick it again
-                status = "met the budget (the next larger model on the trajectory is predicted over it)"
+                # the prediction is exact at measured models, so the next round would pick this one
+                # again: measure the nearest wider model predicted near the budget instead
+                wider = sorted(
+                    (p for p in trajectory.points if p.cost > pick.cost and state.find(p.widths) is None
+                     and predict(p) <= latency_ms * (1 + CLOSE_ENOUGH)),
+                    key=lambda p: p.cost,
+                )
+                if not wider:
+                    status = "met the budget (every wider model is predicted or measured over it)"
+                else:
+                    rounds += 1
+                    verify(wider[0], predict(wider[0]))
         elif smallest or seen_before:
             break
     feasible = [c for c in state.candidates if c.meets(latency_ms, memory_bytes)]
@@ -355,7 +367,8 @@ def _search(config, target, linker, say, method, latency_budget, memory_budget, 
         )
     if status is None:
         status = f"met the budget within {config.fit_rounds} rounds, not within {CLOSE_ENOUGH:.0%} of it"
-    chosen = max(feasible, key=lambda c: (c.accuracy if c.accuracy is not None else -1.0, c.importance_kept))
+    # the most importance kept, not the best accuracy before fine-tuning: after a deep cut that is noise
+    chosen = max(feasible, key=lambda c: (c.importance_kept, c.measured_ms))
     changed = {g: w for g, w in chosen.widths.items() if w != space.full[g]}
     report = _report(config, method, latency_budget, memory_budget, latency_ms, memory_bytes, space, trajectory,
                      state, chosen, table, rounds, status, run_dir, predict)

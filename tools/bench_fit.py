@@ -1,0 +1,225 @@
+"""Width search vs uniform vs FLOPs-targeted pruning at equal measured latency, on this host.
+
+For each model (trained here on digits) and each latency budget (a share of the unpruned model's
+latency measured on this host), three ways to choose widths, all pruned by the same method and
+fine-tuned the same number of epochs:
+- loop:    `build --latency-budget` (the measured latency table, allocation, verify-and-correct);
+- uniform: one ratio for every group, the smallest ratio whose build measures within the budget;
+- flops:   the same greedy allocation and importance as the loop, but paying in MACs instead of
+           measured milliseconds; the largest model on that trajectory measuring within the budget.
+Every latency is a whole-model median measured on this host (TVM, untuned unless the tuning
+database holds records). Writes docs/fit-benchmark.{md,json,png}; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import DOCS, meta, pyplot, write_json  # noqa: E402
+
+MODELS = {
+    "resnet20": {},
+    "mobilenetv2": {"input_size": 32},
+}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+class Progress:
+    def started(self, stage):
+        pass
+
+    def progress(self, stage, message):
+        pass
+
+    def finished(self, stage, seconds, summary):
+        if stage in ("fit", "benchmark"):
+            log(f"  {stage}: {summary}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--budgets", default="60,40", help="percent of the unpruned model's measured latency")
+    parser.add_argument("--method", default="l1")
+    parser.add_argument("--train-epochs", type=int, default=8)
+    parser.add_argument("--finetune-epochs", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=50)
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "compactdeploy-bench-fit")
+    args = parser.parse_args()
+    start = time.time()
+    args.work.mkdir(parents=True, exist_ok=True)
+    # its own cache: no tuning records from other work (the figures are untuned TVM), the latency
+    # table and searches kept for a rerun
+    os.environ.setdefault("COMPACTDEPLOY_CACHE", str(args.work / "cache"))
+    rows = []
+    for name in args.models.split(","):
+        rows += bench_model(name, MODELS[name], [float(b) / 100 for b in args.budgets.split(",")], args)
+        write_all(rows, args, time.time() - start)  # after each model: a long run keeps what it finished
+
+
+def bench_model(name: str, model_args: dict, budgets: list[float], args) -> list[dict]:
+    from compactdeploy.cli import main as cli
+    from compactdeploy.fit.allocate import Trajectory, importance_curves, width_space
+    from compactdeploy.pipeline import BuildConfig, build, load
+    from compactdeploy.prune.core import kept_width
+    from compactdeploy.targets import load_target
+
+    target = load_target("host")
+    weights = args.work / f"{name}.pt"
+    arg_list = [f"--model-arg={k}={v}" for k, v in model_args.items()]
+    if not weights.exists():
+        log(f"{name}: training {args.train_epochs} epochs on digits")
+        if cli(["train", "--model", name, *arg_list, "--data", "digits", "--epochs", str(args.train_epochs), "--out", str(weights)]) != 0:
+            raise SystemExit(f"training {name} failed")
+    base = BuildConfig(model=name, model_args=model_args, weights=weights, data="digits", target="host",
+                       out=args.work / "x", repeat=args.repeat)
+    loaded = load(base)
+    space = width_space(loaded.model.module, loaded.example, (), target.channel_multiple, 8)
+    measured: dict[str, dict] = {}
+
+    def measure(widths: dict[str, int]) -> dict:
+        """Build (no fine-tuning) and measure on this host; one build per distinct set of widths."""
+        key = json.dumps(widths, sort_keys=True)
+        if key not in measured:
+            changed = {g: w for g, w in widths.items() if w != space.full[g]}
+            out = args.work / f"{name}-{len(measured)}"
+            config = replace(base, out=out, prune=args.method if changed else None, widths=changed)
+            report = build(config, Progress()).report
+            measured[key] = {"ms": report["latency_ms"]["median"], "macs": report["model"]["macs"],
+                             "params": report["model"]["params"], "widths": widths}
+        return measured[key]
+
+    def finetuned_accuracy(widths: dict[str, int]) -> float:
+        from compactdeploy.pipeline import _load_and_prune, _StageClock
+        from compactdeploy.prune import parse_prune_spec
+
+        changed = {g: w for g, w in widths.items() if w != space.full[g]}
+        config = replace(base, prune=args.method if changed else None, widths=changed,
+                         finetune_epochs=args.finetune_epochs if changed else 0)
+        spec = parse_prune_spec(args.method, widths_given=True) if changed else None
+        return _load_and_prune(config, target, spec, _StageClock(Progress())).accuracies[2]
+
+    log(f"{name}: unpruned")
+    unpruned = measure(dict(space.full))
+    curves = importance_curves(loaded.model.module, loaded.example, args.method, loaded.calibration, ())
+    by_macs = Trajectory(space, curves, lambda ws: [float(space.macs(w)) for w in ws])
+    by_macs.start()
+    while by_macs.extend():
+        pass
+    uniform = [{g: kept_width(w, ratio / 100, target.channel_multiple) for g, w in space.full.items()}
+               for ratio in range(5, 100, 5)]
+
+    def largest_within(candidates: list[dict], budget_ms: float) -> dict | None:
+        """Bisection over models ordered largest first: the first whose measured latency fits."""
+        low, high, found = 0, len(candidates) - 1, None
+        while low <= high:
+            middle = (low + high) // 2
+            result = measure(candidates[middle])
+            if result["ms"] <= budget_ms:
+                found, high = result, middle - 1
+            else:
+                low = middle + 1
+        return found
+
+    rows = []
+    for share in budgets:
+        budget_ms = share * unpruned["ms"]
+        log(f"{name}: budget {share:.0%} = {budget_ms:.3f} ms")
+        fit_out = args.work / f"{name}-fit-{int(share * 100)}"
+        fit_report = build(replace(base, out=fit_out, prune=args.method, latency_budget=f"{budget_ms:.6f}ms",
+                                   finetune_epochs=args.finetune_epochs, resume=True), Progress()).report
+        fit = fit_report["fit"]
+        rows.append(_row(name, share, budget_ms, "loop", fit["chosen"]["widths"], fit["chosen"]["measured_ms"],
+                         fit_report["model"]["macs"], fit_report["model"]["params"], fit_report["accuracy"]["after"],
+                         builds=len(fit["verified"]), predictor=fit["predictor_error_pct"],
+                         verified=[(c["predicted_ms"], c["measured_ms"]) for c in fit["verified"] if c["predicted_ms"]]))
+        for label, candidates in (("uniform", uniform), ("flops", [p.widths for p in by_macs.points])):
+            before = len(measured)
+            chosen = largest_within(candidates, budget_ms)
+            if chosen is None:
+                rows.append(_row(name, share, budget_ms, label, None, None, None, None, None, builds=len(measured) - before))
+                continue
+            rows.append(_row(name, share, budget_ms, label, chosen["widths"], chosen["ms"], chosen["macs"], chosen["params"],
+                             finetuned_accuracy(chosen["widths"]), builds=len(measured) - before))
+        for row in rows[-3:]:
+            log(f"  {row['strategy']:<8} {row['measured_ms']} ms, accuracy {row['accuracy']}")
+    for row in rows:
+        row["unpruned_ms"] = unpruned["ms"]
+        row["unpruned_accuracy"] = None
+    return rows
+
+
+def _row(model, share, budget_ms, strategy, widths, ms, macs, params, accuracy, builds, predictor=None, verified=None):
+    return {"model": model, "budget_share": share, "budget_ms": budget_ms, "strategy": strategy, "widths": widths,
+            "measured_ms": ms, "macs": macs, "params": params, "accuracy": accuracy, "builds_measured": builds,
+            "predictor_error_pct": predictor, "verified": verified}
+
+
+def write_all(rows: list[dict], args, seconds: float) -> None:
+    info = meta("bench_fit.py", seconds, method=args.method, train_epochs=args.train_epochs,
+                finetune_epochs=args.finetune_epochs, repeat=args.repeat, data="digits (8x8, resized to the model input)",
+                latency="whole-model median on this host (measured), TVM without tuning records")
+    write_json("fit-benchmark", info, rows)
+    lines = [
+        "# Width search vs uniform vs FLOPs-targeted pruning, at equal measured latency",
+        "",
+        f"Measured on {info['measured_on']}; `{info['command']}` ({info['seconds']} s). Models trained here on digits "
+        f"({args.train_epochs} epochs), pruned by `{args.method}`, fine-tuned {args.finetune_epochs} epochs; latency "
+        f"is the whole-model median of {args.repeat} runs on this host (real measurements, not emulated), TVM untuned.",
+        "",
+        "| model | budget | strategy | measured latency | MACs | params | accuracy after fine-tuning | builds measured |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ms = f"{r['measured_ms']:.3f} ms" if r["measured_ms"] is not None else "none within budget"
+        acc = f"{r['accuracy']:.2%}" if r["accuracy"] is not None else "-"
+        macs = f"{r['macs']:,}" if r["macs"] else "-"
+        params = f"{r['params']:,}" if r["params"] else "-"
+        lines.append(f"| {r['model']} | {r['budget_share']:.0%} = {r['budget_ms']:.3f} ms | {r['strategy']} | {ms} | {macs} | {params} | {acc} | {r['builds_measured']} |")
+    lines += ["", "Builds measured: for uniform and flops, the builds this budget's bisection added; for the loop, every "
+                  "model in the search's state (the searches of one model share it, so a later budget counts the "
+                  "earlier one's models). Accuracy is on the fixed 20 % test split of digits (359 samples)."]
+    errors = [abs(p - m) / m * 100 for r in rows if r["verified"] for p, m in r["verified"]]
+    if errors:
+        import numpy as np
+
+        lines += ["", f"Latency-table predictor against whole-model measurements (every model the loop built after a "
+                      f"prediction, {len(errors)} models): median error {np.median(errors):.1f} %, worst {max(errors):.1f} %."]
+    (DOCS / "fit-benchmark.md").write_text("\n".join(lines) + "\n")
+    plot(rows)
+
+
+def plot(rows: list[dict]) -> None:
+    plt = pyplot()
+    models = sorted({r["model"] for r in rows})
+    figure, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    markers = {"loop": "o", "uniform": "s", "flops": "^"}
+    for axis, model in zip(axes.flat, models):
+        for strategy, marker in markers.items():
+            points = [(r["measured_ms"], r["accuracy"] * 100) for r in rows
+                      if r["model"] == model and r["strategy"] == strategy and r["accuracy"] is not None]
+            axis.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, label=strategy, s=50)
+        for budget in sorted({r["budget_ms"] for r in rows if r["model"] == model}):
+            axis.axvline(budget, color="0.6", linestyle="--", linewidth=1)
+        axis.set_title(f"{model} (dashed: budgets)", fontsize=9)
+        axis.set_xlabel("latency measured on this host, ms")
+        axis.set_ylabel("test accuracy after fine-tuning, %")
+        axis.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(DOCS / "fit-benchmark.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
