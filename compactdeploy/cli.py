@@ -112,9 +112,9 @@ def _config(options: dict, **extra):
     "tuning database count, so a rerun resumes and a tuned model costs nothing.",
 )
 @click.option("--latency-budget", metavar="TIME",
-              help="Search the widths: the most accurate model whose latency measured on the device is within "
-                   "TIME (8ms, 800us, or 60%% of the unpruned model).")
-@click.option("--memory-budget", metavar="SIZE", help="... and whose weights + workspace fit SIZE (40MB, 512KiB, 50%%).")
+              help="Search the widths: the model keeping the most channel importance whose latency measured on the device is within "
+                   "TIME (8ms, 800us, or 60% of the unpruned model).")
+@click.option("--memory-budget", metavar="SIZE", help="... and whose weights + workspace fit SIZE (40MB, 512KiB, 50%).")
 @click.option("--resume", is_flag=True, help="Reuse the models an interrupted search already built and measured.")
 @click.option("--fit-rounds", default=6, show_default=True, help="Models the search may build and measure, at most.")
 @click.option("--fit-points", default=8, show_default=True, help="Candidate widths per group (multiples of the target's).")
