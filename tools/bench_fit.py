@@ -92,7 +92,7 @@ def bench_model(name: str, model_args: dict, budgets: list[float], args) -> list
         """Build (no fine-tuning) and measure on this host; one build per distinct set of widths."""
         key = json.dumps(widths, sort_keys=True)
         if key not in measured:
-            changed = {g: w for g, w in widths.items() if w != space.full[g]}
+            changed = space.narrowed(widths)
             out = args.work / f"{name}-{len(measured)}"
             config = replace(base, out=out, prune=args.method if changed else None, widths=changed)
             report = build(config, Progress()).report
@@ -104,7 +104,7 @@ def bench_model(name: str, model_args: dict, budgets: list[float], args) -> list
         from compactdeploy.pipeline import _load_and_prune, _StageClock
         from compactdeploy.prune import parse_prune_spec
 
-        changed = {g: w for g, w in widths.items() if w != space.full[g]}
+        changed = space.narrowed(widths)
         config = replace(base, prune=args.method if changed else None, widths=changed,
                          finetune_epochs=args.finetune_epochs if changed else 0)
         spec = parse_prune_spec(args.method, widths_given=True) if changed else None

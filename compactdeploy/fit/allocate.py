@@ -35,6 +35,10 @@ class WidthSpace:
     def smallest(self) -> dict[str, int]:
         return {g: c[0] for g, c in self.candidates.items()}
 
+    def narrowed(self, widths: dict[str, int]) -> dict[str, int]:
+        """The groups ``widths`` makes narrower than the full model: what ``build --widths`` takes."""
+        return {g: w for g, w in widths.items() if w != self.full[g]}
+
     def signatures(self, widths: dict[str, int]) -> list[LayerSignature]:
         return [layer.at(widths, self.full) for layer in self.layers]
 
@@ -141,8 +145,12 @@ class Trajectory:
     done: bool = False
     step: float = 0.0  # set by start()
 
+    def lost(self, group: str, width: int) -> float:
+        """Share of ``group``'s importance lost at ``width``."""
+        return float(self.curves[group][self.space.full[group] - width])
+
     def kept(self, widths: dict[str, int]) -> float:
-        lost = [self.curves[g][self.space.full[g] - w] for g, w in widths.items() if g in self.curves]
+        lost = [self.lost(g, w) for g, w in widths.items() if g in self.curves]
         return 1.0 - float(np.mean(lost)) if lost else 1.0
 
     def start(self) -> None:
@@ -174,7 +182,7 @@ class Trajectory:
             if chosen is None or current.cost - chosen[1] <= 0:
                 continue
             trial, cost = chosen
-            loss = self.curves[group][self.space.full[group] - trial[group]] - self.curves[group][self.space.full[group] - current.widths[group]]
+            loss = self.lost(group, trial[group]) - self.lost(group, current.widths[group])
             score = loss / (current.cost - cost)
             if best is None or score < best[0]:
                 best = (score, Point(trial, cost, self.kept(trial), group))
@@ -203,8 +211,7 @@ class Trajectory:
                 candidate = Point(trial, cost, self.kept(trial), group)
                 if not accept(candidate):
                     continue
-                full = self.space.full[group]
-                gain = self.curves[group][full - current.widths[group]] - self.curves[group][full - trial[group]]
+                gain = self.lost(group, current.widths[group]) - self.lost(group, trial[group])
                 score = gain / max(cost - current.cost, 1e-9)
                 if best is None or score > best[0]:
                     best = (score, candidate)

@@ -220,7 +220,8 @@ def _run_key(config, target, method: str, fingerprint: dict[str, Any] | None) ->
 
 def search(config, target, linker, say: Callable[[str], None]) -> FitResult:
     """Find the widths of the most accurate model whose measured latency and memory meet the budgets."""
-    from ..pipeline import _tuning_database, load
+    from ..pipeline import load
+    from ..tune import database_for
 
     method = default_method(config)
     latency_budget = parse_latency_budget(config.latency_budget) if config.latency_budget else None
@@ -242,7 +243,8 @@ def search(config, target, linker, say: Callable[[str], None]) -> FitResult:
 
     with _sessions(config) as open_session:
         fingerprint = open_session().fingerprint
-        database = _tuning_database(config, target, _Quiet())
+        # the database the candidate builds compile with, from the fingerprint already asked for
+        database = database_for(target, fingerprint) if target.kind == "llvm" else None
         table = table_for(target, fingerprint, database)
         key = _run_key(config, target, method, fingerprint)
         run_dir = cache_dir("fit", hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16])
@@ -264,11 +266,6 @@ class _Impossible(CompactDeployError):
     """No model of the search space meets the budget (not a failure to resume from)."""
 
 
-class _Quiet:
-    def progress(self, message: str) -> None:
-        pass
-
-
 def _search(config, target, linker, say, method, latency_budget, memory_budget, loaded, space, curves,
             table, open_session, database, state, run_dir) -> FitResult:
     from ..pipeline import build
@@ -286,7 +283,7 @@ def _search(config, target, linker, say, method, latency_budget, memory_budget, 
         known = state.find(point.widths)
         if known is not None:
             return known
-        changed = {g: w for g, w in point.widths.items() if w != space.full[g]}
+        changed = space.narrowed(point.widths)
         label = f"model {len(state.candidates) + 1} ({_widths_text(changed) or 'unpruned'})"
         out = run_dir / "candidates" / hashlib.sha256(json.dumps(point.widths, sort_keys=True).encode()).hexdigest()[:12]
         candidate_config = replace(
@@ -296,9 +293,8 @@ def _search(config, target, linker, say, method, latency_budget, memory_budget, 
         report = build(candidate_config, _Forward(say, label)).report
         if report["latency_ms"] is None:
             raise CompactDeployError(f"the device did not measure {label}: {report['figures']['latency']}")
-        [lut] = table_ms([point.widths]) if latency_budget is not None else [point.cost]
         candidate = Candidate(
-            widths=point.widths, table_ms=lut, predicted_ms=predicted_ms, measured_ms=report["latency_ms"]["median"],
+            widths=point.widths, table_ms=point.cost, predicted_ms=predicted_ms, measured_ms=report["latency_ms"]["median"],
             memory_bytes=report["memory"]["params_bytes"] + report["memory"]["workspace_bytes"],
             params=report["model"]["params"], macs=report["model"]["macs"],
             accuracy=report["accuracy"]["after_pruning"] if report["accuracy"] else None,
@@ -361,7 +357,7 @@ def _search(config, target, linker, say, method, latency_budget, memory_budget, 
         where = "measured" if "EMULATED" not in closest.where else "measured (EMULATED)"
         raise _Impossible(
             f"no model in the search space meets {_budget_text(config)}: the closest, "
-            f"{_widths_text({g: w for g, w in closest.widths.items() if w != space.full[g]}) or 'unpruned'}, "
+            f"{_widths_text(space.narrowed(closest.widths)) or 'unpruned'}, "
             f"{where} {closest.measured_ms:.3f} ms and {_size(closest.memory_bytes)}; raise the budget "
             f"(its build is in {closest.build})"
         )
@@ -369,7 +365,7 @@ def _search(config, target, linker, say, method, latency_budget, memory_budget, 
         status = f"met the budget within {config.fit_rounds} rounds, not within {CLOSE_ENOUGH:.0%} of it"
     # the most importance kept, not the best accuracy before fine-tuning: after a deep cut that is noise
     chosen = max(feasible, key=lambda c: (c.importance_kept, c.measured_ms))
-    changed = {g: w for g, w in chosen.widths.items() if w != space.full[g]}
+    changed = space.narrowed(chosen.widths)
     report = _report(config, method, latency_budget, memory_budget, latency_ms, memory_bytes, space, trajectory,
                      state, chosen, table, rounds, status, run_dir, predict)
     return FitResult(method, chosen.widths, changed, report)
