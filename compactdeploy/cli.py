@@ -57,6 +57,9 @@ _model_and_pruning = _options(
                  help="l1, random, data-free, noiseout, apoz, obd, taylor; RATIO of each layer's channels goes "
                       "(data-free:auto picks widths itself)."),
     click.option("--widths", help="Per-layer widths, e.g. 7=60,9=40 (overrides RATIO for those layers)."),
+    click.option("--allow-grow", is_flag=True,
+                 help="Let --widths above a layer's width (or a budget search with room to spare) widen it: copies of its "
+                      "strongest channels, function-preserving (Net2WiderNet); train it after with --finetune-epochs."),
     click.option("--weights", type=click.Path(path_type=Path), help="A state_dict or a 'compactdeploy train/prune' checkpoint."),
     click.option("--data", help="digits, wine, breast-cancer, mnist1d or a .npz (x, y): reports accuracy."),
     click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE", help="Model option, repeatable."),
@@ -87,6 +90,7 @@ def _config(options: dict, **extra):
         input_shape=options["input_shape"],
         exclude=tuple(options["exclude"]),
         widths=parse_widths(options["widths"]),
+        allow_grow=options["allow_grow"],
         finetune_epochs=options["finetune_epochs"],
         distill=options["distill"],
         noise_outputs=options["noise_outputs"],
@@ -239,6 +243,12 @@ def _print_build_summary(result) -> None:
             f"  search     {fit['status']} ({fit['budget']['latency'] or ''} {fit['budget']['memory'] or ''}".rstrip()
             + f"): {len(fit['verified'])} models measured{predicted}; plots {', '.join(fit['plots'])}"
         )
+        if fit["final"]["meets_latency_budget"] is False:
+            out.print(
+                f"  [yellow]note[/]       this build measured {fit['final']['measured_ms']:.3f} ms, over the budget "
+                f"({fit['budget']['latency_ms']:.3f} ms) the search measured it within ({fit['chosen']['measured_ms']:.3f} ms): "
+                "the device's timing moved (other load?); rebuild on an idle device, or give a lower budget"
+            )
     _print_measurement(out, report)
     for note in report["compile"]["notes"]:
         out.print(f"  [yellow]note[/]       {note}")

@@ -38,6 +38,7 @@ class BuildConfig:
     input_shape: tuple[int, ...] | None = None  # one sample, without the batch dimension
     exclude: tuple[str, ...] = ()
     widths: dict[str, int] = field(default_factory=dict)  # layer -> width, overriding the ratio
+    allow_grow: bool = False  # widths above a layer's own widen it (function-preserving); the search may grow
     finetune_epochs: int = 0  # training epochs after pruning (needs data)
     distill: bool = False  # fine-tune with knowledge distillation from the unpruned model
     noise_outputs: int = 0  # NoiseOut: K noise outputs trained before pruning (needs noiseout)
@@ -176,14 +177,20 @@ def _fit(config: BuildConfig, target: TargetSpec, linker, clock: _StageClock):
         clock.summary = (
             f"{fitted.report['status']}: {len(fitted.report['verified'])} models measured, chosen "
             f"{chosen['measured_ms']:.3f} ms ({'EMULATED' if 'EMULATED' in chosen['where'] else 'device'}), "
-            f"{len(fitted.changed)} of {len(fitted.widths)} groups narrowed"
+            f"{_changed_text(fitted.changed, fitted.report['widths'])} of {len(fitted.widths)} groups"
         )
     pruning = bool(fitted.changed)
     config = replace(
         config, prune=fitted.method if pruning else None, widths=fitted.changed,
         finetune_epochs=config.finetune_epochs if pruning else 0, distill=config.distill and pruning,
+        allow_grow=any(w > fitted.report["widths"][g]["before"] for g, w in fitted.changed.items()),
     )
     return config, (parse_prune_spec(fitted.method, widths_given=True) if pruning else None), fitted
+
+
+def _changed_text(changed: dict[str, int], widths: dict[str, dict[str, int]]) -> str:
+    grown = sum(1 for g, w in changed.items() if w > widths[g]["before"])
+    return f"{len(changed) - grown} narrowed" + (f", {grown} widened" if grown else "")
 
 
 def _check_prune_options(config: BuildConfig, spec) -> None:
@@ -191,6 +198,8 @@ def _check_prune_options(config: BuildConfig, spec) -> None:
 
     if config.widths and spec is None:
         raise CompactDeployError("--widths needs --prune METHOD (the method that picks which channels go)")
+    if config.allow_grow and not config.widths:
+        raise CompactDeployError("--allow-grow widens the layers that --widths (or a --latency-budget search) makes wider: give one of them")
     if spec is not None and METHODS[spec.method].needs_data and config.data is None:
         raise CompactDeployError(f"pruning method {spec.method} needs data: pass --data (a dataset name or a .npz)")
     if config.finetune_epochs and (config.data is None or spec is None):
@@ -276,7 +285,8 @@ def _load_and_prune(config, target: TargetSpec, prune_spec, clock: _StageClock) 
         if prune_spec is not None:
             clock.progress(f"{prune_spec.method}: choosing channels")
             prune_result = prune(
-                model.module, example, prune_spec, target.channel_multiple, config.exclude, config.widths, calibration
+                model.module, example, prune_spec, target.channel_multiple, config.exclude, config.widths, calibration,
+                allow_grow=config.allow_grow, seed=config.seed,
             )
             fallbacks = sum(1 for g in prune_result.groups.values() if g["method"] != prune_spec.method)
             clock.summary = (
@@ -311,7 +321,7 @@ def prune_to_checkpoint(config: BuildConfig, observer: Observer | None = None) -
         "accuracy": dict(zip(("before", "after_pruning", "after"), pruned.accuracies)) if pruned.data else None,
         "widths": {n: {"before": w, "after": pruned.shapes[1].widths.get(n)} for n, w in pruned.shapes[0].widths.items()},
     }
-    save_pruned_checkpoint(pruned.model, pruned.result.plan, summary, config.out)
+    save_pruned_checkpoint(pruned.model, pruned.result.plan, summary, config.out, grown=pruned.result.grown)
     return summary
 
 
@@ -492,6 +502,7 @@ def _report(
                 "distill": config.distill,
                 "groups": prune_result.groups,
                 "plan": prune_result.plan,
+                "grown": prune_result.grown,
             }
             if prune_result
             else None

@@ -159,11 +159,12 @@ def save_pruned_checkpoint(
     model: LoadedModel, plan: dict[str, list[int]], summary: dict[str, Any], path: str | Path,
     linearized: list[str] | None = None,
     merged: list[tuple[str, str]] | None = None,
+    grown: dict[str, list[int]] | None = None,
 ) -> None:
-    """A pruned model's checkpoint: the original model, the plan that narrows it, its weights."""
+    """A pruned model's checkpoint: the original model, the plan that narrows (and widens) it, its weights."""
     _write_checkpoint(
         model, path, prune_plan=plan, prune_summary=json.dumps(summary), linearized=linearized or [],
-        merged=[list(pair) for pair in merged or []],
+        merged=[list(pair) for pair in merged or []], grow_plan=grown or {},
     )
 
 

@@ -303,13 +303,13 @@ def load_model(
             from .learn import linearize  # layers that 'train --learn-arch gates' made linear
 
             linearize(model.module, checkpoint["linearized"])
-        if checkpoint.get("prune_plan"):
+        if checkpoint.get("prune_plan") or checkpoint.get("grow_plan"):
             # a 'compactdeploy prune' (or learn-arch) checkpoint: narrow the fresh model the same way
             import torch
 
             from .prune import replay
 
-            replay(model.module, torch.zeros(model.input_shape), checkpoint["prune_plan"])
+            replay(model.module, torch.zeros(model.input_shape), checkpoint.get("prune_plan") or {}, checkpoint.get("grow_plan"))
         if checkpoint.get("merged"):
             from .learn import merge_linear  # linear layers folded into the next: reshape, then load
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import random
 
 import pytest
@@ -72,6 +74,74 @@ def test_width_space_predicts_the_pruned_layers_and_parameters(name, args):
     assert space.params(widths) == sum(p.numel() for p in model.module.parameters())
 
 
+@pytest.mark.parametrize(
+    "name,args", [("lenet5", {}), ("resnet20", {}), ("mobilenetv2", {"width_mult": 0.35, "input_size": 32})]
+)
+def test_grown_models_compute_the_same_function_and_match_the_width_space(name, args):
+    """--allow-grow's widening (residual sums, depthwise convs, flattens) is exact, breaks the copies'
+    symmetry, is what the search's width model predicts, and replays from its plan."""
+    from compactdeploy.prune import replay
+
+    model = create_model(name, args)
+    module = model.module.eval()
+    fresh = copy.deepcopy(module)
+    x = torch.randn(4, *model.input_shape[1:])
+    with torch.no_grad():
+        before = module(x)
+    space = width_space(module, x[:1], (), 4, 4, grow=True)
+    assert space.wider and all(w[0] > space.full[g] and w[-1] <= 2 * space.full[g] for g, w in space.wider.items())
+    rng = random.Random(1)
+    widths = {g: rng.choice(space.wider[g]) if g in space.wider else space.full[g] for g in space.full}
+    result = prune(module, x[:1], PruneSpec("l1", None), 4, widths=space.narrowed(widths), allow_grow=True)
+    with torch.no_grad():
+        after = module(x)
+    assert torch.allclose(after, before, atol=1e-4 * float(before.abs().max()))
+    assert _real_signatures(module, x[:1]) == {layer.name: sig for layer, sig in zip(space.layers, space.signatures(widths))}
+    assert space.params(widths) == sum(p.numel() for p in module.parameters()) > sum(p.numel() for p in fresh.parameters())
+    # the plan rebuilds the grown shapes on a fresh copy; the trained weights then load into it
+    replay(fresh, x[:1], result.plan, result.grown)
+    fresh.load_state_dict(module.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(x), after)
+
+
+def test_widening_copies_are_split_unevenly():
+    """Net2WiderNet's equal halves would keep the copies identical under training; the split is random."""
+    from compactdeploy.prune.core import prunable_groups
+    from compactdeploy.prune.grow import widen
+
+    module = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.ReLU(), torch.nn.Linear(3, 4)).eval()
+    x = torch.randn(8, 5)
+    before = module(x).detach()
+    original = module[2].weight.detach()[:, 2].clone()
+    _, name_of, roots, views = prunable_groups(module, x[:1])
+    widen(views[0], [2, 2])  # two copies of neuron 2
+    assert module[0].out_features == 5 and module[2].in_features == 5
+    assert torch.allclose(module(x), before, atol=1e-6)
+    reads = module[2].weight.detach()[:, [2, 3, 4]]
+    assert torch.allclose(reads.sum(dim=1), original, atol=1e-6)  # the column, shared among the three
+    assert not torch.allclose(reads[:, 0], reads[:, 1]) and not torch.allclose(reads[:, 1], reads[:, 2])
+    assert torch.equal(module[0].weight[3], module[0].weight[2]) and torch.equal(module[0].weight[4], module[0].weight[2])
+
+
+def test_widths_above_a_layer_need_allow_grow_and_a_grown_checkpoint_rebuilds(tmp_path, lenet5_checkpoint, capsys):
+    out = tmp_path / "wide.pt"
+    common = ("--model", "lenet5", "--weights", lenet5_checkpoint, "--data", "digits", "--prune", "l1", "--widths", "9=120")
+    assert run_cli("prune", *common, "--out", out) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the load stage's progress line
+    assert error.startswith("error: --widths 9=120 is wider than 9 (84): add --allow-grow") and not out.exists()
+    assert run_cli("prune", *common, "--allow-grow", "--out", out) == 0
+    summary = json.loads(torch.load(out, weights_only=True)["prune_summary"])
+    assert summary["widths"]["9"] == {"before": 84, "after": 120}
+    assert summary["accuracy"]["after_pruning"] == summary["accuracy"]["before"]  # widening keeps the function
+    built = tmp_path / "built"
+    assert run_cli("build", "--model", "lenet5", "--weights", out, "--data", "digits", "--target", "host",
+                   "--repeat", "5", "--out", built) == 0
+    report = read_json(built / "report.json")
+    assert report["model"]["widths"]["9"]["before"] == 120  # the checkpoint's plan rebuilt the grown layer
+    assert report["accuracy"]["before"] == summary["accuracy"]["before"]
+
+
 def test_search_meets_a_latency_budget_on_this_host(tmp_path, lenet5_checkpoint):
     """The loop against this machine as the device: real measurements, a small model, 60 % of its latency."""
     out = tmp_path / "fit"
@@ -92,6 +162,12 @@ def test_search_meets_a_latency_budget_on_this_host(tmp_path, lenet5_checkpoint)
     assert any(w["after"] < w["before"] for w in fit["widths"].values())
     assert report["accuracy"]["finetune_epochs"] == 1
     assert fit["latency_table"]["entries"] > 0 and fit["predictor_error_pct"]["count"] >= 1
+    # the steps: per group, the widths below which latency drops, read off the measured table
+    assert set(fit["latency_steps"]) == set(fit["widths"])
+    for group, steps in fit["latency_steps"].items():
+        assert str(fit["widths"][group]["before"]) in steps["table_ms"]
+        assert all(str(w) in steps["table_ms"] and w < fit["widths"][group]["before"] for w in steps["steps"])
+    assert any(steps["steps"] for steps in fit["latency_steps"].values())
     manifest = read_json(out / "manifest.json")
     for plot in fit["plots"]:
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot in manifest["files"]
@@ -105,6 +181,32 @@ def test_search_meets_a_latency_budget_on_this_host(tmp_path, lenet5_checkpoint)
     second = read_json(again / "report.json")["fit"]
     assert second["latency_table"]["measured_this_run"] == 0
     assert [c["build"] for c in second["verified"][: len(fit["verified"])]] == [c["build"] for c in fit["verified"]]
+
+
+def test_a_budget_above_the_model_grows_it_with_allow_grow(tmp_path, lenet5_checkpoint, capsys):
+    """With room under the budget, --allow-grow widens where the table says width is cheapest; the
+    widened model is measured within the budget and fine-tuned."""
+    common = ("--model", "lenet5", "--weights", lenet5_checkpoint, "--data", "digits", "--target", "host",
+              "--latency-budget", "150%", "--allow-grow", "--repeat", "50")
+    out = tmp_path / "grown"
+    assert run_cli("build", *common, "--out", out) == 2  # no fine-tuning: the copies would never differ
+    assert "--allow-grow needs --data and --finetune-epochs" in capsys.readouterr().err
+    assert not out.exists()
+    assert run_cli("build", *common, "--finetune-epochs", "1", "--out", out) == 0
+    report = read_json(out / "report.json")
+    fit = report["fit"]
+    assert fit["status"].startswith("grew"), fit["status"]
+    assert fit["chosen"]["measured_ms"] <= fit["budget"]["latency_ms"]
+    assert fit["chosen"]["measured_ms"] > fit["verified"][0]["measured_ms"]  # it used the room
+    grown = {g: w for g, w in fit["widths"].items() if w["after"] > w["before"]}
+    assert grown and all(w["after"] <= 2 * w["before"] for w in grown.values())
+    assert all(w["after"] >= w["before"] for w in fit["widths"].values())  # growing narrows nothing
+    assert len(fit["grown"]) >= 2 and fit["grown"][-1]["widths"] == fit["chosen"]["widths"]
+    for group, width in grown.items():
+        assert report["model"]["widths"][group]["after"] == width["after"]
+    assert report["prune"]["grown"] and report["accuracy"]["finetune_epochs"] == 1
+    # copying channels changes nothing until training: the accuracy before fine-tuning is the original's
+    assert report["accuracy"]["after_pruning"] == report["accuracy"]["before"]
 
 
 def test_impossible_and_memory_budgets_fail_in_one_line(tmp_path, lenet5_checkpoint, capsys):

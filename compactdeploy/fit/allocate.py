@@ -31,6 +31,7 @@ class WidthSpace:
     layers: list[LayerSlot]
     norm_channels: dict[str, int]  # group -> normalisation layers on its channels (2 parameters each)
     other_params: int  # parameters no group width changes
+    wider: dict[str, list[int]] = field(default_factory=dict)  # --allow-grow: widths above the full one, ascending
 
     def smallest(self) -> dict[str, int]:
         return {g: c[0] for g, c in self.candidates.items()}
@@ -53,11 +54,13 @@ class WidthSpace:
         return sum(s.macs() for s in self.signatures(widths))
 
 
-def width_space(module, example_input, exclude: tuple[str, ...], multiple: int, points: int) -> WidthSpace:
-    """Read the groups (torch-pruning's) and every conv/linear layer's shape from one forward pass."""
+def width_space(module, example_input, exclude: tuple[str, ...], multiple: int, points: int, grow: bool = False) -> WidthSpace:
+    """Read the groups (torch-pruning's) and every conv/linear layer's shape from one forward pass;
+    with ``grow``, the groups that can be widened exactly may also take widths up to GROW_LIMIT x."""
     import torch
 
     from ..prune.core import _prunable_types, prunable_groups
+    from ..prune.grow import growth_problem
 
     inputs: dict = {}
 
@@ -79,11 +82,13 @@ def width_space(module, example_input, exclude: tuple[str, ...], multiple: int, 
     out_terms: dict = {}
     in_terms: dict = {}
     depthwise: dict = {}
-    full, norms = {}, {}
+    full, norms, wider = {}, {}, {}
     for root, view in zip(roots, views):
         group = name_of[root]
         full[group] = view.width
         norms[group] = len(view.norms)
+        if grow and growth_problem(view) is None and grow_widths(view.width, multiple, points):
+            wider[group] = grow_widths(view.width, multiple, points)
         for producer in view.producers:
             out_terms.setdefault(producer.module, []).append((group, len(producer.per_channel[0])))
         for consumer in view.consumers:
@@ -102,7 +107,19 @@ def width_space(module, example_input, exclude: tuple[str, ...], multiple: int, 
         layers=layers,
         norm_channels=norms,
         other_params=total_params - grouped,
+        wider=wider,
     )
+
+
+GROW_LIMIT = 2.0  # --allow-grow widens a group to at most this many times its width
+
+
+def grow_widths(full: int, multiple: int, points: int) -> list[int]:
+    """Widths above ``full`` a group may grow to: the steps ``candidate_widths`` takes below it,
+    continued up to GROW_LIMIT x full."""
+    step = candidate_widths(full, multiple, points)
+    step = step[1] - step[0] if len(step) > 1 else max(multiple, full)
+    return list(range(full + step, int(GROW_LIMIT * full) + 1, step))
 
 
 def importance_curves(module, example_input, method_name: str, calibration, exclude: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -146,8 +163,8 @@ class Trajectory:
     step: float = 0.0  # set by start()
 
     def lost(self, group: str, width: int) -> float:
-        """Share of ``group``'s importance lost at ``width``."""
-        return float(self.curves[group][self.space.full[group] - width])
+        """Share of ``group``'s importance lost at ``width`` (none when it is grown)."""
+        return float(self.curves[group][max(0, self.space.full[group] - width)])
 
     def kept(self, widths: dict[str, int]) -> float:
         lost = [self.lost(g, w) for g, w in widths.items() if g in self.curves]
@@ -198,7 +215,7 @@ class Trajectory:
         step can jump far below the budget, e.g. halving a group of 16)."""
         current = point
         while True:
-            trials = []
+            trials = []  # up to the full width: widening past it is grow()'s, with its own score
             for group, widths in self.space.candidates.items():
                 wider = [w for w in widths if w > current.widths[group]]
                 if wider:
@@ -219,3 +236,41 @@ class Trajectory:
                 return current
             current = best[1]
 
+
+    def grow(self, accept: Callable[[Point], bool]) -> list[Point]:
+        """--allow-grow, when the budget allows more than the full model: NetAdapt's step run upwards.
+        From the full model, each step widens the group whose smallest widening that costs at least
+        ``step`` (or its widest accepted one) gains the most width per millisecond (log of the width
+        ratio, so a group already grown gains less from its next step), while ``accept`` holds.
+        The path, the full model first; its last point is the widest accepted."""
+        if not self.points:
+            self.start()
+        path = [self.points[0]]
+        while True:
+            current = path[-1]
+            proposals = [
+                (group, [{**current.widths, group: w} for w in widths if w > current.widths[group]])
+                for group, widths in self.space.wider.items()
+            ]
+            costs = self.cost([trial for _, trials in proposals for trial in trials])
+            best, index = None, 0
+            for group, trials in proposals:
+                group_costs = costs[index : index + len(trials)]
+                index += len(trials)
+                chosen = None
+                for trial, cost in zip(trials, group_costs):
+                    candidate = Point(trial, cost, self.kept(trial), group)
+                    if not accept(candidate):
+                        break
+                    chosen = candidate
+                    if cost - current.cost >= self.step:
+                        break  # the smallest widening that costs a step
+                if chosen is None:
+                    continue
+                gain = float(np.log(chosen.widths[group] / current.widths[group]))
+                score = gain / max(chosen.cost - current.cost, 1e-9)
+                if best is None or score > best[0]:
+                    best = (score, chosen)
+            if best is None:
+                return path
+            path.append(best[1])

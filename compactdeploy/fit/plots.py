@@ -21,22 +21,29 @@ def draw(fit: dict[str, Any], directory: Path) -> list[str]:
     budget_ms = fit["budget"]["latency_ms"]
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    predicted = [p for p in fit["trajectory"] if p["predicted_ms"] is not None]
-    if predicted:
-        left.plot([p["predicted_ms"] for p in predicted], [p["importance_kept"] for p in predicted],
-                  "-", color="0.6", label="allocation steps (predicted latency)")
-    left.scatter([c["measured_ms"] for c in verified], [c["importance_kept"] for c in verified],
+    if fit.get("grown"):  # growing keeps every channel: what it adds is width, drawn as parameters
+        full = verified[0]["params"]
+        steps = [p for p in fit["grown"] if p["predicted_ms"] is not None]
+        y_of = lambda item: item["params"] / full  # noqa: E731
+        label, ylabel = "growth steps (predicted latency)", "parameters (share of the unpruned model)"
+    else:
+        steps = [p for p in fit["trajectory"] if p["predicted_ms"] is not None]
+        y_of = lambda item: item["importance_kept"]  # noqa: E731
+        label, ylabel = "allocation steps (predicted latency)", "importance kept (mean share per group)"
+    if steps:
+        left.plot([p["predicted_ms"] for p in steps], [y_of(p) for p in steps], "-", color="0.6", label=label)
+    left.scatter([c["measured_ms"] for c in verified], [y_of(c) for c in verified],
                  color="tab:blue", zorder=3, label="built and measured")
-    left.scatter([chosen["measured_ms"]], [chosen["importance_kept"]], color="tab:red", s=80, zorder=4, label="chosen")
+    left.scatter([chosen["measured_ms"]], [y_of(chosen)], color="tab:red", s=80, zorder=4, label="chosen")
     left.set_xlabel("latency, ms")
-    left.set_ylabel("importance kept (mean share per group)")
+    left.set_ylabel(ylabel)
     have_accuracy = all(c["accuracy"] is not None for c in verified)
     right.scatter([c["measured_ms"] for c in verified],
                   [c["accuracy"] * 100 if have_accuracy else c["params"] for c in verified], color="tab:blue", zorder=3)
     right.scatter([chosen["measured_ms"]], [chosen["accuracy"] * 100 if have_accuracy else chosen["params"]],
                   color="tab:red", s=80, zorder=4)
     right.set_xlabel(f"latency, ms ({measured_on})")
-    right.set_ylabel("test accuracy after pruning, % (before fine-tuning)" if have_accuracy else "parameters")
+    right.set_ylabel("test accuracy before fine-tuning, %" if have_accuracy else "parameters")
     for axis in (left, right):
         if budget_ms:
             axis.axvline(budget_ms, color="tab:red", linestyle="--", linewidth=1, label="latency budget")

@@ -21,11 +21,12 @@ import numpy as np
 
 from ..errors import CompactDeployError
 from ..resources import cache_dir
-from .allocate import Point, Trajectory, importance_curves, width_space
+from .allocate import GROW_LIMIT, Point, Trajectory, importance_curves, width_space
 from .costs import measure_missing, table_for
 
 MARGIN = 0.03  # aim this far under the budget: whole-model medians move a little between builds
 CLOSE_ENOUGH = 0.10  # a feasible model within this share of the budget ends the search
+STEP_DROP = 0.01  # a width is a latency step when it saves this share of the full model below every wider one
 DEFAULT_ROUNDS = 6
 DEFAULT_POINTS = 8
 
@@ -161,6 +162,11 @@ def check_fit_options(config, target) -> None:
         raise CompactDeployError(f"unknown pruning method {method!r}: choose one of {', '.join(METHODS)}")
     if METHODS[method].needs_data and config.data is None:
         raise CompactDeployError(f"pruning method {method} needs data: pass --data (a dataset name or a .npz)")
+    if config.allow_grow and not (config.data and config.finetune_epochs):
+        raise CompactDeployError(
+            "--allow-grow needs --data and --finetune-epochs N: a widened model computes exactly what the original "
+            "did until it is trained"
+        )
     if config.fit_rounds < 1:
         raise CompactDeployError(f"--fit-rounds must be at least 1 (got {config.fit_rounds})")
     if config.device is None and not target.is_this_machine():
@@ -229,7 +235,8 @@ def search(config, target, linker, say: Callable[[str], None]) -> FitResult:
 
     say("reading the model's groups and the importance of their channels")
     loaded = load(config)
-    space = width_space(loaded.model.module, loaded.example, config.exclude, target.channel_multiple, config.fit_points)
+    space = width_space(loaded.model.module, loaded.example, config.exclude, target.channel_multiple, config.fit_points,
+                        grow=config.allow_grow)
     if not space.full:
         raise CompactDeployError(f"{loaded.model.name} has no layer the search can narrow (all excluded, or only the output layer)")
     curves = importance_curves(loaded.model.module, loaded.example, method, loaded.calibration, config.exclude)
@@ -289,6 +296,7 @@ def _search(config, target, linker, say, method, latency_budget, memory_budget, 
         candidate_config = replace(
             config, out=out, prune=method if changed else None, widths=changed, finetune_epochs=0, distill=False,
             noise_outputs=0, latency_budget=None, memory_budget=None, resume=False,
+            allow_grow=any(w > space.full[g] for g, w in changed.items()),
         )
         report = build(candidate_config, _Forward(say, label)).report
         if report["latency_ms"] is None:
@@ -315,13 +323,17 @@ def _search(config, target, linker, say, method, latency_budget, memory_budget, 
         return _corrected(point.cost, [(c.table_ms, c.measured_ms) for c in state.candidates]) if latency_ms else point.cost
 
     def fits(point: Point, target_ms: float | None) -> bool:
-        if memory_bytes is not None and space.params_bytes(point.widths) + max(0, workspace_bound) > memory_bytes:
+        # intermediates grow with the widest group (a bound for grown models, not a measurement)
+        growth = max(1.0, max(w / space.full[g] for g, w in point.widths.items()))
+        if memory_bytes is not None and space.params_bytes(point.widths) + max(0, workspace_bound) * growth > memory_bytes:
             return False
         return target_ms is None or predict(point) <= target_ms
 
-    rounds, status = 0, None
+    rounds, status, grown = 0, None, []
     if unpruned.meets(latency_ms, memory_bytes):
         status = "the unpruned model already meets the budget"
+        if space.wider and unpruned.meets(*_close(latency_ms, memory_bytes)):  # room to grow into
+            rounds, status, grown = _grow(config, trajectory, state, verify, predict, fits, latency_ms, memory_bytes, say)
     while status is None and rounds < config.fit_rounds:
         rounds += 1
         target_ms = latency_ms * (1 - MARGIN) if latency_ms else None
@@ -367,8 +379,57 @@ def _search(config, target, linker, say, method, latency_budget, memory_budget, 
     chosen = max(feasible, key=lambda c: (c.importance_kept, c.measured_ms))
     changed = space.narrowed(chosen.widths)
     report = _report(config, method, latency_budget, memory_budget, latency_ms, memory_bytes, space, trajectory,
-                     state, chosen, table, rounds, status, run_dir, predict)
+                     state, chosen, table, rounds, status, run_dir, predict, grown)
     return FitResult(method, chosen.widths, changed, report)
+
+
+def _close(latency_ms: float | None, memory_bytes: float | None) -> tuple[float | None, float | None]:
+    """The budgets less CLOSE_ENOUGH: a model that does not meet these leaves room to grow into."""
+    return (
+        latency_ms * (1 - CLOSE_ENOUGH) if latency_ms is not None else None,
+        memory_bytes * (1 - CLOSE_ENOUGH) if memory_bytes is not None else None,
+    )
+
+
+def _grow(config, trajectory: Trajectory, state, verify, predict, fits, latency_ms, memory_bytes, say):
+    """--allow-grow with room under the budget: widen (Trajectory.grow) up to the corrected
+    prediction, build and measure the widest point, correct, and go again; when that settles far
+    under the budget, measure the nearest wider model predicted near it (as the pruning loop does).
+    Returns (rounds, status, the last growth path)."""
+    rounds, path, last, nearest = 0, [], None, False
+    far_under = "grew as far as the measurements allow: the next wider model is predicted or measured over the budget"
+    while rounds < config.fit_rounds:
+        rounds += 1
+        slack = (1 + CLOSE_ENOUGH) if nearest else (1 - MARGIN)
+        limit = latency_ms * slack if latency_ms else None
+        say("growing: widening where the measured cost is lowest" + (" (the nearest wider model)" if nearest else ""))
+        grown = trajectory.grow(lambda p: fits(p, limit))
+        if nearest:
+            wider = [p for p in grown[1:] if state.find(p.widths) is None and p.cost > last.cost]
+            pick = min(wider, key=lambda p: p.cost) if wider else None
+        else:
+            path = grown
+            pick = grown[-1] if len(grown) > 1 else None
+        if pick is None:
+            break
+        seen_before = state.find(pick.widths) is not None
+        candidate = verify(pick, predict(pick) if latency_ms else None)
+        if not candidate.meets(latency_ms, memory_bytes):
+            if nearest or seen_before:
+                break
+            continue  # the correction now knows this model: the next round grows less
+        if not nearest:
+            last = pick
+        if all(pick.widths[g] == w[-1] for g, w in trajectory.space.wider.items()):
+            return rounds, f"grew every group to the growth limit ({GROW_LIMIT:g}x) within the budget", path
+        if latency_ms is None or candidate.measured_ms >= latency_ms * (1 - CLOSE_ENOUGH):
+            return rounds, "grew to the budget", path
+        nearest = seen_before and not nearest  # settled far under: measure the nearest wider model next
+    else:
+        return rounds, f"grew within {config.fit_rounds} rounds, not within {CLOSE_ENOUGH:.0%} of the budget", path
+    if len(path) <= 1:
+        return rounds, "the unpruned model meets the budget; no wider model is predicted within it", path
+    return rounds, far_under, path
 
 
 def _first(trajectory: Trajectory, accept: Callable[[Point], bool], say) -> Point | None:
@@ -395,7 +456,7 @@ def _corrected(table_ms: float, measured: list[tuple[float, float]]) -> float:
 
 
 def _report(config, method, latency_budget, memory_budget, latency_ms, memory_bytes, space, trajectory, state,
-            chosen, table, rounds, status, run_dir, predict) -> dict[str, Any]:
+            chosen, table, rounds, status, run_dir, predict, grown) -> dict[str, Any]:
     verified = [c for c in state.candidates if c.predicted_ms is not None]
     errors = [abs(c.predicted_ms - c.measured_ms) / c.measured_ms * 100 for c in verified]
     return {
@@ -424,6 +485,18 @@ def _report(config, method, latency_budget, memory_budget, latency_ms, memory_by
              "importance_kept": p.importance_kept, "params": space.params(p.widths), "macs": space.macs(p.widths)}
             for p in trajectory.points
         ],
+        "grown": [
+            {"widths": p.widths, "table_ms": p.cost, "predicted_ms": predict(p) if latency_ms else None, "widened": p.changed,
+             "params": space.params(p.widths), "macs": space.macs(p.widths)}
+            for p in grown
+        ],
+        "growth": (
+            "--allow-grow: from the full model, each step widened the group gaining the most width (log ratio) per ms of "
+            "predicted latency, by copying its strongest channels (Net2WiderNet: function-preserving, the copies' "
+            "outgoing weights split at random so fine-tuning can tell them apart); up to 2x each group's width"
+            if space.wider else None
+        ),
+        "latency_steps": _steps(space, table),
         "verified": [asdict(c) for c in state.candidates],
         "predictor_error_pct": {
             "median": float(np.median(errors)) if errors else None,
@@ -437,6 +510,26 @@ def _report(config, method, latency_budget, memory_budget, latency_ms, memory_by
         "figures": "latencies are whole-model medians measured on the device named in 'where'; "
                    "accuracies are after pruning, before fine-tuning",
     }
+
+
+def _steps(space, table) -> dict[str, Any]:
+    """Per group, the table's latency of the full model with only that group at each candidate width,
+    and the steps: the widths where it drops (by STEP_DROP of the full model's) below every wider
+    candidate. Between two steps a narrower width loses channels and saves nothing."""
+    full_signatures = space.signatures(space.full)
+    if not all(s in table for s in full_signatures):
+        return {}
+    threshold = STEP_DROP * sum(table.ms(s) for s in full_signatures)
+    result = {}
+    for group, widths in space.candidates.items():
+        curve = []
+        for width in widths + space.wider.get(group, []):
+            signatures = space.signatures({**space.full, group: width})
+            if all(s in table for s in signatures):  # what the search measured; nothing is measured here
+                curve.append((width, sum(table.ms(s) for s in signatures)))
+        steps = [w for i, (w, ms) in enumerate(curve) if i + 1 < len(curve) and ms <= min(m for _, m in curve[i + 1:]) - threshold]
+        result[group] = {"table_ms": {str(w): ms for w, ms in curve}, "steps": steps}
+    return result
 
 
 def _widths_text(widths: dict[str, int]) -> str:

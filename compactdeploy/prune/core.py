@@ -9,11 +9,12 @@ on a fresh copy of the same model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CompactDeployError
 from .groups import channel_group
+from .grow import growth_problem, sources_for, widen
 from .methods import AUTO, METHODS, Calibration
 
 
@@ -41,6 +42,8 @@ class PruneResult:
     plan: dict[str, list[int]]
     # group root layer name -> what decided it ({"method", "before", "after"}), for the report
     groups: dict[str, dict[str, Any]]
+    # group root layer name -> the channels copied to widen it (--allow-grow), applied after ``plan``
+    grown: dict[str, list[int]] = field(default_factory=dict)
 
 
 def parse_prune_spec(text: str, widths_given: bool = False) -> PruneSpec:
@@ -161,8 +164,11 @@ def prune(
     exclude: tuple[str, ...] = (),
     widths: dict[str, int] | None = None,
     calibration: Calibration | None = None,
+    allow_grow: bool = False,
+    seed: int = 0,
 ) -> PruneResult:
-    """Prune every prunable group of ``module`` in place, by ``spec`` and the per-layer ``widths``."""
+    """Prune every prunable group of ``module`` in place, by ``spec`` and the per-layer ``widths``;
+    with ``allow_grow``, a width above a group's own widens it, function-preserving (``grow``)."""
     method = METHODS[spec.method]()
     if method.needs_data and calibration is None:
         raise CompactDeployError(f"pruning method {spec.method} needs data: pass --data (a dataset or a .npz)")
@@ -171,12 +177,16 @@ def prune(
     widths_before = layer_widths(module)
     macs_before, params_before = count_macs_params(module, example_input)
     graph, name_of, roots, views = prunable_groups(module, example_input, exclude)
-    _check_widths(widths, roots, views, name_of, widths_before)
+    _check_widths(widths, roots, views, name_of, widths_before, allow_grow)
     method.prepare(module, views, calibration)
     plan: dict[str, list[int]] = {}
     groups: dict[str, dict[str, Any]] = {}
+    growing = []
     for root, view in zip(roots, views):
         name = name_of[root]
+        if name in widths and widths[name] > view.width:
+            growing.append((name, view))
+            continue
         if name in widths:
             n_remove = view.width - widths[name]
         elif spec.auto:
@@ -192,6 +202,14 @@ def prune(
         if selection.remove:
             _remove_channels(graph, root, selection.remove)
             plan[name] = selection.remove
+    # after every removal: torch-pruning's graph was traced at the original widths; each group's
+    # indices stay valid, since no other group's change touches its own dimension of a layer
+    grown: dict[str, list[int]] = {}
+    for name, view in growing:
+        before = view.width
+        grown[name] = sources_for(view, widths[name] - before)
+        widen(view, grown[name], seed)
+        groups[name] = {"method": "net2wider", "before": before, "after": view.width}
     macs_after, params_after = count_macs_params(module, example_input)
     return PruneResult(
         spec=spec,
@@ -204,10 +222,11 @@ def prune(
         macs_after=macs_after,
         plan=plan,
         groups=groups,
+        grown=grown,
     )
 
 
-def _check_widths(widths, roots, views, name_of, all_widths) -> None:
+def _check_widths(widths, roots, views, name_of, all_widths, allow_grow: bool = False) -> None:
     root_names = {name_of[root]: view for root, view in zip(roots, views)}
     for name, width in widths.items():
         if name not in all_widths:
@@ -223,7 +242,14 @@ def _check_widths(widths, roots, views, name_of, all_widths) -> None:
         if width < 1:
             raise CompactDeployError(f"--widths {name}={width} would remove every channel of {name}; keep at least 1")
         if width > root_names[name].width:
-            raise CompactDeployError(f"--widths {name}={width} is wider than {name} ({root_names[name].width}); compactdeploy prunes, it does not widen")
+            if not allow_grow:
+                raise CompactDeployError(
+                    f"--widths {name}={width} is wider than {name} ({root_names[name].width}): "
+                    "add --allow-grow to widen it (function-preserving), or give at most its width"
+                )
+            problem = growth_problem(root_names[name])
+            if problem is not None:
+                raise CompactDeployError(f"--widths {name}={width} would widen {name}, but it cannot grow: {problem}")
 
 
 def _remove_channels(graph, root, indices: list[int]) -> None:
@@ -233,12 +259,21 @@ def _remove_channels(graph, root, indices: list[int]) -> None:
     group.prune()
 
 
-def replay(module, example_input, plan: dict[str, list[int]]) -> None:
-    """Apply a recorded plan to a fresh copy of the model it was made on, in place."""
+def replay(module, example_input, plan: dict[str, list[int]], grown: dict[str, list[int]] | None = None) -> None:
+    """Apply a recorded plan (removals, then the copies that widened groups) to a fresh copy of the
+    model it was made on, in place. The copies' weights do not matter: the checkpoint's replace them."""
     import torch_pruning as tp
 
     names = dict(module.named_modules())
     graph = tp.DependencyGraph().build_dependency(module, example_inputs=example_input)
+    growing = []
+    for name, sources in (grown or {}).items():
+        if name not in names:
+            raise CompactDeployError(f"pruning plan widens layer {name!r}, which this model does not have")
+        view = channel_group(graph, names[name])  # before the removals, as prune() saw it
+        if sources and max(sources) >= view.width:
+            raise CompactDeployError(f"pruning plan copies channel {max(sources)} of {name}, which has {view.width}")
+        growing.append((view, sources))
     for name, indices in plan.items():
         if name not in names:
             raise CompactDeployError(f"pruning plan names layer {name!r}, which this model does not have")
@@ -246,4 +281,6 @@ def replay(module, example_input, plan: dict[str, list[int]]) -> None:
         if indices and (max(indices) >= width or len(indices) >= width):
             raise CompactDeployError(f"pruning plan removes {len(indices)} of {width} channels of {name}")
         _remove_channels(graph, names[name], indices)
+    for view, sources in growing:
+        widen(view, sources)
 

@@ -43,6 +43,8 @@ class ChannelGroup:
     norms: list[_Slices] = field(default_factory=list)  # batch norms on the channel
     consumers: list[_Slices] = field(default_factory=list)  # conv/linear whose in-channels are the channel
     depthwise: list[nn.Module] = field(default_factory=list)
+    depthwise_slices: list[_Slices] = field(default_factory=list)  # the same layers, with their per-channel rows
+    others: list[nn.Module] = field(default_factory=list)  # layers with parameters on the channels, of no kind above
     ops: set[str] = field(default_factory=set)  # elementwise ops on the channel (grad_fn names)
 
     @property
@@ -125,6 +127,9 @@ def channel_group(graph, root: nn.Module) -> ChannelGroup:
             if is_depthwise:
                 if module not in view.depthwise:
                     view.depthwise.append(module)
+                    view.depthwise_slices.append(_Slices(module, per_channel))
+                elif handler == "prune_out_channels":  # its rows are its outputs (a channel multiplier > 1 has several)
+                    view.depthwise_slices[view.depthwise.index(module)] = _Slices(module, per_channel)
             elif handler == "prune_out_channels" and not _has(view.producers, module):
                 view.producers.append(_Slices(module, per_channel))
             elif handler == "prune_in_channels" and not _has(view.consumers, module):
@@ -133,6 +138,8 @@ def channel_group(graph, root: nn.Module) -> ChannelGroup:
             if not _has(view.norms, module):
                 view.norms.append(_Slices(module, per_channel))
         else:
+            if isinstance(module, nn.Module) and any(True for _ in module.parameters(recurse=False)) and module not in view.others:
+                view.others.append(module)
             match = _GRAD_FN.search(str(dep.target.name))
             if match:
                 view.ops.add(match.group(1))
