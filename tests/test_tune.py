@@ -112,3 +112,15 @@ def test_tuning_for_the_pi_measures_on_the_emulated_pi(tmp_path, emulated_pi):
     plain = build(tmp_path / "cross", "--model", "mlp-tabular", "--target", "rpi4")
     assert plain["tuning"]["database"] == tuning["database"]
     assert plain["tuning"]["kernels_scheduled"] == tuning["kernels_scheduled"]
+
+
+def test_a_database_another_build_is_tuning_into_is_refused(capsys, tmp_path):
+    """Two tuning runs on one database would overwrite each other's records: the second says so."""
+    from compactdeploy.device.agent import fingerprint
+    from compactdeploy.tune import database_for
+
+    out = tmp_path / "out"
+    with database_for(load_target("host"), fingerprint()).locked():  # as a build tuning in another process holds it
+        message = error_of(capsys, "build", "--model", "lenet5", "--target", "host", "--tune-trials", "8", "--out", out)
+    assert "another build is tuning into" in message and "wait for it to finish" in message
+    assert_nothing_written(out)
