@@ -177,20 +177,17 @@ def _fit(config: BuildConfig, target: TargetSpec, linker, clock: _StageClock):
         clock.summary = (
             f"{fitted.report['status']}: {len(fitted.report['verified'])} models measured, chosen "
             f"{chosen['measured_ms']:.3f} ms ({'EMULATED' if 'EMULATED' in chosen['where'] else 'device'}), "
-            f"{_changed_text(fitted.changed, fitted.report['widths'])} of {len(fitted.widths)} groups"
+            f"{len(fitted.changed) - len(fitted.widened)} narrowed"
+            + (f", {len(fitted.widened)} widened" if fitted.widened else "")
+            + f" of {len(fitted.widths)} groups"
         )
     pruning = bool(fitted.changed)
     config = replace(
         config, prune=fitted.method if pruning else None, widths=fitted.changed,
         finetune_epochs=config.finetune_epochs if pruning else 0, distill=config.distill and pruning,
-        allow_grow=any(w > fitted.report["widths"][g]["before"] for g, w in fitted.changed.items()),
+        allow_grow=bool(fitted.widened),
     )
     return config, (parse_prune_spec(fitted.method, widths_given=True) if pruning else None), fitted
-
-
-def _changed_text(changed: dict[str, int], widths: dict[str, dict[str, int]]) -> str:
-    grown = sum(1 for g, w in changed.items() if w > widths[g]["before"])
-    return f"{len(changed) - grown} narrowed" + (f", {grown} widened" if grown else "")
 
 
 def _check_prune_options(config: BuildConfig, spec) -> None:

@@ -124,6 +124,24 @@ def test_widening_copies_are_split_unevenly():
     assert torch.equal(module[0].weight[3], module[0].weight[2]) and torch.equal(module[0].weight[4], module[0].weight[2])
 
 
+def test_growth_that_cannot_be_exact_or_has_nothing_to_widen_is_refused(tmp_path, capsys):
+    from compactdeploy.prune.core import prunable_groups
+
+    grouped = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3, groups=2),
+                                  torch.nn.ReLU(), torch.nn.Conv2d(4, 3, 1))
+    x = torch.randn(1, 2, 8, 8)
+    _, name_of, roots, _ = prunable_groups(grouped, x)
+    feeds_grouped = next(name_of[r] for r in roots if r is grouped[0])
+    with pytest.raises(CompactDeployError, match="cannot grow: it feeds a grouped convolution"):
+        prune(grouped, x, PruneSpec("l1", None), widths={feeds_grouped: 6}, allow_grow=True)
+    assert grouped[0].out_channels == 4  # refused before anything changed
+    out = tmp_path / "never"
+    assert run_cli("build", "--model", "lenet5", "--target", "host", "--prune", "l1:0.5", "--allow-grow", "--out", out) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: --allow-grow widens the layers that --widths") and len(error.splitlines()) == 1
+    assert not out.exists()
+
+
 def test_widths_above_a_layer_need_allow_grow_and_a_grown_checkpoint_rebuilds(tmp_path, lenet5_checkpoint, capsys):
     out = tmp_path / "wide.pt"
     common = ("--model", "lenet5", "--weights", lenet5_checkpoint, "--data", "digits", "--prune", "l1", "--widths", "9=120")

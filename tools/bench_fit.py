@@ -23,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import DOCS, meta, pyplot, write_json  # noqa: E402
+from benchlib import DOCS, meta, plot_accuracy_at_latency, write_json  # noqa: E402
 
 MODELS = {
     "resnet20": {},
@@ -197,28 +197,7 @@ def write_all(rows: list[dict], args, seconds: float) -> None:
         lines += ["", f"Latency-table predictor against whole-model measurements (every model the loop built after a "
                       f"prediction, {len(errors)} models): median error {np.median(errors):.1f} %, worst {max(errors):.1f} %."]
     (DOCS / "fit-benchmark.md").write_text("\n".join(lines) + "\n")
-    plot(rows)
-
-
-def plot(rows: list[dict]) -> None:
-    plt = pyplot()
-    models = sorted({r["model"] for r in rows})
-    figure, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
-    markers = {"loop": "o", "uniform": "s", "flops": "^"}
-    for axis, model in zip(axes.flat, models):
-        for strategy, marker in markers.items():
-            points = [(r["measured_ms"], r["accuracy"] * 100) for r in rows
-                      if r["model"] == model and r["strategy"] == strategy and r["accuracy"] is not None]
-            axis.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, label=strategy, s=50)
-        for budget in sorted({r["budget_ms"] for r in rows if r["model"] == model}):
-            axis.axvline(budget, color="0.6", linestyle="--", linewidth=1)
-        axis.set_title(f"{model} (dashed: budgets)", fontsize=9)
-        axis.set_xlabel("latency measured on this host, ms")
-        axis.set_ylabel("test accuracy after fine-tuning, %")
-        axis.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(DOCS / "fit-benchmark.png", dpi=110)
+    plot_accuracy_at_latency(rows, {"loop": "o", "uniform": "s", "flops": "^"}, "test accuracy after fine-tuning, %", "fit-benchmark")
 
 
 if __name__ == "__main__":

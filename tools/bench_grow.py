@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_fit import Progress, log  # noqa: E402
-from benchlib import DOCS, meta, pyplot, write_json  # noqa: E402
+from benchlib import DOCS, meta, plot_accuracy_at_latency, write_json  # noqa: E402
 
 MODELS = {
     "resnet20": {"width": 4},
@@ -161,27 +161,7 @@ def write_all(rows: list[dict], args, seconds: float) -> None:
                   "search's choice (status in the JSON). uniform: the largest common growth factor (1.125 to 2.0) "
                   "measuring within the budget. Accuracy is on the fixed 20 % test split of digits (359 samples)."]
     (DOCS / "grow-benchmark.md").write_text("\n".join(lines) + "\n")
-    plot(rows)
-
-
-def plot(rows: list[dict]) -> None:
-    plt = pyplot()
-    models = sorted({r["model"] for r in rows})
-    figure, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
-    for axis, model in zip(axes.flat, models):
-        for strategy, marker in {"keep": "s", "grow": "o", "uniform": "^"}.items():
-            points = [(r["measured_ms"], r["accuracy"] * 100) for r in rows
-                      if r["model"] == model and r["strategy"] == strategy and r["accuracy"] is not None]
-            axis.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, label=strategy, s=50)
-        for budget in sorted({r["budget_ms"] for r in rows if r["model"] == model}):
-            axis.axvline(budget, color="0.6", linestyle="--", linewidth=1)
-        axis.set_title(f"{model} (dashed: budgets)", fontsize=9)
-        axis.set_xlabel("latency measured on this host, ms")
-        axis.set_ylabel("test accuracy after the extra epochs, %")
-        axis.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(DOCS / "grow-benchmark.png", dpi=110)
+    plot_accuracy_at_latency(rows, {"keep": "s", "grow": "o", "uniform": "^"}, "test accuracy after the extra epochs, %", "grow-benchmark")
 
 
 if __name__ == "__main__":

@@ -43,3 +43,25 @@ def save_figure(figure, axes, name: str) -> None:
     axes.flat[0].legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(DOCS / f"{name}.png", dpi=110)
+
+
+def plot_accuracy_at_latency(rows: list[dict], markers: dict[str, str], ylabel: str, name: str) -> None:
+    """One panel per model: each strategy's accuracy against its measured latency, the budgets dashed;
+    writes docs/NAME.png. Rows carry model, strategy, measured_ms, accuracy (0-1) and budget_ms."""
+    plt = pyplot()
+    models = sorted({r["model"] for r in rows})
+    figure, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    for axis, model in zip(axes.flat, models):
+        for strategy, marker in markers.items():
+            points = [(r["measured_ms"], r["accuracy"] * 100) for r in rows
+                      if r["model"] == model and r["strategy"] == strategy and r["accuracy"] is not None]
+            axis.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, label=strategy, s=50)
+        for budget in sorted({r["budget_ms"] for r in rows if r["model"] == model}):
+            axis.axvline(budget, color="0.6", linestyle="--", linewidth=1)
+        axis.set_title(f"{model} (dashed: budgets)", fontsize=9)
+        axis.set_xlabel("latency measured on this host, ms")
+        axis.set_ylabel(ylabel)
+        axis.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(DOCS / f"{name}.png", dpi=110)

@@ -37,8 +37,13 @@ class WidthSpace:
         return {g: c[0] for g, c in self.candidates.items()}
 
     def narrowed(self, widths: dict[str, int]) -> dict[str, int]:
-        """The groups ``widths`` makes narrower than the full model: what ``build --widths`` takes."""
+        """The groups ``widths`` changes from the full model (narrower or, grown, wider): what
+        ``build --widths`` takes."""
         return {g: w for g, w in widths.items() if w != self.full[g]}
+
+    def widened(self, widths: dict[str, int]) -> dict[str, int]:
+        """The groups ``widths`` makes wider than the full model: they need ``--allow-grow``."""
+        return {g: w for g, w in widths.items() if w > self.full[g]}
 
     def signatures(self, widths: dict[str, int]) -> list[LayerSignature]:
         return [layer.at(widths, self.full) for layer in self.layers]
@@ -87,8 +92,9 @@ def width_space(module, example_input, exclude: tuple[str, ...], multiple: int, 
         group = name_of[root]
         full[group] = view.width
         norms[group] = len(view.norms)
-        if grow and growth_problem(view) is None and grow_widths(view.width, multiple, points):
-            wider[group] = grow_widths(view.width, multiple, points)
+        growable = grow_widths(view.width, multiple, points) if grow and growth_problem(view) is None else []
+        if growable:  # a group narrower than one step of the target's multiple has no width to grow to
+            wider[group] = growable
         for producer in view.producers:
             out_terms.setdefault(producer.module, []).append((group, len(producer.per_channel[0])))
         for consumer in view.consumers:
@@ -170,6 +176,12 @@ class Trajectory:
         lost = [self.lost(g, w) for g, w in widths.items() if g in self.curves]
         return 1.0 - float(np.mean(lost)) if lost else 1.0
 
+    def _priced(self, proposals: list[tuple[str, list[dict[str, int]]]]) -> list[tuple[str, list[tuple[dict[str, int], float]]]]:
+        """Each group's trial widths with their predicted costs, all priced in one call (one
+        measurement batch for what the table lacks)."""
+        costs = iter(self.cost([trial for _, trials in proposals for trial in trials]))
+        return [(group, [(trial, next(costs)) for trial in trials]) for group, trials in proposals]
+
     def start(self) -> None:
         full = dict(self.space.full)
         self.points = [Point(full, self.cost([full])[0], 1.0)]
@@ -182,17 +194,15 @@ class Trajectory:
         if self.done:
             return False
         current = self.points[-1]
-        proposals = []  # per group: every narrower candidate, tried in the order NetAdapt tries them
-        for group, widths in self.space.candidates.items():
-            narrower = [w for w in widths if w < current.widths[group]]
-            proposals.append((group, [{**current.widths, group: w} for w in reversed(narrower)]))
-        costs = self.cost([trial for _, trials in proposals for trial in trials])
-        best, index = None, 0
-        for group, trials in proposals:
-            group_costs = costs[index : index + len(trials)]
-            index += len(trials)
+        # per group: every narrower candidate, tried in the order NetAdapt tries them
+        proposals = [
+            (group, [{**current.widths, group: w} for w in reversed(widths) if w < current.widths[group]])
+            for group, widths in self.space.candidates.items()
+        ]
+        best = None
+        for group, priced in self._priced(proposals):
             chosen = None
-            for trial, cost in zip(trials, group_costs):
+            for trial, cost in priced:
                 chosen = (trial, cost)
                 if current.cost - cost >= self.step:
                     break  # the smallest cut that saves a step
@@ -252,13 +262,10 @@ class Trajectory:
                 (group, [{**current.widths, group: w} for w in widths if w > current.widths[group]])
                 for group, widths in self.space.wider.items()
             ]
-            costs = self.cost([trial for _, trials in proposals for trial in trials])
-            best, index = None, 0
-            for group, trials in proposals:
-                group_costs = costs[index : index + len(trials)]
-                index += len(trials)
+            best = None
+            for group, priced in self._priced(proposals):
                 chosen = None
-                for trial, cost in zip(trials, group_costs):
+                for trial, cost in priced:
                     candidate = Point(trial, cost, self.kept(trial), group)
                     if not accept(candidate):
                         break

@@ -123,7 +123,8 @@ class SearchState:
 class FitResult:
     method: str
     widths: dict[str, int]  # the chosen model's width of every group
-    changed: dict[str, int]  # the groups narrower than the unpruned model: build --widths
+    changed: dict[str, int]  # the groups whose width differs from the unpruned model's: build --widths
+    widened: dict[str, int]  # those of them grown wider (--allow-grow)
     report: dict[str, Any]
 
 
@@ -296,7 +297,7 @@ def _search(config, target, linker, say, method, latency_budget, memory_budget, 
         candidate_config = replace(
             config, out=out, prune=method if changed else None, widths=changed, finetune_epochs=0, distill=False,
             noise_outputs=0, latency_budget=None, memory_budget=None, resume=False,
-            allow_grow=any(w > space.full[g] for g, w in changed.items()),
+            allow_grow=bool(space.widened(point.widths)),
         )
         report = build(candidate_config, _Forward(say, label)).report
         if report["latency_ms"] is None:
@@ -380,7 +381,7 @@ def _search(config, target, linker, say, method, latency_budget, memory_budget, 
     changed = space.narrowed(chosen.widths)
     report = _report(config, method, latency_budget, memory_budget, latency_ms, memory_bytes, space, trajectory,
                      state, chosen, table, rounds, status, run_dir, predict, grown)
-    return FitResult(method, chosen.widths, changed, report)
+    return FitResult(method, chosen.widths, changed, space.widened(chosen.widths), report)
 
 
 def _close(latency_ms: float | None, memory_bytes: float | None) -> tuple[float | None, float | None]:
@@ -457,6 +458,11 @@ def _corrected(table_ms: float, measured: list[tuple[float, float]]) -> float:
 
 def _report(config, method, latency_budget, memory_budget, latency_ms, memory_bytes, space, trajectory, state,
             chosen, table, rounds, status, run_dir, predict, grown) -> dict[str, Any]:
+    def point_entry(p: Point) -> dict[str, Any]:
+        return {"widths": p.widths, "table_ms": p.cost, "predicted_ms": predict(p) if latency_ms else None,
+                "importance_kept": p.importance_kept, "changed": p.changed, "params": space.params(p.widths),
+                "macs": space.macs(p.widths)}
+
     verified = [c for c in state.candidates if c.predicted_ms is not None]
     errors = [abs(c.predicted_ms - c.measured_ms) / c.measured_ms * 100 for c in verified]
     return {
@@ -480,16 +486,8 @@ def _report(config, method, latency_budget, memory_budget, latency_ms, memory_by
             "method": "each conv/linear layer (+ bias, ReLU) compiled alone at the candidate widths, timed on the device "
                       "(median of 7 repeats of at least 2 ms)",
         },
-        "trajectory": [
-            {"widths": p.widths, "table_ms": p.cost, "predicted_ms": predict(p) if latency_ms else None,
-             "importance_kept": p.importance_kept, "params": space.params(p.widths), "macs": space.macs(p.widths)}
-            for p in trajectory.points
-        ],
-        "grown": [
-            {"widths": p.widths, "table_ms": p.cost, "predicted_ms": predict(p) if latency_ms else None, "widened": p.changed,
-             "params": space.params(p.widths), "macs": space.macs(p.widths)}
-            for p in grown
-        ],
+        "trajectory": [point_entry(p) for p in trajectory.points],
+        "grown": [point_entry(p) for p in grown],
         "growth": (
             "--allow-grow: from the full model, each step widened the group gaining the most width (log ratio) per ms of "
             "predicted latency, by copying its strongest channels (Net2WiderNet: function-preserving, the copies' "

@@ -42,10 +42,13 @@ class ChannelGroup:
     producers: list[_Slices] = field(default_factory=list)  # conv/linear whose out-channels are the channel
     norms: list[_Slices] = field(default_factory=list)  # batch norms on the channel
     consumers: list[_Slices] = field(default_factory=list)  # conv/linear whose in-channels are the channel
-    depthwise: list[nn.Module] = field(default_factory=list)
-    depthwise_slices: list[_Slices] = field(default_factory=list)  # the same layers, with their per-channel rows
+    depthwise_slices: list[_Slices] = field(default_factory=list)  # depthwise convs on the channel, rows per channel
     others: list[nn.Module] = field(default_factory=list)  # layers with parameters on the channels, of no kind above
     ops: set[str] = field(default_factory=set)  # elementwise ops on the channel (grad_fn names)
+
+    @property
+    def depthwise(self) -> list[nn.Module]:
+        return [s.module for s in self.depthwise_slices]
 
     @property
     def merge_problem(self) -> str | None:
@@ -125,8 +128,7 @@ def channel_group(graph, root: nn.Module) -> ChannelGroup:
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
             is_depthwise = isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
             if is_depthwise:
-                if module not in view.depthwise:
-                    view.depthwise.append(module)
+                if not _has(view.depthwise_slices, module):
                     view.depthwise_slices.append(_Slices(module, per_channel))
                 elif handler == "prune_out_channels":  # its rows are its outputs (a channel multiplier > 1 has several)
                     view.depthwise_slices[view.depthwise.index(module)] = _Slices(module, per_channel)
