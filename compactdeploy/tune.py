@@ -35,6 +35,9 @@ BATCH = 32  # candidates built and measured together: MetaSchedule's unit of pro
 MIN_DEFICIT = BATCH // 4
 _WORKLOADS = "database_workload.json"
 _RECORDS = "database_tuning_record.json"
+# kernels whose search space ran out before their budget (structural hash -> trials then):
+# a rerun with the same or a larger budget would only restart MetaSchedule to find nothing new
+_EXHAUSTED = "exhausted.json"
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,21 @@ class TuningDatabase:
                     f"another build is tuning into {self.path}: wait for it to finish, then build again"
                 ) from None
             yield
+
+    def record_count(self) -> int:
+        """Measurements held (one line each in MetaSchedule's JSON database)."""
+        records = self.path / _RECORDS
+        return records.read_text().count("\n") if records.exists() else 0
+
+    def exhausted(self) -> dict[str, int]:
+        path = self.path / _EXHAUSTED
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def mark_exhausted(self, workload_hash: str, trials: int) -> None:
+        marked = {**self.exhausted(), workload_hash: trials}
+        tmp = self.path / f".{_EXHAUSTED}.tmp"
+        tmp.write_text(json.dumps(marked, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, self.path / _EXHAUSTED)
 
 
 def database_for(target: TargetSpec, device: dict[str, Any] | None) -> TuningDatabase:
@@ -159,11 +177,13 @@ class TaskState:
     budget: int
     trials: int
     best_us: float | None
+    workload_hash: str
+    exhausted: bool = False  # MetaSchedule found no new candidates before the budget was spent
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "kernel": self.name, "flops": self.flops, "calls": self.weight,
-            "budget": self.budget, "trials": self.trials, "best_us": self.best_us,
+            "budget": self.budget, "trials": self.trials, "best_us": self.best_us, "exhausted": self.exhausted,
         }
 
 
@@ -213,7 +233,12 @@ def tune(
     rerunning an interrupted build continues where it stopped and a finished one tunes nothing.
     """
     import tvm.s_tir.meta_schedule as ms
+    import tvm_ffi
 
+    # Ctrl-C lands in our Python callbacks (progress, builder) inside MetaSchedule's C++ loop; TVM's
+    # FFI turns an exception it does not know into a RuntimeError, which callers cannot tell from a
+    # failure: registered, it comes out as the KeyboardInterrupt it was
+    tvm_ffi.register_error("KeyboardInterrupt", KeyboardInterrupt)
     say = on_progress or (lambda message: None)
     start = time.perf_counter()
     tvm_target = target.tvm_target()
@@ -223,16 +248,18 @@ def tune(
         flops = [_flops(t) for t in tasks]
         budgets = plan_budgets(flops, [int(t.weight) for t in tasks], trials)
         counts = _record_counts(db, tasks)
-        states = [
-            TaskState(t.task_name, f, int(t.weight), budget, count, _best_us(db, t))
-            for t, f, budget, count in zip(tasks, flops, budgets, counts)
-        ]
+        exhausted = database.exhausted()
+        states = []
+        for t, f, budget, count in zip(tasks, flops, budgets, counts):
+            workload_hash = _workload_hash(t)
+            states.append(TaskState(t.task_name, f, int(t.weight), budget, count, _best_us(db, t),
+                                    workload_hash, workload_hash in exhausted))
         reused = sum(s.trials for s in states)
         # a deficit under a quarter batch on a kernel that has records is not worth MetaSchedule's
         # start-up (~30 s): a rerun whose budget split moved by a few trials tunes nothing
         todo = [
             (t, s) for t, s in zip(tasks, states)
-            if s.budget > s.trials and (s.trials == 0 or s.budget - s.trials >= MIN_DEFICIT)
+            if not s.exhausted and s.budget > s.trials and (s.trials == 0 or s.budget - s.trials >= MIN_DEFICIT)
         ]
         ran = 0
         if todo:
@@ -321,7 +348,9 @@ class _TuneProgress:
         self.database, self.scratch, self.say = database, scratch, say
         self.measured = 0
 
-    def after_batch(self, builder_results, runner_results) -> None:
+    def after_batch(self, builder_results, runner_results) -> bool:
+        """Returns whether the search space ran out (a batch far smaller than asked for)."""
+        asked = min(BATCH, self.state.budget - self.state.trials)
         for built, run in zip(builder_results, runner_results):
             self.measured += 1
             self.state.trials += 1
@@ -330,14 +359,22 @@ class _TuneProgress:
                 if self.state.best_us is None or us < self.state.best_us:
                     self.state.best_us = round(us, 3)
         _publish(self.scratch, self.database.path)
+        # MetaSchedule keeps asking its search for a full batch of unmeasured candidates; on a small
+        # kernel (a pool, a bias add) it finds a few, then none, and each such round still costs seconds
+        exhausted = asked >= MIN_DEFICIT and len(builder_results) < MIN_DEFICIT
+        if exhausted:
+            self.state.exhausted = True
+            self.database.mark_exhausted(self.state.workload_hash, self.state.trials)
         self.say(self.line())
+        return exhausted
 
     def line(self) -> str:
         known = [s for s in self.states if s.best_us is not None]
         model = sum(s.best_us * s.weight for s in known)
         best = f"{self.state.best_us:.1f} us" if self.state.best_us is not None else "none yet"
+        done = " (no new candidates: done)" if self.state.exhausted else ""
         return (
-            f"kernel {self.number}/{self.count} {self.state.name}: {self.state.trials}/{self.state.budget} trials, "
+            f"kernel {self.number}/{self.count} {self.state.name}: {self.state.trials}/{self.state.budget} trials{done}, "
             f"best {best}; tuned kernels sum to {model / 1000:.3f} ms ({len(known)}/{len(self.states)} kernels)"
         )
 
@@ -351,7 +388,8 @@ class _TuneProgress:
         @derived_object
         class _Callback(PyMeasureCallback):
             def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
-                progress.after_batch(builder_results, runner_results)
+                if progress.after_batch(builder_results, runner_results):
+                    task_scheduler.terminate_task(task_id)
 
         return _Callback()
 
@@ -397,6 +435,13 @@ def _tasks(lowered, tvm_target) -> list:
     import tvm.s_tir.meta_schedule as ms
 
     return list(ms.relax_integration.extract_tasks(lowered, tvm_target))
+
+
+def _workload_hash(task) -> str:
+    """The kernel's identity across processes (what MetaSchedule's JSON database keys workloads by)."""
+    import tvm_ffi
+
+    return str(tvm_ffi.structural_hash(task.dispatched[0]))
 
 
 def _flops(task) -> float:

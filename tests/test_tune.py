@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,20 +68,33 @@ def test_an_interrupted_tuning_run_keeps_its_batches_and_resumes(tmp_path):
     database = TuningDatabase(tmp_path / "db", {"test": "interrupt"})
 
     def stop_after_first_batch(message: str) -> None:
-        records = database.path / "database_tuning_record.json"
         # the unscheduled kernel's record comes first, then the first search batch
-        if records.exists() and records.read_text().count("\n") >= 2:
+        if database.record_count() >= 2:
             raise KeyboardInterrupt  # as Ctrl-C would, once the first batch is published
 
-    with pytest.raises(BaseException):
+    with pytest.raises(KeyboardInterrupt):  # through MetaSchedule's C++ loop, still a KeyboardInterrupt
         tune(lowered, target, database, 12, local_runner(), None, stop_after_first_batch)
-    kept = (database.path / "database_tuning_record.json").read_text().count("\n")
+    kept = database.record_count()
     assert kept == 4  # the first kernel's records (unscheduled + a batch of 3), published before the stop
 
     resumed = tune(lowered, target, database, 12, local_runner(), None)
     assert resumed.trials_reused == kept
     assert resumed.trials_run == 12 - kept
     assert all(task["best_us"] is not None for task in resumed.tasks)
+
+
+def test_a_kernel_whose_search_space_runs_out_stops_early_and_is_not_tuned_again(tmp_path):
+    """A 2x2 max pool has a handful of schedules: MetaSchedule would keep asking for more, round after round."""
+    target = load_target("host")
+    exported = export_onnx(torch.nn.MaxPool2d(2).eval(), torch.randn(1, 4, 8, 8), tmp_path / "pool.onnx")
+    lowered = lower_for_tuning(import_onnx(exported.path, target), target.tvm_target())
+    database = TuningDatabase(tmp_path / "db", {"test": "exhausted"})
+    [task] = tune(lowered, target, database, 512, local_runner(), None).tasks
+    assert task["exhausted"] and task["best_us"] is not None
+    assert task["trials"] < 512 and database.record_count() == task["trials"]
+
+    again = tune(lowered, target, database, 1024, local_runner(), None)  # a larger budget finds nothing new either
+    assert again.trials_run == 0 and again.tasks[0]["exhausted"]
 
 
 def test_tuning_a_gpu_target_is_refused(capsys, tmp_path):
@@ -124,3 +142,39 @@ def test_a_database_another_build_is_tuning_into_is_refused(capsys, tmp_path):
         message = error_of(capsys, "build", "--model", "lenet5", "--target", "host", "--tune-trials", "8", "--out", out)
     assert "another build is tuning into" in message and "wait for it to finish" in message
     assert_nothing_written(out)
+
+
+def test_ctrl_c_during_a_tuned_build_keeps_its_batches_and_the_same_command_resumes(tmp_path):
+    """As a user's Ctrl-C: SIGINT to the build's whole process group (builder workers included)."""
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    env = {**os.environ, "COMPACTDEPLOY_CACHE": str(cache), "PYTHONWARNINGS": "ignore"}
+    command = [
+        sys.executable, "-m", "compactdeploy.cli", "build", "--model", "mlp-tabular", "--target", "host",
+        "--tune-trials", "48", "--repeat", "5", "--out", str(out),
+    ]
+
+    def records() -> int:
+        found = list(cache.glob("tuning/host-*/database_tuning_record.json"))
+        return found[0].read_text().count("\n") if found else 0
+
+    build = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                             start_new_session=True)
+    deadline = time.monotonic() + 400
+    while records() < 2 and build.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)  # until the first kernel's search batch is published
+    assert build.poll() is None, "the build ended before it could be interrupted"
+    os.killpg(build.pid, signal.SIGINT)
+    _, stderr = build.communicate(timeout=120)
+    assert build.returncode == 2
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: tuning interrupted; every finished batch is kept in ")
+    assert last.endswith("run the same command again to resume")
+    assert not out.exists()
+    kept = records()
+    assert 2 <= kept < 48
+
+    assert subprocess.run(command, capture_output=True, env=env, timeout=600).returncode == 0
+    tuning = read_json(out / "report.json")["tuning"]
+    assert tuning["trials_reused"] == kept
+    assert tuning["trials_run"] > 0 and records() == kept + tuning["trials_run"]
+    assert tuning["kernels_scheduled"] == tuning["kernels_tunable"]

@@ -10,6 +10,7 @@ and what a warm database saves when a pruned variant of LeNet-5 is tuned.
 
 Writes docs/tuning-benchmark.md, .json and .png. Usage:
     .venv/bin/python tools/bench_tuning.py [--trials-per-kernel 32] [--models lenet5,resnet20]
+        [--trials resnet20=2000,mobilenetv2=2000]
 The database lives under the cache (bench-tuning/): a rerun resumes the tuning, and reports the
 tuning time of the run that did it. --fresh starts from an empty database.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -39,6 +41,7 @@ MODELS = ["mlp-tabular", "lenet300", "lenet5", "resnet20", "mobilenetv2"]
 ROUNDS = 15  # interleaved rounds; each times every variant RUNS_PER_ROUND times
 RUNS_PER_ROUND = 20
 WARMUP = 20
+LAYERS_SHOWN = 8  # per model in the markdown; the JSON lists every layer
 
 
 def main() -> None:
@@ -47,8 +50,11 @@ def main() -> None:
     parser.add_argument("--trials-per-kernel", type=int, default=32,
                         help="tuning budget: this many trials times the model's kernel count")
     parser.add_argument("--max-trials", type=int, default=640, help="cap on one model's tuning budget")
+    parser.add_argument("--trials", default="", metavar="MODEL=N,...",
+                        help="a model's own tuning budget, instead of the per-kernel rule")
     parser.add_argument("--fresh", action="store_true", help="forget earlier tuning records")
     args = parser.parse_args()
+    args.trials = {name: int(n) for name, n in (item.split("=") for item in args.trials.split(",") if item)}
     threads = os.cpu_count() or 1
     os.environ["TVM_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
@@ -66,13 +72,19 @@ def main() -> None:
     database = TuningDatabase(root / "database", {"benchmark": "bench_tuning", "target": target.tvm_target_dict()})
     for name in args.models.split(","):
         builds.append(build_variants(name, target, linker, database, args, history, history_path, root, log))
-    warm = warm_database_saving(target, linker, database, args, root, log)
+    if "warm_database" not in history:  # a rerun would find the variant's records already warm
+        history["warm_database"] = warm_database_saving(target, linker, database, args, root, log)
+        save_history(history_path, history)
+    warm = history["warm_database"]
     log("timing every variant, interleaved ...")
     rows = time_interleaved(builds, threads)
+    log("timing each kernel alone: TVM tuned vs onnxruntime's profiler ...")
+    for build, row in zip(builds, rows):
+        row["per_layer"] = compare_layers(build, threads)
     seconds = time.perf_counter() - start
     info = benchlib.meta(
         "bench_tuning.py", seconds, threads=threads, target=target.tvm_target_dict(),
-        trials_per_kernel=args.trials_per_kernel, max_trials=args.max_trials,
+        trials_per_kernel=args.trials_per_kernel, max_trials=args.max_trials, model_trials=args.trials,
         rounds=ROUNDS, runs_per_round=RUNS_PER_ROUND, weights="random (seeded); latency does not depend on values",
         figures="all measured on this host (real hardware, a 2-core VM); nothing emulated or estimated",
     )
@@ -95,15 +107,18 @@ def build_variants(name, target, linker, database, args, history, history_path, 
     untuned = compile_onnx(exported.path, target, untuned_dir, linker, None)
     lowered = lower_for_tuning(import_onnx(exported.path, target), target.tvm_target())
     kernels = untuned.kernels_tunable
-    trials = min(args.trials_per_kernel * kernels, args.max_trials)
+    trials = args.trials.get(name, min(args.trials_per_kernel * kernels, args.max_trials))
     log(f"{name}: {kernels} kernels, tuning budget {trials} trials")
-    result = tune(lowered, target, database, trials, local_runner(), None, lambda m: log(f"  {name}: {m}"))
-    if result.trials_run:
-        previous = history.get(name, {"tune_s": 0.0, "trials": 0})
-        history[name] = {"tune_s": previous["tune_s"] + result.tune_s, "trials": previous["trials"] + result.trials_run}
-        tmp = history_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(history, indent=1))
-        os.replace(tmp, history_path)
+    records_before, started = database.record_count(), time.perf_counter()
+    try:
+        result = tune(lowered, target, database, trials, local_runner(), None, lambda m: log(f"  {name}: {m}"))
+    finally:  # an interrupted run's batches are kept, and so is the time it spent on them
+        ran = database.record_count() - records_before
+        if ran:
+            previous = history.get(name, {"tune_s": 0.0, "trials": 0})
+            history[name] = {"tune_s": round(previous["tune_s"] + time.perf_counter() - started, 1),
+                             "trials": previous["trials"] + ran}
+            save_history(history_path, history)
     tuned = compile_onnx(exported.path, target, tuned_dir, linker, database)
     return {
         "model": name,
@@ -117,6 +132,12 @@ def build_variants(name, target, linker, database, args, history, history_path, 
         "tuning_history": history.get(name),
         "trials": trials,
     }
+
+
+def save_history(path: Path, history: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(history, indent=1))
+    os.replace(tmp, path)
 
 
 def warm_database_saving(target, linker, database, args, root, log) -> dict:
@@ -201,6 +222,103 @@ def time_interleaved(builds: list[dict], threads: int) -> list[dict]:
     return rows
 
 
+def compare_layers(build: dict, threads: int) -> dict:
+    """Where the time goes: each convolution shape in TVM (tuned kernel timed alone) and onnxruntime.
+
+    onnxruntime's own profiler gives each node's time; a node and a TVM kernel are the same layer when
+    their input and weight shapes are (both fuse the bias, the residual add and the activation into
+    the convolution). Everything that is not a convolution is summed as "other".
+    """
+    import tvm
+
+    from compactdeploy.compile import KERNELS_NAME
+    from compactdeploy.device.agent import time_each_kernel
+
+    # the tuned kernels take prepacked weights: the untuned build's list has the layers' own shapes
+    shapes = {k["name"]: k for k in json.loads((build["untuned"].lib_path.parent / KERNELS_NAME).read_text())}
+    kernels = json.loads((build["tuned"].lib_path.parent / KERNELS_NAME).read_text())
+    library = tvm.runtime.load_module(str(build["tuned"].lib_path))
+    timed = time_each_kernel(library.imports[0], tvm.cpu(), kernels, 100)
+    layers: dict[tuple, dict] = {}
+
+    def layer(shapes: list[list[int]] | None) -> dict:
+        key, label, flops = _conv_layer(*shapes) if shapes else (("other",), "other", 0.0)
+        # the first side to name a layer names it: TVM's shapes are the model's own
+        return layers.setdefault(key, {"layer": label, "flops": flops, "tvm_us": 0.0, "tvm_calls": 0,
+                                       "onnxruntime_us": 0.0, "onnxruntime_calls": 0})
+
+    for kernel, time_ in zip(kernels, timed):
+        original = shapes.get(kernel["name"].removesuffix("_prepacked"))
+        is_conv = original is not None and "conv2d" in kernel["name"]
+        entry = layer([a["shape"] for a in (original["args"][0], original["args"][1], original["args"][-1])] if is_conv else None)
+        entry["tvm_us"] += time_["median_ms"] * 1e3 * kernel["calls"]
+        entry["tvm_calls"] += kernel["calls"]
+    for node in _onnxruntime_profile(build["onnx"], build["example"], threads):
+        is_conv = node["op"] in ("Conv", "FusedConv")
+        tensors = [next(iter(t.values())) for t in node["input_type_shape"][:2] + node["output_type_shape"][:1]]
+        entry = layer(tensors if is_conv else None)
+        entry["onnxruntime_us"] += node["us"]
+        entry["onnxruntime_calls"] += 1
+    rows = sorted(layers.values(), key=lambda r: (r["layer"] == "other", -max(r["tvm_us"], r["onnxruntime_us"])))
+    for r in rows:
+        for side in ("tvm", "onnxruntime"):
+            r[f"{side}_us"] = round(r[f"{side}_us"], 2)
+            calls = r[f"{side}_calls"]
+            r[f"{side}_gflops"] = round(r["flops"] * calls / (r[f"{side}_us"] * 1e3), 1) if r["flops"] and r[f"{side}_us"] else None
+    return {
+        "layers": rows,
+        "tvm_sum_us": round(sum(r["tvm_us"] for r in rows), 1),
+        "onnxruntime_sum_us": round(sum(r["onnxruntime_us"] for r in rows), 1),
+        "method": "TVM: each tuned kernel alone (time_evaluator, median of 10 repeats) x its calls; "
+                  "onnxruntime: its profiler's per-node time, median over 200 runs, same thread count "
+                  "(the profiler adds a little per node)",
+    }
+
+
+def _conv_layer(data: list[int], weight: list[int], out: list[int]) -> tuple[tuple, str, float]:
+    """A convolution's key, name and multiply-add FLOPs, from NCHW shapes.
+
+    onnxruntime's NCHWc layout pads channels to its vector width (8 or 16) and its profiler reports
+    the padded shapes (LeNet-5's 6 filters run as 16, MobileNetV2's 24 input channels as 32): the key
+    leaves out the output channels and rounds the input channels up to 16.
+    """
+    _, cin, h, w = data
+    cout, cin_per_group, kh, kw = weight
+    flops = 2.0 * math.prod(out) * cin_per_group * kh * kw
+    depthwise = cin_per_group == 1 and cin > 1
+    label = f"conv {cin}->{cout} {kh}x{kw}{' depthwise' if depthwise else ''} at {h}x{w} -> {out[2]}x{out[3]}"
+    return (-(-cin // 16), h, w, kh, kw, out[2], out[3], depthwise), label, flops
+
+
+def _onnxruntime_profile(onnx_path: Path, x: np.ndarray, threads: int, runs: int = 200) -> list[dict]:
+    """Each node's median time (us) from onnxruntime's profiler; op and shapes as it reports them."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory() as scratch:
+        options.profile_file_prefix = os.path.join(scratch, "ort")
+        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: x}
+        for _ in range(runs):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    durations: dict[str, list[float]] = {}
+    first: dict[str, dict] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            durations.setdefault(event["name"], []).append(event["dur"])
+            first.setdefault(event["name"], event["args"])
+    return [
+        {"node": name, "op": first[name]["op_name"], "us": float(np.median(d)),
+         "input_type_shape": first[name]["input_type_shape"], "output_type_shape": first[name]["output_type_shape"]}
+        for name, d in durations.items()
+    ]
+
+
 def write_markdown(info: dict, rows: list[dict], warm: dict) -> None:
     lines = [
         "# TVM tuned vs onnxruntime vs PyTorch, every zoo model (batch 1, this host)",
@@ -211,23 +329,58 @@ def write_markdown(info: dict, rows: list[dict], warm: dict) -> None:
         "none emulated or estimated. Command: `" + info["command"] + "`.",
         "",
         f"Tuning budget: {info['trials_per_kernel']} MetaSchedule trials per kernel, at most "
-        f"{info['max_trials']} per model. Tuning time is the wall time of the runs that tuned "
-        "(warm builder workers, local runner).",
+        f"{info['max_trials']} per model, unless the budget column says otherwise. Trials are those "
+        "measured (fewer than the budget where a kernel's search space ran out); tuning time is the wall "
+        "time of the runs that tuned (warm builder workers, local runner).",
         "",
-        "| model | input | TVM untuned ms | TVM tuned ms | onnxruntime ms | PyTorch eager ms | tuned / ORT | trials | tuning s | compile s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | input | TVM untuned ms | TVM tuned ms | onnxruntime ms | PyTorch eager ms | tuned / ORT | budget | trials | tuning s | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         m = r["median_ms"]
         lines.append(
             f"| {r['model']} | {'x'.join(map(str, r['input_shape'][1:]))} | {m['tvm-untuned']:.3f} | {m['tvm-tuned']:.3f} | "
             f"{m['onnxruntime']:.3f} | {m['torch-eager']:.3f} | **{r['tuned_over_onnxruntime']:.2f}** | "
-            f"{r['trials_run'] or 0} | {r['tuning_s'] or 0:.0f} | {r['compile_s_tuned']:.1f} |"
+            f"{r['trial_budget']} | {r['trials_run'] or 0} | {r['tuning_s'] or 0:.0f} | {r['compile_s_tuned']:.1f} |"
         )
     lines += ["", "Slowest tuned kernels (MetaSchedule's own measurement, per call):", ""]
     for r in rows:
         parts = [f"{k['kernel']} x{k['calls']}: {k['best_us']:.2f} us ({k['gflops']} GFLOP/s)" for k in r["slowest_tuned_kernels"]]
         lines.append(f"- {r['model']}: " + "; ".join(parts))
+    lines += [
+        "",
+        "### Where the time goes: each convolution shape, TVM tuned vs onnxruntime",
+        "",
+        "TVM: each tuned kernel timed alone (time_evaluator, median of 10 repeats) times its calls; "
+        "onnxruntime: its own profiler's per-node times (median of 200 runs, same thread count; the "
+        "profiler adds a little per node). A layer is matched by its input and weight shapes; both "
+        "runtimes fuse bias, residual add and activation into the convolution. The layers costing most "
+        "in either runtime; the JSON has them all.",
+    ]
+    for r in rows:
+        per_layer = r["per_layer"]
+        m = r["median_ms"]
+        lines += [
+            "",
+            f"**{r['model']}**: TVM's kernels sum to {per_layer['tvm_sum_us']:.1f} us of its "
+            f"{m['tvm-tuned'] * 1e3:.1f} us end to end ({m['tvm-tuned'] * 1e3 - per_layer['tvm_sum_us']:.1f} us "
+            f"outside the kernels timed alone: the VM's calls, the thread pool's start and join around each kernel, "
+            f"colder caches); "
+            f"onnxruntime's nodes sum to {per_layer['onnxruntime_sum_us']:.1f} us, end to end "
+            f"{m['onnxruntime'] * 1e3:.1f} us.",
+            "",
+            "| layer | calls | TVM us | TVM GFLOP/s | onnxruntime us | onnxruntime GFLOP/s | TVM / ORT |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        convs = [x for x in per_layer["layers"] if x["layer"] != "other"]
+        for x in convs[:LAYERS_SHOWN] + [x for x in per_layer["layers"] if x["layer"] == "other"]:
+            ratio = f"{x['tvm_us'] / x['onnxruntime_us']:.2f}" if x["onnxruntime_us"] else "-"
+            lines.append(
+                f"| {x['layer']} | {x['tvm_calls']} | {x['tvm_us']:.1f} | {x['tvm_gflops'] or '-'} | "
+                f"{x['onnxruntime_us']:.1f} | {x['onnxruntime_gflops'] or '-'} | {ratio} |"
+            )
+        if len(convs) > LAYERS_SHOWN:
+            lines.append(f"| ({len(convs) - LAYERS_SHOWN} more convolution shapes) | | | | | | |")
     lines += [
         "",
         f"Warm database on a pruned variant ({warm['variant']}, budget {warm['trials_budget']} trials): "

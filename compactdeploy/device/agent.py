@@ -146,15 +146,19 @@ def first_run(lib_name: str, input_name: str, device_kind: str) -> str:
 
 def time_kernels(kernels_json: str, repeat: int) -> str:
     """Median time of each compiled kernel alone, on random inputs of its shapes (needs first_run)."""
+    if "module" not in _SESSION or not _SESSION["module"].imports:
+        return json.dumps({"error": "no model loaded in this session"})
+    return json.dumps(time_each_kernel(_SESSION["module"].imports[0], _SESSION["dev"], json.loads(kernels_json), repeat))
+
+
+def time_each_kernel(kernel_module, dev, kernels: list[dict], repeat: int) -> list[dict]:
+    """Each kernel of a compiled model alone: ``kernels`` as in kernels.json, median of 10 repeats."""
     import numpy as np
     import tvm
 
-    if "module" not in _SESSION or not _SESSION["module"].imports:
-        return json.dumps({"error": "no model loaded in this session"})
-    kernel_module, dev = _SESSION["module"].imports[0], _SESSION["dev"]
     rng = np.random.default_rng(0)
     results = []
-    for kernel in json.loads(kernels_json):
+    for kernel in kernels:
         args = [
             tvm.runtime.tensor(rng.standard_normal(a["shape"]).astype(a["dtype"]), dev)
             if a["dtype"].startswith("float") else tvm.runtime.tensor(np.zeros(a["shape"], a["dtype"]), dev)
@@ -162,7 +166,7 @@ def time_kernels(kernels_json: str, repeat: int) -> str:
         ]
         timer = kernel_module.time_evaluator(kernel["name"], dev, number=max(1, repeat // 10), repeat=10)
         results.append({"name": kernel["name"], "median_ms": float(np.median(timer(*args).results)) * 1e3})
-    return json.dumps(results)
+    return results
 
 
 def onnxruntime_times(onnx_name: str, input_name: str, repeat: int, warmup: int) -> str:
