@@ -226,8 +226,8 @@ def compare_layers(build: dict, threads: int) -> dict:
     """Where the time goes: each convolution shape in TVM (tuned kernel timed alone) and onnxruntime.
 
     onnxruntime's own profiler gives each node's time; a node and a TVM kernel are the same layer when
-    their input and weight shapes are (both fuse the bias, the residual add and the activation into
-    the convolution). Everything that is not a convolution is summed as "other".
+    their input (up to onnxruntime's channel padding), kernel and output sizes are (both fuse the bias,
+    the residual add and the activation into the convolution). The rest is summed as "other".
     """
     import tvm
 
@@ -241,22 +241,24 @@ def compare_layers(build: dict, threads: int) -> dict:
     timed = time_each_kernel(library.imports[0], tvm.cpu(), kernels, 100)
     layers: dict[tuple, dict] = {}
 
-    def layer(shapes: list[list[int]] | None) -> dict:
-        key, label, flops = _conv_layer(*shapes) if shapes else (("other",), "other", 0.0)
-        # the first side to name a layer names it: TVM's shapes are the model's own
+    def layer(key: tuple, label: str, flops: float) -> dict:
         return layers.setdefault(key, {"layer": label, "flops": flops, "tvm_us": 0.0, "tvm_calls": 0,
                                        "onnxruntime_us": 0.0, "onnxruntime_calls": 0})
 
     for kernel, time_ in zip(kernels, timed):
         original = shapes.get(kernel["name"].removesuffix("_prepacked"))
-        is_conv = original is not None and "conv2d" in kernel["name"]
-        entry = layer([a["shape"] for a in (original["args"][0], original["args"][1], original["args"][-1])] if is_conv else None)
+        if original is not None and "conv2d" in kernel["name"]:
+            entry = layer(*_conv_layer(*(original["args"][i]["shape"] for i in (0, 1, -1))))
+        else:
+            entry = layer(("other",), "other", 0.0)
         entry["tvm_us"] += time_["median_ms"] * 1e3 * kernel["calls"]
         entry["tvm_calls"] += kernel["calls"]
     for node in _onnxruntime_profile(build["onnx"], build["example"], threads):
-        is_conv = node["op"] in ("Conv", "FusedConv")
-        tensors = [next(iter(t.values())) for t in node["input_type_shape"][:2] + node["output_type_shape"][:1]]
-        entry = layer(tensors if is_conv else None)
+        if node["op"] in ("Conv", "FusedConv"):
+            key, label, flops = _conv_layer(*(next(iter(t.values())) for t in node["input_type_shape"][:2] + node["output_type_shape"][:1]))
+            entry = layer(_same_layer_in_tvm(key, layers) or key, label, flops)
+        else:
+            entry = layer(("other",), "other", 0.0)
         entry["onnxruntime_us"] += node["us"]
         entry["onnxruntime_calls"] += 1
     rows = sorted(layers.values(), key=lambda r: (r["layer"] == "other", -max(r["tvm_us"], r["onnxruntime_us"])))
@@ -276,18 +278,23 @@ def compare_layers(build: dict, threads: int) -> dict:
 
 
 def _conv_layer(data: list[int], weight: list[int], out: list[int]) -> tuple[tuple, str, float]:
-    """A convolution's key, name and multiply-add FLOPs, from NCHW shapes.
-
-    onnxruntime's NCHWc layout pads channels to its vector width (8 or 16) and its profiler reports
-    the padded shapes (LeNet-5's 6 filters run as 16, MobileNetV2's 24 input channels as 32): the key
-    leaves out the output channels and rounds the input channels up to 16.
-    """
+    """A convolution's key, name and multiply-add FLOPs, from NCHW shapes (output channels not in the key)."""
     _, cin, h, w = data
     cout, cin_per_group, kh, kw = weight
     flops = 2.0 * math.prod(out) * cin_per_group * kh * kw
     depthwise = cin_per_group == 1 and cin > 1
     label = f"conv {cin}->{cout} {kh}x{kw}{' depthwise' if depthwise else ''} at {h}x{w} -> {out[2]}x{out[3]}"
-    return (-(-cin // 16), h, w, kh, kw, out[2], out[3], depthwise), label, flops
+    return (cin, h, w, kh, kw, out[2], out[3], depthwise), label, flops
+
+
+def _same_layer_in_tvm(key: tuple, layers: dict[tuple, dict]) -> tuple | None:
+    """The TVM layer an onnxruntime convolution is: onnxruntime's NCHWc layout pads channels to its
+    vector width (8 or 16) and its profiler reports the padded shapes (LeNet-5's 6 filters run as
+    16, MobileNetV2's 24 input channels as 32), so its input channels may exceed TVM's by the padding.
+    """
+    cin, rest = key[0], key[1:]
+    padded_from = [k for k in layers if k[1:] == rest and k[0] <= cin <= -(-k[0] // 16) * 16]
+    return max(padded_from, default=None)
 
 
 def _onnxruntime_profile(onnx_path: Path, x: np.ndarray, threads: int, runs: int = 200) -> list[dict]:
@@ -353,7 +360,8 @@ def write_markdown(info: dict, rows: list[dict], warm: dict) -> None:
         "",
         "TVM: each tuned kernel timed alone (time_evaluator, median of 10 repeats) times its calls; "
         "onnxruntime: its own profiler's per-node times (median of 200 runs, same thread count; the "
-        "profiler adds a little per node). A layer is matched by its input and weight shapes; both "
+        "profiler adds a little per node). A layer is matched by its input shape (up to onnxruntime's "
+        "channel padding), kernel and output size; both "
         "runtimes fuse bias, residual add and activation into the convolution. The layers costing most "
         "in either runtime; the JSON has them all.",
     ]
