@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .bundle import write_json
 from .errors import CompactDeployError, first_line
 from .resources import cache_dir
 from .targets import TargetSpec
@@ -53,9 +54,7 @@ class TuningDatabase:
         self.path.mkdir(parents=True, exist_ok=True)
         identity_file = self.path / "identity.json"
         if not identity_file.exists():  # says what the records were measured on
-            tmp = self.path / ".identity.json.tmp"
-            tmp.write_text(json.dumps(self.identity, indent=2, sort_keys=True) + "\n")
-            os.replace(tmp, identity_file)
+            write_json(identity_file, self.identity)
         return ms.database.JSONDatabase(str(self.path / _WORKLOADS), str(self.path / _RECORDS), allow_missing=True)
 
     @contextlib.contextmanager
@@ -81,10 +80,7 @@ class TuningDatabase:
         return json.loads(path.read_text()) if path.exists() else {}
 
     def mark_exhausted(self, workload_hash: str, trials: int) -> None:
-        marked = {**self.exhausted(), workload_hash: trials}
-        tmp = self.path / f".{_EXHAUSTED}.tmp"
-        tmp.write_text(json.dumps(marked, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, self.path / _EXHAUSTED)
+        write_json(self.path / _EXHAUSTED, {**self.exhausted(), workload_hash: trials})
 
 
 def database_for(target: TargetSpec, device: dict[str, Any] | None) -> TuningDatabase:

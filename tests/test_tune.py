@@ -154,8 +154,8 @@ def test_ctrl_c_during_a_tuned_build_keeps_its_batches_and_the_same_command_resu
     ]
 
     def records() -> int:
-        found = list(cache.glob("tuning/host-*/database_tuning_record.json"))
-        return found[0].read_text().count("\n") if found else 0
+        found = list(cache.glob("tuning/host-*"))
+        return TuningDatabase(found[0], {}).record_count() if found else 0
 
     build = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                              start_new_session=True)

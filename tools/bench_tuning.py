@@ -30,6 +30,7 @@ import benchlib
 import numpy as np
 import torch
 
+from compactdeploy.bundle import write_json
 from compactdeploy.compile import compile_onnx, import_onnx, resolve_linker
 from compactdeploy.export import export_onnx
 from compactdeploy.resources import cache_dir
@@ -74,7 +75,7 @@ def main() -> None:
         builds.append(build_variants(name, target, linker, database, args, history, history_path, root, log))
     if "warm_database" not in history:  # a rerun would find the variant's records already warm
         history["warm_database"] = warm_database_saving(target, linker, database, args, root, log)
-        save_history(history_path, history)
+        write_json(history_path, history)
     warm = history["warm_database"]
     log("timing every variant, interleaved ...")
     rows = time_interleaved(builds, threads)
@@ -118,7 +119,7 @@ def build_variants(name, target, linker, database, args, history, history_path, 
             previous = history.get(name, {"tune_s": 0.0, "trials": 0})
             history[name] = {"tune_s": round(previous["tune_s"] + time.perf_counter() - started, 1),
                              "trials": previous["trials"] + ran}
-            save_history(history_path, history)
+            write_json(history_path, history)
     tuned = compile_onnx(exported.path, target, tuned_dir, linker, database)
     return {
         "model": name,
@@ -132,12 +133,6 @@ def build_variants(name, target, linker, database, args, history, history_path, 
         "tuning_history": history.get(name),
         "trials": trials,
     }
-
-
-def save_history(path: Path, history: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(history, indent=1))
-    os.replace(tmp, path)
 
 
 def warm_database_saving(target, linker, database, args, root, log) -> dict:
