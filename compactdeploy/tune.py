@@ -20,7 +20,9 @@ import logging
 import math
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -231,10 +233,11 @@ def tune(
     import tvm.s_tir.meta_schedule as ms
     import tvm_ffi
 
-    # Ctrl-C lands in our Python callbacks (progress, builder) inside MetaSchedule's C++ loop; TVM's
-    # FFI turns an exception it does not know into a RuntimeError, which callers cannot tell from a
-    # failure: registered, it comes out as the KeyboardInterrupt it was
+    # exceptions raised in our callbacks cross MetaSchedule's C++ loop as the RuntimeError TVM's FFI
+    # makes of a type it does not know, unless registered: our own stop, and a KeyboardInterrupt
+    # (a progress callback's, or Ctrl-C where the application, not tune(), owns SIGINT)
     tvm_ffi.register_error("KeyboardInterrupt", KeyboardInterrupt)
+    tvm_ffi.register_error(_KernelSearchStopped)
     say = on_progress or (lambda message: None)
     start = time.perf_counter()
     tvm_target = target.tvm_target()
@@ -262,11 +265,15 @@ def tune(
             say(f"{len(todo)} of {len(tasks)} kernels to tune; loading MetaSchedule (about 30 s)")
             builder = WarmBuilder(linker_command)
             try:
-                with tempfile.TemporaryDirectory(prefix="compactdeploy-tune-") as work:
+                with _interrupt_between_batches(database) as interrupt, \
+                        tempfile.TemporaryDirectory(prefix="compactdeploy-tune-") as work:
                     for number, (task, state) in enumerate(todo, 1):
+                        interrupt.check()
                         ran += _tune_one(
                             ms, task, state, number, len(todo), states, database, builder, runner, work, say,
+                            interrupt,
                         )
+                        interrupt.check()
             finally:
                 builder.shutdown()
     return TuneResult(
@@ -279,7 +286,8 @@ def tune(
     )
 
 
-def _tune_one(ms, task, state: TaskState, number, count, states, database, builder, runner, work, say) -> int:
+def _tune_one(ms, task, state: TaskState, number, count, states, database, builder, runner, work, say,
+              interrupt: _Interrupt) -> int:
     """Tune one kernel in a scratch copy of the database, publishing it after every batch."""
     scratch = Path(work) / f"task{number}"
     scratch.mkdir()
@@ -287,17 +295,18 @@ def _tune_one(ms, task, state: TaskState, number, count, states, database, build
         if (database.path / name).exists():
             shutil.copyfile(database.path / name, scratch / name)
     db = ms.database.JSONDatabase(str(scratch / _WORKLOADS), str(scratch / _RECORDS), allow_missing=True)
-    progress = _TuneProgress(state, number, count, states, database, scratch, say)
+    progress = _TuneProgress(state, number, count, states, database, scratch, say, interrupt)
     if state.trials == 0:
         unscheduled_us = _record_unscheduled(ms, task, db, builder, runner)
         if unscheduled_us is not None:
             progress.measured, state.trials, state.best_us = 1, 1, round(unscheduled_us, 3)
             _publish(scratch, database.path)
+        interrupt.check()
     remaining = state.budget - state.trials
     if remaining <= 0:
         return progress.measured
     say(progress.line())
-    with _metaschedule_logging():
+    with _metaschedule_logging(), contextlib.suppress(_KernelSearchStopped):
         context = ms.relax_integration.extracted_tasks_to_tune_contexts([task], str(scratch))[0][0]
         ms.tune_tasks(
             tasks=[context],
@@ -313,6 +322,75 @@ def _tune_one(ms, task, state: TaskState, number, count, states, database, build
             task_scheduler="round-robin",
         )
     return progress.measured
+
+
+class _KernelSearchStopped(Exception):
+    """Raised from the measure callback to end one kernel's search (it ran out, or Ctrl-C)."""
+
+
+class _Interrupt:
+    """A Ctrl-C asked for during tuning, acted on where Python alone is on the stack."""
+
+    def __init__(self):
+        self.requested = False
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _interrupt_between_batches(database: TuningDatabase) -> Iterator[_Interrupt]:
+    """Make Ctrl-C stop tuning after the batch in flight is published, not in the middle of it.
+
+    A KeyboardInterrupt raised while MetaSchedule's C++ loop is calling into Python (its cost
+    model, our callbacks) must unwind C++ frames that cannot carry it: std::terminate, and the
+    process died with SIGSEGV (3 of 4 interrupts here, 0.5-2 s after a batch). So the first
+    Ctrl-C only sets a flag that the measure callback and the loop between kernels check; a
+    second one leaves at once, which loses nothing published (every batch is an atomic copy).
+
+    A Python signal handler runs only when the main thread next runs Python, which can be many
+    seconds into a search, and two Ctrl-C before then arrive as one. Signal numbers written to a
+    wakeup pipe by the C-level handler, read by a thread, count every press as it happens.
+    Only the main thread can own SIGINT, and an application's own handler is left alone.
+    """
+    interrupt = _Interrupt()
+    owned = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if not owned:
+        yield interrupt
+        return
+
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+
+    def watch() -> None:
+        while data := os.read(read_end, 64):  # empty once tuning is over and the pipe closed
+            for _ in range(data.count(signal.SIGINT)):
+                if interrupt.requested:
+                    os.write(2, (f"\nerror: tuning stopped at once; every finished batch is kept in {database.path}: "
+                                 "run the same command again to resume\n").encode())
+                    os._exit(2)  # nothing published is lost; the kernel releases the database lock
+                interrupt.requested = True
+                os.write(2, b"\ninterrupted: finishing the batch in flight, then stopping (Ctrl-C again to stop at once)\n")
+
+    signal.signal(signal.SIGINT, lambda signum, frame: None)  # the C-level handler feeds the pipe
+    previous_wakeup = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    watcher = threading.Thread(target=watch, name="compactdeploy-ctrl-c", daemon=True)
+    watcher.start()
+    try:
+        yield interrupt
+    finally:
+        signal.set_wakeup_fd(previous_wakeup)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        os.close(write_end)
+        watcher.join()
+        os.close(read_end)
+
+
+def _ignore_interrupts() -> None:
+    """Worker processes share the terminal's process group: Ctrl-C is the parent's to handle."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @contextlib.contextmanager
@@ -339,9 +417,9 @@ def _metaschedule_logging() -> Iterator[None]:
 class _TuneProgress:
     """After each batch: publish the scratch database atomically and report the best so far."""
 
-    def __init__(self, state, number, count, states, database, scratch, say):
+    def __init__(self, state, number, count, states, database, scratch, say, interrupt: _Interrupt):
         self.state, self.number, self.count, self.states = state, number, count, states
-        self.database, self.scratch, self.say = database, scratch, say
+        self.database, self.scratch, self.say, self.interrupt = database, scratch, say, interrupt
         self.measured = 0
 
     def after_batch(self, builder_results, runner_results) -> bool:
@@ -384,8 +462,12 @@ class _TuneProgress:
         @derived_object
         class _Callback(PyMeasureCallback):
             def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
-                if progress.after_batch(builder_results, runner_results):
-                    task_scheduler.terminate_task(task_id)
+                exhausted = progress.after_batch(builder_results, runner_results)
+                if exhausted or progress.interrupt.requested:
+                    # not task_scheduler.terminate_task: when this batch is joined from the scheduler's
+                    # NextTaskId, it then picks the task it just saw running and fails its own check
+                    # "!task->is_terminated" (seen on Ctrl-C); an exception leaves its loop cleanly
+                    raise _KernelSearchStopped
 
         return _Callback()
 
@@ -513,7 +595,8 @@ def WarmBuilder(linker_command: str | None, workers: int | None = None, timeout_
     class _WarmBuilder(PyBuilder):
         def __init__(self):
             super().__init__()
-            self.pool = PopenPoolExecutor(max_workers=workers or os.cpu_count() or 1, timeout=timeout_s)
+            self.pool = PopenPoolExecutor(max_workers=workers or os.cpu_count() or 1, timeout=timeout_s,
+                                          initializer=_ignore_interrupts)
 
         def build(self, build_inputs):
             jobs = [(i.mod, i.target, linker_command) for i in build_inputs]
@@ -543,7 +626,7 @@ def local_runner():
     """Measure candidates on this machine, in one worker process kept for the whole run."""
     from tvm.s_tir.meta_schedule.runner import LocalRunner
 
-    return LocalRunner(timeout_sec=60, evaluator_config=_evaluator())
+    return LocalRunner(timeout_sec=60, evaluator_config=_evaluator(), initializer=_ignore_interrupts)
 
 
 def rpc_runner(address):
