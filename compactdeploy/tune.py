@@ -41,6 +41,8 @@ _RECORDS = "database_tuning_record.json"
 # kernels whose search space ran out before their budget (structural hash -> trials then):
 # a rerun with the same or a larger budget would only restart MetaSchedule to find nothing new
 _EXHAUSTED = "exhausted.json"
+_BEST_VIEW = "best"
+_FAILED_SECONDS = 1e9  # MetaSchedule records a candidate that failed to build or run as 1e10 s
 
 
 @dataclass(frozen=True)
@@ -50,14 +52,66 @@ class TuningDatabase:
     path: Path
     identity: dict[str, Any]
 
-    def open(self):
-        import tvm.s_tir.meta_schedule as ms
+    def read(self) -> _Records:
+        """The records, read as text: a kernel's count and best time without MetaSchedule's reader."""
+        return _Records.parse(_lines(self.path / _WORKLOADS), _lines(self.path / _RECORDS))
 
+    def best_view(self) -> Path | None:
+        """A database holding each kernel's best record only: what builds apply.
+
+        MetaSchedule's JSON reader builds a TVM object (target included) for every record: 27 s
+        for 3515 records here, on every build, where one record per kernel (0.5 s) is all a build
+        applies. The view is named by the record file's size and time, so a change makes a new one;
+        it is written in a directory of its own and renamed into place, never seen half-written.
+        Returns None where no kernel has a record that ran.
+        """
+        records_file = self.path / _RECORDS
+        if not records_file.exists():
+            return None
+        stat = records_file.stat()
+        view = self.path / f"{_BEST_VIEW}-{stat.st_size}-{stat.st_mtime_ns}"
+        if view.exists():
+            return view
+        records = self.read()
+        best = {index: line for index, (_, line) in records.best.items()}
+        if not best:
+            return None
+        staging = Path(tempfile.mkdtemp(prefix=f".{_BEST_VIEW}-", dir=self.path))
+        kept = sorted(best)
+        (staging / _WORKLOADS).write_text("".join(records.workloads[i] + "\n" for i in kept))
+        (staging / _RECORDS).write_text("".join(_renumbered(best[i], n) + "\n" for n, i in enumerate(kept)))
+        try:
+            os.rename(staging, view)
+        except OSError:  # another build made the same view first
+            shutil.rmtree(staging, ignore_errors=True)
+        return view
+
+    def remove_stale_views(self) -> None:
+        """Views of record files since replaced (the tuner calls this, holding the lock)."""
+        current = self.best_view()
+        for view in self.path.glob(f"{_BEST_VIEW}-*"):
+            if view != current:
+                shutil.rmtree(view, ignore_errors=True)
+
+    def publish(self, workload_line: str, record_lines: list[str]) -> None:
+        """Add one kernel's new records, each file replaced atomically.
+
+        Workloads first: a record names its workload by line number, so the workload file must
+        never be older than the record file. ``record_lines`` name their workload as line 0.
+        """
+        if not record_lines:
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         identity_file = self.path / "identity.json"
         if not identity_file.exists():  # says what the records were measured on
             write_json(identity_file, self.identity)
-        return ms.database.JSONDatabase(str(self.path / _WORKLOADS), str(self.path / _RECORDS), allow_missing=True)
+        workloads = _lines(self.path / _WORKLOADS)
+        known = {_workload_hash_of(line): number for number, line in enumerate(workloads)}
+        index = known.get(_workload_hash_of(workload_line))
+        if index is None:
+            index = len(workloads)
+            _append_atomically(self.path / _WORKLOADS, [workload_line])
+        _append_atomically(self.path / _RECORDS, [_renumbered(line, index) for line in record_lines])
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -114,6 +168,73 @@ def newest_database(target: TargetSpec) -> TuningDatabase | None:
     return TuningDatabase(newest, identity)
 
 
+@dataclass(frozen=True)
+class _Records:
+    """MetaSchedule's JSON database as text: a line per workload, ["<structural hash>", "<module>"],
+    and a line per record, [<workload line number>, [trace, run_secs, target, args_info]]."""
+
+    workloads: list[str]
+    by_hash: dict[str, int]  # structural hash -> workload line number
+    by_workload: dict[int, list[str]]  # workload line number -> its record lines
+    best: dict[int, tuple[float, str]]  # workload line number -> its fastest record that ran, and its time
+
+    @classmethod
+    def parse(cls, workload_lines: list[str], record_lines: list[str]) -> _Records:
+        by_workload: dict[int, list[str]] = {}
+        best: dict[int, tuple[float, str]] = {}
+        for line in record_lines:
+            index = _workload_index_of(line)
+            by_workload.setdefault(index, []).append(line)
+            seconds = _record_seconds(line)
+            if seconds is not None and (index not in best or seconds < best[index][0]):
+                best[index] = (seconds, line)
+        by_hash = {_workload_hash_of(line): number for number, line in enumerate(workload_lines)}
+        return cls(workload_lines, by_hash, by_workload, best)
+
+    def of(self, workload_hash: str) -> tuple[str | None, list[str]]:
+        """A kernel's workload line (None: never tuned) and record lines."""
+        index = self.by_hash.get(workload_hash)
+        return (None, []) if index is None else (self.workloads[index], self.by_workload.get(index, []))
+
+    def best_us(self, workload_hash: str) -> float | None:
+        index = self.by_hash.get(workload_hash)
+        return round(self.best[index][0] * 1e6, 3) if index in self.best else None
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def _workload_hash_of(workload_line: str) -> str:
+    return json.loads(workload_line)[0]
+
+
+def _workload_index_of(record_line: str) -> int:
+    return int(record_line[1:record_line.index(",")])
+
+
+def _renumbered(record_line: str, workload_index: int) -> str:
+    """The record line naming workload line ``workload_index`` (the rest of it untouched)."""
+    return f"[{workload_index}," + record_line[record_line.index(",") + 1:]
+
+
+def _record_seconds(record_line: str) -> float | None:
+    """The record's time (mean of its repeats), None for a candidate that failed."""
+    run_secs = json.loads(record_line)[1][1]
+    if not run_secs or max(run_secs) >= _FAILED_SECONDS:
+        return None
+    return sum(run_secs) / len(run_secs)
+
+
+def _append_atomically(path: Path, lines: list[str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    if path.exists():
+        shutil.copyfile(path, tmp)
+    with open(tmp, "a") as file:
+        file.write("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
+
+
 def lower_for_tuning(mod, tvm_target):
     """Legalize and fuse: the kernels tuning searches are the fused ones the build then runs."""
     import tvm
@@ -145,11 +266,14 @@ def apply_database(lowered, tvm_target, database: TuningDatabase | None) -> tupl
     import tvm
     from tvm import relax
 
+    import tvm.s_tir.meta_schedule as ms
+
     tasks = _tasks(lowered, tvm_target)
-    if database is None or not (database.path / _RECORDS).exists():
+    view = database.best_view() if database is not None else None
+    if view is None:
         return lowered, 0, len(tasks)
-    db = database.open()
-    scheduled = sum(1 for task in tasks if _best_seconds(db, task) is not None)
+    db = ms.database.JSONDatabase(str(view / _WORKLOADS), str(view / _RECORDS), allow_missing=False)
+    scheduled = sum(1 for task in tasks if db.has_workload(task.dispatched[0]))
     if scheduled == 0:
         return lowered, 0, len(tasks)
     with tvm_target, db:
@@ -243,15 +367,15 @@ def tune(
     tvm_target = target.tvm_target()
     tasks = _tasks(lowered, tvm_target)
     with database.locked():
-        db = database.open()
+        records = database.read()
         flops = [_flops(t) for t in tasks]
         budgets = plan_budgets(flops, [int(t.weight) for t in tasks], trials)
-        counts = _record_counts(db, tasks)
         exhausted = database.exhausted()
         states = []
-        for t, f, budget, count in zip(tasks, flops, budgets, counts):
+        for t, f, budget in zip(tasks, flops, budgets):
             workload_hash = _workload_hash(t)
-            states.append(TaskState(t.task_name, f, int(t.weight), budget, count, _best_us(db, t),
+            count = len(records.of(workload_hash)[1])
+            states.append(TaskState(t.task_name, f, int(t.weight), budget, count, records.best_us(workload_hash),
                                     workload_hash, workload_hash in exhausted))
         reused = sum(s.trials for s in states)
         # a deficit under a quarter batch on a kernel that has records is not worth MetaSchedule's
@@ -270,12 +394,13 @@ def tune(
                     for number, (task, state) in enumerate(todo, 1):
                         interrupt.check()
                         ran += _tune_one(
-                            ms, task, state, number, len(todo), states, database, builder, runner, work, say,
-                            interrupt,
+                            ms, task, state, number, len(todo), states, database, records, builder, runner, work,
+                            say, interrupt,
                         )
                         interrupt.check()
             finally:
                 builder.shutdown()
+                database.remove_stale_views()  # and makes the one the build applies next
     return TuneResult(
         database=database.path,
         requested_trials=trials,
@@ -286,32 +411,32 @@ def tune(
     )
 
 
-def _tune_one(ms, task, state: TaskState, number, count, states, database, builder, runner, work, say,
+def _tune_one(ms, task, state: TaskState, number, count, states, database, records, builder, runner, work, say,
               interrupt: _Interrupt) -> int:
-    """Tune one kernel in a scratch copy of the database, publishing it after every batch."""
-    scratch = Path(work) / f"task{number}"
-    scratch.mkdir()
-    for name in (_WORKLOADS, _RECORDS):
-        if (database.path / name).exists():
-            shutil.copyfile(database.path / name, scratch / name)
-    db = ms.database.JSONDatabase(str(scratch / _WORKLOADS), str(scratch / _RECORDS), allow_missing=True)
+    """Tune one kernel in a scratch database holding its records only, publishing after every batch.
+
+    Only the kernel's own records matter to its search (its starting population, the candidates
+    not to measure again), and MetaSchedule reads a whole database on open, slowly.
+    """
+    scratch = _KernelScratch(Path(work) / f"task{number}", database, *records.of(state.workload_hash))
+    db = ms.database.JSONDatabase(str(scratch.workloads), str(scratch.records), allow_missing=True)
     progress = _TuneProgress(state, number, count, states, database, scratch, say, interrupt)
     if state.trials == 0:
         unscheduled_us = _record_unscheduled(ms, task, db, builder, runner)
         if unscheduled_us is not None:
             progress.measured, state.trials, state.best_us = 1, 1, round(unscheduled_us, 3)
-            _publish(scratch, database.path)
+            scratch.publish()
         interrupt.check()
     remaining = state.budget - state.trials
     if remaining <= 0:
         return progress.measured
     say(progress.line())
     with _metaschedule_logging(), contextlib.suppress(_KernelSearchStopped):
-        context = ms.relax_integration.extracted_tasks_to_tune_contexts([task], str(scratch))[0][0]
+        context = ms.relax_integration.extracted_tasks_to_tune_contexts([task], str(scratch.path))[0][0]
         ms.tune_tasks(
             tasks=[context],
             task_weights=[1.0],
-            work_dir=str(scratch),
+            work_dir=str(scratch.path),
             max_trials_global=remaining,
             max_trials_per_task=remaining,
             num_trials_per_iter=BATCH,
@@ -432,7 +557,7 @@ class _TuneProgress:
                 us = _mean_seconds(run.run_secs) * 1e6
                 if self.state.best_us is None or us < self.state.best_us:
                     self.state.best_us = round(us, 3)
-        _publish(self.scratch, self.database.path)
+        self.scratch.publish()
         # MetaSchedule keeps asking its search for a full batch of unmeasured candidates; on a small
         # kernel (a pool, a bias add) it finds a few, then none, and each such round still costs seconds
         exhausted = asked >= MIN_DEFICIT and len(builder_results) < MIN_DEFICIT
@@ -497,16 +622,28 @@ def _record_unscheduled(ms, task, db, builder, runner) -> float | None:
     return _mean_seconds(seconds) * 1e6
 
 
-def _publish(scratch: Path, destination: Path) -> None:
-    """Copy the scratch database over the persistent one, each file replaced atomically.
+class _KernelScratch:
+    """One kernel's scratch database: its records from the persistent one, new ones published back."""
 
-    Workloads first: a record names its workload by line number, so the workload file must never
-    be older than the record file.
-    """
-    for name in (_WORKLOADS, _RECORDS):
-        tmp = destination / f".{name}.tmp"
-        shutil.copyfile(scratch / name, tmp)
-        os.replace(tmp, destination / name)
+    def __init__(self, path: Path, database: TuningDatabase, workload_line: str | None, record_lines: list[str]):
+        self.path, self.database = path, database
+        self.workloads, self.records = path / _WORKLOADS, path / _RECORDS
+        path.mkdir()
+        if workload_line is not None:
+            self.workloads.write_text(workload_line + "\n")
+            self.records.write_text("".join(_renumbered(line, 0) + "\n" for line in record_lines))
+        self.published = len(record_lines)
+
+    def publish(self) -> None:
+        """Copy the records MetaSchedule added since the last call into the persistent database."""
+        lines = _lines(self.records)
+        new = lines[self.published:]
+        if not new:
+            return
+        if any(_workload_index_of(line) != 0 for line in new):  # the scratch holds one kernel
+            raise RuntimeError(f"a record for another kernel in {self.records}")
+        self.database.publish(_lines(self.workloads)[0], new)
+        self.published = len(lines)
 
 
 def _tasks(lowered, tvm_target) -> list:
@@ -531,38 +668,9 @@ def _flops(task) -> float:
         return 1.0
 
 
-def _record_counts(db, tasks) -> list[int]:
-    """How many records the database holds for each task (one pass over the records)."""
-    records = db.get_all_tuning_records()
-    counts = []
-    for task in tasks:
-        mod = task.dispatched[0]
-        if not db.has_workload(mod):
-            counts.append(0)
-            continue
-        workload = db.commit_workload(mod)
-        counts.append(sum(1 for r in records if r.workload.same_as(workload)))
-    return counts
-
-
-def _best_seconds(db, task) -> float | None:
-    mod = task.dispatched[0]
-    if not db.has_workload(mod):
-        return None
-    best = db.get_top_k(db.commit_workload(mod), 1)
-    if not best or not best[0].run_secs:
-        return None
-    return _mean_seconds(best[0].run_secs)
-
-
 def _mean_seconds(run_secs) -> float:
     """A candidate's time: the mean of its repeats (TVM hands them over as FloatImm)."""
     return sum(float(s) for s in run_secs) / len(run_secs)
-
-
-def _best_us(db, task) -> float | None:
-    seconds = _best_seconds(db, task)
-    return None if seconds is None else round(seconds * 1e6, 3)
 
 
 # --- building and measuring candidates --------------------------------------------------------

@@ -58,6 +58,23 @@ def test_tuned_build_then_reuse_then_a_pruned_variant_shares_records(tmp_path):
     assert 0 < variant["trials_run"] < first["trials_run"]
     assert variant["kernels_scheduled"] == variant["kernels_tunable"]
     assert read_json(tmp_path / "d" / "report.json")["parity"]["onnx_vs_tvm_max_abs"] <= 1e-4
+    assert_builds_apply_the_best_record_of_every_kernel(database)
+
+
+def assert_builds_apply_the_best_record_of_every_kernel(database: Path) -> None:
+    """Builds read a view with one record per kernel (MetaSchedule reads all records slowly):
+    each the one MetaSchedule itself ranks first, the view made for the current records only."""
+    import tvm.s_tir.meta_schedule as ms
+
+    records = database / "database_tuning_record.json"
+    [view] = database.glob("best-*")  # the views of earlier record files were removed
+    assert view.name == f"best-{records.stat().st_size}-{records.stat().st_mtime_ns}"
+    full = ms.database.JSONDatabase(str(database / "database_workload.json"), str(records))
+    best = ms.database.JSONDatabase(str(view / "database_workload.json"), str(view / "database_tuning_record.json"))
+    assert len(best) == (database / "database_workload.json").read_text().count("\n") > 0  # one per kernel
+    for record in best.get_all_tuning_records():
+        [first] = full.get_top_k(full.commit_workload(record.workload.mod), 1)
+        assert [float(s) for s in record.run_secs] == [float(s) for s in first.run_secs]
 
 
 def test_an_interrupted_tuning_run_keeps_its_batches_and_resumes(tmp_path):
