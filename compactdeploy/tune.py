@@ -54,7 +54,9 @@ class TuningDatabase:
 
     def read(self) -> _Records:
         """The records, read as text: a kernel's count and best time without MetaSchedule's reader."""
-        return _Records.parse(_lines(self.path / _WORKLOADS), _lines(self.path / _RECORDS))
+        # records first: a tuner publishing meanwhile adds a workload before any record naming it
+        record_lines = _lines(self.path / _RECORDS)
+        return _Records.parse(_lines(self.path / _WORKLOADS), record_lines)
 
     def best_view(self) -> Path | None:
         """A database holding each kernel's best record only: what builds apply.
