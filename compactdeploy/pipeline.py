@@ -446,10 +446,7 @@ def _tune(config: BuildConfig, target: TargetSpec, database, onnx_path: Path, li
     try:
         return tune(lowered, target, database, config.tune_trials, runner, linker.command, clock.progress)
     except KeyboardInterrupt:
-        raise CompactDeployError(
-            f"tuning interrupted; every finished batch is kept in {database.path}: "
-            "run the same command again to resume"
-        ) from None
+        raise CompactDeployError(f"tuning interrupted; {database.resume_hint()}") from None
 
 
 def _tuning_report(database, tuned, compiled) -> dict[str, Any] | None:

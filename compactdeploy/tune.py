@@ -56,7 +56,16 @@ class TuningDatabase:
         """The records, read as text: a kernel's count and best time without MetaSchedule's reader."""
         # records first: a tuner publishing meanwhile adds a workload before any record naming it
         record_lines = _lines(self.path / _RECORDS)
-        return _Records.parse(_lines(self.path / _WORKLOADS), record_lines)
+        try:
+            return _Records.parse(_lines(self.path / _WORKLOADS), record_lines)
+        except (ValueError, IndexError, TypeError) as exc:
+            raise CompactDeployError(
+                f"the tuning database {self.path} is damaged ({first_line(exc)}): move it away and build "
+                "again (its kernels are then tuned afresh with --tune-trials)"
+            ) from None
+
+    def resume_hint(self) -> str:
+        return f"every finished batch is kept in {self.path}: run the same command again to resume"
 
     def best_view(self) -> Path | None:
         """A database holding each kernel's best record only: what builds apply.
@@ -208,7 +217,8 @@ def _lines(path: Path) -> list[str]:
 
 
 def _workload_hash_of(workload_line: str) -> str:
-    return json.loads(workload_line)[0]
+    """The leading string alone: the module after it is ~100 KB of base64 not worth parsing."""
+    return json.loads(workload_line[1:workload_line.index(",")])
 
 
 def _workload_index_of(record_line: str) -> int:
@@ -225,7 +235,7 @@ def _record_seconds(record_line: str) -> float | None:
     run_secs = json.loads(record_line)[1][1]
     if not run_secs or max(run_secs) >= _FAILED_SECONDS:
         return None
-    return sum(run_secs) / len(run_secs)
+    return _mean_seconds(run_secs)
 
 
 def _append_atomically(path: Path, lines: list[str]) -> None:
@@ -266,9 +276,8 @@ def apply_database(lowered, tvm_target, database: TuningDatabase | None) -> tupl
     Returns the module, how many of its kernels were scheduled from records, and how many there are.
     """
     import tvm
-    from tvm import relax
-
     import tvm.s_tir.meta_schedule as ms
+    from tvm import relax
 
     tasks = _tasks(lowered, tvm_target)
     view = database.best_view() if database is not None else None
@@ -402,7 +411,7 @@ def tune(
                         interrupt.check()
             finally:
                 builder.shutdown()
-                database.remove_stale_views()  # and makes the one the build applies next
+            database.remove_stale_views()  # and makes the one the build applies next
     return TuneResult(
         database=database.path,
         requested_trials=trials,
@@ -495,8 +504,7 @@ def _interrupt_between_batches(database: TuningDatabase) -> Iterator[_Interrupt]
         while data := os.read(read_end, 64):  # empty once tuning is over and the pipe closed
             for _ in range(data.count(signal.SIGINT)):
                 if interrupt.requested:
-                    os.write(2, (f"\nerror: tuning stopped at once; every finished batch is kept in {database.path}: "
-                                 "run the same command again to resume\n").encode())
+                    os.write(2, f"\nerror: tuning stopped at once; {database.resume_hint()}\n".encode())
                     os._exit(2)  # nothing published is lost; the kernel releases the database lock
                 interrupt.requested = True
                 os.write(2, b"\ninterrupted: finishing the batch in flight, then stopping (Ctrl-C again to stop at once)\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -161,6 +162,25 @@ def test_a_database_another_build_is_tuning_into_is_refused(capsys, tmp_path):
     with database_for(load_target("host"), fingerprint()).locked():  # as a build tuning in another process holds it
         message = error_of(capsys, "build", "--model", "lenet5", "--target", "host", "--tune-trials", "8", "--out", out)
     assert "another build is tuning into" in message and "wait for it to finish" in message
+    assert_nothing_written(out)
+
+
+def test_a_damaged_tuning_database_is_named_in_one_line(capsys, tmp_path):
+    """Builds read the records as text: a line cut short must not come out as an internal error."""
+    from compactdeploy.device.agent import fingerprint
+    from compactdeploy.tune import database_for
+
+    database = database_for(load_target("host"), fingerprint())
+    database.path.mkdir(parents=True, exist_ok=True)
+    (database.path / "database_workload.json").write_text('["123","abc"]\n')
+    (database.path / "database_tuning_record.json").write_text('[0,[[[],[]],[1e-05,\n')
+    out = tmp_path / "out"
+    try:
+        message = error_of(capsys, "build", "--model", "mlp-tabular", "--target", "host", "--out", out)
+    finally:
+        shutil.rmtree(database.path)
+    assert message.startswith(f"error: the tuning database {database.path} is damaged (")
+    assert "move it away and build again" in message
     assert_nothing_written(out)
 
 
