@@ -93,14 +93,30 @@ class Candidate:
 
 @dataclass
 class SearchState:
-    """Verified candidates, on disk after each one: what --resume starts from."""
+    """Verified candidates, on disk after each one: what --resume starts from.
+
+    A resumed search replays the run it resumes: its decisions (predictions, "measured before")
+    use only the models this run has met so far (``walked``), in the order met, so the same budget
+    walks to the same models and measures nothing again. Predicting from every stored model instead
+    would let a finished run's last measurement move the first pick of its rerun. Every stored
+    model is still a candidate for the final choice.
+    """
 
     path: Path
     key: dict[str, Any]
     candidates: list[Candidate] = field(default_factory=list)
+    walked: list[Candidate] = field(default_factory=list)  # met by this run, stored or new; not saved
 
     def find(self, widths: dict[str, int]) -> Candidate | None:
         return next((c for c in self.candidates if c.widths == widths), None)
+
+    def met(self, widths: dict[str, int]) -> bool:
+        return any(c.widths == widths for c in self.walked)
+
+    def meet(self, candidate: Candidate) -> Candidate:
+        if not self.met(candidate.widths):
+            self.walked.append(candidate)
+        return candidate
 
     def save(self) -> None:
         from ..bundle import write_json
@@ -290,7 +306,7 @@ def _search(config, target, linker, say, method, latency_budget, memory_budget, 
     def verify(point: Point, predicted_ms: float | None) -> Candidate:
         known = state.find(point.widths)
         if known is not None:
-            return known
+            return state.meet(known)
         changed = space.narrowed(point.widths)
         label = f"model {len(state.candidates) + 1} ({_widths_text(changed) or 'unpruned'})"
         out = run_dir / "candidates" / hashlib.sha256(json.dumps(point.widths, sort_keys=True).encode()).hexdigest()[:12]
@@ -310,6 +326,7 @@ def _search(config, target, linker, say, method, latency_budget, memory_budget, 
             importance_kept=trajectory.kept(point.widths), where=report["figures"]["latency"], build=str(out),
         )
         state.candidates.append(candidate)
+        state.meet(candidate)
         state.save()
         say(f"{label}: measured {candidate.measured_ms:.3f} ms" + (f", predicted {predicted_ms:.3f} ms" if predicted_ms else ""))
         return candidate
@@ -321,7 +338,7 @@ def _search(config, target, linker, say, method, latency_budget, memory_budget, 
     workspace_bound = unpruned.memory_bytes - space.params_bytes(space.full)  # narrower models plan less
 
     def predict(point: Point) -> float:
-        return _corrected(point.cost, [(c.table_ms, c.measured_ms) for c in state.candidates]) if latency_ms else point.cost
+        return _corrected(point.cost, [(c.table_ms, c.measured_ms) for c in state.walked]) if latency_ms else point.cost
 
     def fits(point: Point, target_ms: float | None) -> bool:
         # intermediates grow with the widest group (a bound for grown models, not a measurement)
@@ -344,7 +361,7 @@ def _search(config, target, linker, say, method, latency_budget, memory_budget, 
             pick = trajectory.points[-1]
         else:
             pick = trajectory.fill(pick, lambda p: fits(p, target_ms))
-        seen_before = state.find(pick.widths) is not None
+        seen_before = state.met(pick.widths)
         candidate = verify(pick, predict(pick) if latency_ms else None)
         if candidate.meets(latency_ms, memory_bytes):
             if latency_ms is None or candidate.measured_ms >= latency_ms * (1 - CLOSE_ENOUGH):
@@ -353,7 +370,7 @@ def _search(config, target, linker, say, method, latency_budget, memory_budget, 
                 # the prediction is exact at measured models, so the next round would pick this one
                 # again: measure the nearest wider model predicted near the budget instead
                 wider = sorted(
-                    (p for p in trajectory.points if p.cost > pick.cost and state.find(p.widths) is None
+                    (p for p in trajectory.points if p.cost > pick.cost and not state.met(p.widths)
                      and predict(p) <= latency_ms * (1 + CLOSE_ENOUGH)),
                     key=lambda p: p.cost,
                 )
@@ -376,8 +393,9 @@ def _search(config, target, linker, say, method, latency_budget, memory_budget, 
         )
     if status is None:
         status = f"met the budget within {config.fit_rounds} rounds, not within {CLOSE_ENOUGH:.0%} of it"
-    # the most importance kept, not the best accuracy before fine-tuning: after a deep cut that is noise
-    chosen = max(feasible, key=lambda c: (c.importance_kept, c.measured_ms))
+    # the most importance kept, not the best accuracy before fine-tuning: after a deep cut that is noise;
+    # then the most parameters (grown models all keep 1.0), not the slowest: timing noise would decide that
+    chosen = max(feasible, key=lambda c: (c.importance_kept, c.params))
     changed = space.narrowed(chosen.widths)
     report = _report(config, method, latency_budget, memory_budget, latency_ms, memory_bytes, space, trajectory,
                      state, chosen, table, rounds, status, run_dir, predict, grown)
@@ -406,14 +424,14 @@ def _grow(config, trajectory: Trajectory, state, verify, predict, fits, latency_
         say("growing: widening where the measured cost is lowest" + (" (the nearest wider model)" if nearest else ""))
         grown = trajectory.grow(lambda p: fits(p, limit))
         if nearest:
-            wider = [p for p in grown[1:] if state.find(p.widths) is None and p.cost > last.cost]
+            wider = [p for p in grown[1:] if not state.met(p.widths) and p.cost > last.cost]
             pick = min(wider, key=lambda p: p.cost) if wider else None
         else:
             path = grown
             pick = grown[-1] if len(grown) > 1 else None
         if pick is None:
             break
-        seen_before = state.find(pick.widths) is not None
+        seen_before = state.met(pick.widths)
         candidate = verify(pick, predict(pick) if latency_ms else None)
         if not candidate.meets(latency_ms, memory_bytes):
             if nearest or seen_before:
