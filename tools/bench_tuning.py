@@ -192,6 +192,13 @@ def time_interleaved(builds: list[dict], threads: int) -> list[dict]:
     rows = []
     for b in builds:
         median = {v: float(np.median(times[(b["model"], v)])) * 1e3 for v in ("tvm-untuned", "tvm-tuned", "onnxruntime", "torch-eager")}
+        # the ratio within each round (both timed seconds apart): its spread shows how far the
+        # machine's noise moves the headline ratio, which is a median over all rounds
+        per_round = [
+            np.median(times[(b["model"], "tvm-tuned")][i : i + RUNS_PER_ROUND])
+            / np.median(times[(b["model"], "onnxruntime")][i : i + RUNS_PER_ROUND])
+            for i in range(0, ROUNDS * RUNS_PER_ROUND, RUNS_PER_ROUND)
+        ]
         result = b["tuning"]
         slowest = sorted((k for k in result.tasks if k["best_us"] is not None),
                          key=lambda k: -k["best_us"] * k["calls"])[:4]
@@ -200,6 +207,7 @@ def time_interleaved(builds: list[dict], threads: int) -> list[dict]:
             "input_shape": b["input_shape"],
             "median_ms": median,
             "tuned_over_onnxruntime": median["tvm-tuned"] / median["onnxruntime"],
+            "tuned_over_onnxruntime_per_round_p25_p75": [float(np.percentile(per_round, 25)), float(np.percentile(per_round, 75))],
             "untuned_over_onnxruntime": median["tvm-untuned"] / median["onnxruntime"],
             "kernels": b["tuned"].kernels_tunable,
             "kernels_scheduled": b["tuned"].kernels_scheduled,
@@ -326,7 +334,8 @@ def write_markdown(info: dict, rows: list[dict], warm: dict) -> None:
         "# TVM tuned vs onnxruntime vs PyTorch, every zoo model (batch 1, this host)",
         "",
         f"Measured on {info['measured_on']}, {info['threads']} threads for every runtime; "
-        f"{info['rounds']} interleaved rounds x {info['runs_per_round']} runs per variant, medians. "
+        f"{info['rounds']} interleaved rounds x {info['runs_per_round']} runs per variant, medians; "
+        "'per round': tuned / ORT within each round, its quartiles over the rounds (the machine's noise). "
         f"Random weights (latency does not depend on them). All figures real measurements on this host; "
         "none emulated or estimated. Command: `" + info["command"] + "`.",
         "",
@@ -335,14 +344,16 @@ def write_markdown(info: dict, rows: list[dict], warm: dict) -> None:
         "measured (fewer than the budget where a kernel's search space ran out); tuning time is the wall "
         "time of the runs that tuned (warm builder workers, local runner).",
         "",
-        "| model | input | TVM untuned ms | TVM tuned ms | onnxruntime ms | PyTorch eager ms | tuned / ORT | budget | trials | tuning s | compile s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | input | TVM untuned ms | TVM tuned ms | onnxruntime ms | PyTorch eager ms | tuned / ORT | per round (p25-p75) | budget | trials | tuning s | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         m = r["median_ms"]
+        low, high = r["tuned_over_onnxruntime_per_round_p25_p75"]
         lines.append(
             f"| {r['model']} | {'x'.join(map(str, r['input_shape'][1:]))} | {m['tvm-untuned']:.3f} | {m['tvm-tuned']:.3f} | "
             f"{m['onnxruntime']:.3f} | {m['torch-eager']:.3f} | **{r['tuned_over_onnxruntime']:.2f}** | "
+            f"{low:.2f}-{high:.2f} | "
             f"{r['trial_budget']} | {r['trials_run'] or 0} | {r['tuning_s'] or 0:.0f} | {r['compile_s_tuned']:.1f} |"
         )
     lines += ["", "Slowest tuned kernels (MetaSchedule's own measurement, per call):", ""]
