@@ -36,7 +36,7 @@ from compactdeploy.export import export_onnx
 from compactdeploy.resources import cache_dir
 from compactdeploy.targets import load_target
 from compactdeploy.tune import TuningDatabase, local_runner, lower_for_tuning, tune
-from compactdeploy.zoo import create_model, zoo
+from compactdeploy.zoo import create_model
 
 MODELS = ["mlp-tabular", "lenet300", "lenet5", "resnet20", "mobilenetv2"]
 ROUNDS = 15  # interleaved rounds; each times every variant RUNS_PER_ROUND times
