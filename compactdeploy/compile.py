@@ -130,11 +130,74 @@ def import_onnx(onnx_path: str | Path, target: TargetSpec):
         model = onnx.load(str(onnx_path))
     except Exception as exc:  # protobuf decode errors and the like
         raise CompactDeployError(f"{onnx_path} is not a readable ONNX model: {exc}") from None
+    _clip_as_max_min(model.graph)
     try:
         mod = from_onnx(model, keep_params_in_input=False)
     except Exception as exc:  # TVM reports unsupported operators with several exception types
         raise CompactDeployError(f"TVM cannot import {onnx_path}: {first_line(exc)}") from None
-    return mod
+    return _pairwise_max_min(mod)
+
+
+def _clip_as_max_min(graph) -> None:
+    """Rewrite every Clip (ReLU6 and the like) as Max then Min, in place.
+
+    TVM's importer emits Clip as an opaque TE call, which the NHWC layout pass cannot see through:
+    it would wrap every ReLU6 in a pair of transposes. Max and Min import as Relax operators, made
+    layout-neutral by ``_pairwise_max_min``.
+    """
+    import numpy as np
+    import onnx
+
+    taken = {name for node in graph.node for name in (*node.input, *node.output)}
+    taken |= {tensor.name for tensor in graph.initializer} | {value.name for value in graph.input}
+
+    def unused(name: str) -> str:
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        return name
+
+    nodes = []
+    for node in graph.node:
+        if node.op_type != "Clip":
+            nodes.append(node)
+            continue
+        bounds = list(node.input[1:3]) + [""] * (3 - len(node.input))  # opset >= 11: optional inputs
+        for attribute in node.attribute:  # opset < 11: attributes
+            name = unused(f"{node.output[0]}/clip_{attribute.name}")
+            graph.initializer.append(onnx.numpy_helper.from_array(np.array(attribute.f, dtype=np.float32), name))
+            bounds[0 if attribute.name == "min" else 1] = name
+        value = node.input[0]
+        for op, bound in (("Max", bounds[0]), ("Min", bounds[1])):
+            if bound:
+                out = unused(f"{node.output[0]}/clip_{op.lower()}")
+                nodes.append(onnx.helper.make_node(op, [value, bound], [out], name=out))
+                value = out
+        nodes.append(onnx.helper.make_node("Identity", [value], [node.output[0]], name=node.name))
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _pairwise_max_min(mod):
+    """Relax's ``maximum(a, b)`` for the importer's two-input Max, ``max(stack(broadcast a, b))``
+    (and the same for Min): the layout pass carries the elementwise form, not the stacked one."""
+    from tvm import relax
+    from tvm.relax.dpl import is_op, is_tuple, rewrite_call, wildcard
+
+    for reduce, elementwise in (("relax.max", relax.op.maximum), ("relax.min", relax.op.minimum)):
+        a, b = wildcard(), wildcard()
+        stacked = is_op("relax.stack")(is_tuple([is_op("relax.broadcast_to")(a, wildcard()),
+                                                 is_op("relax.broadcast_to")(b, wildcard())]))
+        pattern = is_op(reduce)(stacked)
+
+        def rewrite(call, matches, a=a, b=b, stacked=stacked, elementwise=elementwise):
+            over_stack_axis = [int(x) for x in call.attrs.axis or []] == [0] and int(matches[stacked].attrs.axis) == 0
+            return elementwise(matches[a], matches[b]) if over_stack_axis and not call.attrs.keepdims else call
+
+        for gv, function in list(mod.functions_items()):
+            if isinstance(function, relax.Function):
+                mod[gv] = rewrite_call(pattern, rewrite, function)
+    return relax.transform.DeadCodeElimination()(mod)
 
 
 def compile_onnx(

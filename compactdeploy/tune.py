@@ -36,6 +36,8 @@ from .targets import TargetSpec
 
 BATCH = 32  # candidates built and measured together: MetaSchedule's unit of progress
 MIN_DEFICIT = BATCH // 4
+# the layout every CPU build computes convolutions in (data, weights); see lower_for_tuning
+CONV_LAYOUT = {"relax.nn.conv2d": ["NHWC", "OHWI"]}
 _WORKLOADS = "database_workload.json"
 _RECORDS = "database_tuning_record.json"
 # kernels whose search space ran out before their budget (structural hash -> trials then):
@@ -267,7 +269,28 @@ def lower_for_tuning(mod, tvm_target):
                 # units); the repacking runs once, at compile time, in ``apply_database``
                 relax.transform.AttachAttrLayoutFreeBuffers(),
             ]
-        )(mod)
+        )(channels_last(mod))
+
+
+def channels_last(mod):
+    """Convolutions in NHWC (``CONV_LAYOUT``), the layout carried through the operators between them.
+
+    Channels innermost: MetaSchedule vectorizes over channels (multiples of 8 or 16) instead of the
+    image width (7 or 14 late in a network). Measured on this 2-core AVX-512 host, MobileNetV2's
+    kernels tuned 64 trials each in NHWC against 37-74 in NCHW: 1x1 conv 24->144 115 vs 291 us, stem
+    154 vs 376 us, stride-2 depthwise 175 vs 433 us. Where TVM's layout pass cannot handle a model
+    (an operator it has no layout rule for), the model keeps its layout, with a warning: correct, slower.
+    """
+    import warnings
+
+    from tvm import relax
+
+    try:
+        return relax.transform.ConvertLayout(CONV_LAYOUT)(mod)
+    except Exception as exc:  # TVM raises InternalError and friends from inside the pass
+        warnings.warn(f"convolutions stay NCHW (slower kernels): TVM's layout pass failed: {first_line(exc)}",
+                      stacklevel=2)
+        return mod
 
 
 def apply_database(lowered, tvm_target, database: TuningDatabase | None) -> tuple[Any, int, int]:

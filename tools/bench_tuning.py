@@ -35,7 +35,7 @@ from compactdeploy.compile import compile_onnx, import_onnx, resolve_linker
 from compactdeploy.export import export_onnx
 from compactdeploy.resources import cache_dir
 from compactdeploy.targets import load_target
-from compactdeploy.tune import TuningDatabase, local_runner, lower_for_tuning, tune
+from compactdeploy.tune import CONV_LAYOUT, TuningDatabase, local_runner, lower_for_tuning, tune
 from compactdeploy.zoo import create_model
 
 MODELS = ["mlp-tabular", "lenet300", "lenet5", "resnet20", "mobilenetv2"]
@@ -251,7 +251,8 @@ def compare_layers(build: dict, threads: int) -> dict:
     for kernel, time_ in zip(kernels, timed):
         original = shapes.get(kernel["name"].removesuffix("_prepacked"))
         if original is not None and "conv2d" in kernel["name"]:
-            entry = layer(*_conv_layer(*(original["args"][i]["shape"] for i in (0, 1, -1))))
+            data, weight, out = (original["args"][i]["shape"] for i in (0, 1, -1))
+            entry = layer(*_conv_layer(*_nchw_from_nhwc(data, weight, out)))
         else:
             entry = layer(("other",), "other", 0.0)
         entry["tvm_us"] += time_["median_ms"] * 1e3 * kernel["calls"]
@@ -288,6 +289,14 @@ def _conv_layer(data: list[int], weight: list[int], out: list[int]) -> tuple[tup
     depthwise = cin_per_group == 1 and cin > 1
     label = f"conv {cin}->{cout} {kh}x{kw}{' depthwise' if depthwise else ''} at {h}x{w} -> {out[2]}x{out[3]}"
     return (cin, h, w, kh, kw, out[2], out[3], depthwise), label, flops
+
+
+def _nchw_from_nhwc(data: list[int], weight: list[int], out: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """TVM's CPU kernels take NHWC data and OHWI weights (compactdeploy.tune.CONV_LAYOUT); onnxruntime
+    reports NCHW and OIHW: one spelling for both."""
+    assert CONV_LAYOUT["relax.nn.conv2d"] == ["NHWC", "OHWI"], CONV_LAYOUT
+    nchw = lambda s: [s[0], s[3], s[1], s[2]]  # noqa: E731
+    return nchw(data), nchw(weight), nchw(out)
 
 
 def _same_layer_in_tvm(key: tuple, layers: dict[tuple, dict]) -> tuple | None:

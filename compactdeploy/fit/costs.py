@@ -155,9 +155,10 @@ class LatencyTable:
 
 def table_for(target: TargetSpec, fingerprint: dict[str, Any] | None, tuning_database) -> LatencyTable:
     """The table for ``target`` on the device with ``fingerprint``, against the tuning records it compiles with."""
-    from ..tune import database_for
+    from ..tune import CONV_LAYOUT, database_for
 
     identity = dict(database_for(target, fingerprint).identity)
+    identity["conv_layout"] = CONV_LAYOUT["relax.nn.conv2d"]  # tables measured in another layout are stale
     records = tuning_database.path / "database_tuning_record.json" if tuning_database is not None else None
     # a layer's time depends on its schedule: new tuning records make a new table
     identity["tuning_records_sha256"] = (
