@@ -117,6 +117,11 @@ def _cuda_lower(mod, tvm_target, database):
 PIPELINES: dict[str, Callable] = {"llvm": _cpu_lower, "cuda": _cuda_lower}
 
 
+def channels_last(target: TargetSpec) -> bool:
+    """Whether ``target``'s pipeline computes convolutions in NHWC (the CPU one: ``tune.channels_last``)."""
+    return PIPELINES.get(target.kind) is _cpu_lower
+
+
 def import_onnx(onnx_path: str | Path, target: TargetSpec):
     """The ONNX file as a Relax module, weights embedded as constants."""
     import onnx

@@ -56,6 +56,33 @@ def _real_signatures(module, example):
     return {names[m]: signature_of(m, s) for m, s in shapes.items()}
 
 
+def test_a_layer_probe_compiles_to_the_models_own_kernel(tmp_path):
+    """The latency table times each layer alone: the probe must be the kernel the model runs (so the
+    tuning records serve both), channels-last as the CPU build is, with no layout change around it."""
+    from compactdeploy.compile import channels_last, import_onnx
+    from compactdeploy.export import export_onnx
+    from compactdeploy.fit.costs import probe_module
+    from compactdeploy.targets import load_target
+    from compactdeploy.tune import _tasks, _workload_hash, lower_for_tuning
+
+    target = load_target("host")
+    model = create_model("lenet5")
+    example = torch.randn(*model.input_shape)
+    space = width_space(model.module, example, (), 4, 4)
+    convolutions = [s for s in space.signatures(space.full) if s.kind == "conv2d"]
+    exported = export_onnx(model.module.eval(), example, tmp_path / "lenet5.onnx")
+
+    def kernels(mod) -> dict[str, str]:
+        tasks = _tasks(lower_for_tuning(mod, target.tvm_target()), target.tvm_target())
+        return {_workload_hash(t): t.task_name for t in tasks}
+
+    in_model = kernels(import_onnx(exported.path, target))
+    probes = kernels(probe_module(convolutions, channels_last(target)))
+    assert len(probes) == len(convolutions) == 2
+    assert set(probes) <= set(in_model), (probes, in_model)
+    assert not any("transpose" in name for name in probes.values())
+
+
 @pytest.mark.parametrize(
     "name,args", [("lenet5", {}), ("resnet20", {}), ("mobilenetv2", {"width_mult": 0.35, "input_size": 32})]
 )

@@ -57,6 +57,12 @@ class LayerSignature:
     def input_shape(self) -> tuple[int, ...]:
         return (1, self.in_channels, *self.spatial)
 
+    def probe_input_shape(self, channels_last: bool) -> tuple[int, ...]:
+        """The input as the compiled layer reads it: NHWC for a conv2d in a channels-last build."""
+        if channels_last and self.kind == "conv2d":
+            return (1, *self.spatial, self.in_channels)
+        return self.input_shape
+
     def output_spatial(self) -> tuple[int, ...]:
         return tuple(
             (size + 2 * p - d * (k - 1) - 1) // s + 1
@@ -168,11 +174,13 @@ def table_for(target: TargetSpec, fingerprint: dict[str, Any] | None, tuning_dat
     return LatencyTable(cache_dir("latency") / f"{target.name}-{digest}.json", identity)
 
 
-def probe_module(signatures: list[LayerSignature], seed: int = 0):
+def probe_module(signatures: list[LayerSignature], channels_last: bool, seed: int = 0):
     """A Relax module with one function per signature: the layer, its bias and a ReLU, random weights.
 
     The ops are the ones TVM's ONNX importer emits for Conv and Gemm (the weight transpose already
-    folded), so the compiler fuses and schedules each probe as it does the layer in the model.
+    folded), in the layout the build computes them in (``channels_last``: conv2d in NHWC, as
+    ``compactdeploy.tune.CONV_LAYOUT``), so the compiler fuses and schedules each probe as it does the
+    layer in the model, with no layout change around it that the model does not have.
     """
     from tvm import relax
 
@@ -183,7 +191,8 @@ def probe_module(signatures: list[LayerSignature], seed: int = 0):
         return relax.const(rng.standard_normal(shape).astype("float32") * 0.1)
 
     for index, s in enumerate(signatures):
-        x = relax.Var("x", relax.TensorType(s.input_shape, "float32"))
+        x = relax.Var("x", relax.TensorType(s.probe_input_shape(channels_last), "float32"))
+        nhwc = channels_last and s.kind == "conv2d"
         with builder.function(f"probe_{index}", [x]):
             with builder.dataflow():
                 if s.kind == "linear":
@@ -192,10 +201,15 @@ def probe_module(signatures: list[LayerSignature], seed: int = 0):
                         y = builder.emit(relax.op.add(y, const(s.out_channels)))
                 else:
                     conv = relax.op.nn.conv2d if s.kind == "conv2d" else relax.op.nn.conv1d
-                    weight = const(s.out_channels, s.in_channels // s.groups, *s.kernel)
-                    y = builder.emit(conv(x, weight, strides=s.stride, padding=s.padding, dilation=s.dilation, groups=s.groups))
+                    layout = {"data_layout": "NHWC", "kernel_layout": "OHWI"} if nhwc else {}
+                    weight = (const(s.out_channels, *s.kernel, s.in_channels // s.groups) if nhwc
+                              else const(s.out_channels, s.in_channels // s.groups, *s.kernel))
+                    y = builder.emit(conv(x, weight, strides=s.stride, padding=s.padding, dilation=s.dilation,
+                                          groups=s.groups, **layout))
                     if s.bias:
-                        y = builder.emit(relax.op.add(y, const(1, s.out_channels, *([1] * len(s.spatial)))))
+                        ones = [1] * len(s.spatial)
+                        y = builder.emit(relax.op.add(y, const(1, *ones, s.out_channels) if nhwc
+                                                      else const(1, s.out_channels, *ones)))
                 y = builder.emit_output(builder.emit(relax.op.nn.relu(y)))
             builder.emit_func_output(y)
     return builder.get()
@@ -229,15 +243,16 @@ def measure_missing(
 
 
 def _compile_probes(batch, target: TargetSpec, directory: Path, linker, database) -> Path:
-    from ..compile import compile_module
+    from ..compile import channels_last, compile_module
 
-    return compile_module(probe_module(batch), target, directory, linker, database).lib_path
+    return compile_module(probe_module(batch, channels_last(target)), target, directory, linker, database).lib_path
 
 
 def _time_probes(session_factory, lib: Path, batch: list[LayerSignature], target: TargetSpec) -> list[float]:
     from tvm import relax
     from tvm import runtime as tvm_runtime
 
+    from ..compile import channels_last
     from ..device import answering
 
     session = session_factory()
@@ -249,13 +264,14 @@ def _time_probes(session_factory, lib: Path, batch: list[LayerSignature], target
         )
     kind = "cuda" if target.kind == "cuda" else "cpu"
     dev = session.device(kind)
+    layout = channels_last(target)
     rng = np.random.default_rng(0)
     times = []
     with answering(session.address, "timing layers for the latency table"):
         session.remote.upload(str(lib), "probes.so")
         vm = relax.VirtualMachine(session.remote.load_module("probes.so"), dev)
         for index, signature in enumerate(batch):
-            x = tvm_runtime.tensor(rng.standard_normal(signature.input_shape).astype("float32"), dev)
+            x = tvm_runtime.tensor(rng.standard_normal(signature.probe_input_shape(layout)).astype("float32"), dev)
             # several runs per repeat where a layer is tiny, so the timer's resolution does not matter
             result = vm.time_evaluator(f"probe_{index}", dev, number=1, repeat=7, min_repeat_ms=2)(x)
             times.append(float(np.median(result.results)) * 1e3)
