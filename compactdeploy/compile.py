@@ -117,8 +117,8 @@ def _cuda_lower(mod, tvm_target, database):
 PIPELINES: dict[str, Callable] = {"llvm": _cpu_lower, "cuda": _cuda_lower}
 
 
-def channels_last(target: TargetSpec) -> bool:
-    """Whether ``target``'s pipeline computes convolutions in NHWC (the CPU one: ``tune.channels_last``)."""
+def builds_channels_last(target: TargetSpec) -> bool:
+    """Whether ``target``'s pipeline computes convolutions in NHWC (the CPU one: ``tune.to_channels_last``)."""
     return PIPELINES.get(target.kind) is _cpu_lower
 
 
@@ -135,8 +135,8 @@ def import_onnx(onnx_path: str | Path, target: TargetSpec):
         model = onnx.load(str(onnx_path))
     except Exception as exc:  # protobuf decode errors and the like
         raise CompactDeployError(f"{onnx_path} is not a readable ONNX model: {exc}") from None
-    _clip_as_max_min(model.graph)
     try:
+        _clip_as_max_min(model.graph)  # inside: a malformed Clip is the model's fault, reported as such
         mod = from_onnx(model, keep_params_in_input=False)
     except Exception as exc:  # TVM reports unsupported operators with several exception types
         raise CompactDeployError(f"TVM cannot import {onnx_path}: {first_line(exc)}") from None

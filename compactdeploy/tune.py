@@ -269,10 +269,10 @@ def lower_for_tuning(mod, tvm_target):
                 # units); the repacking runs once, at compile time, in ``apply_database``
                 relax.transform.AttachAttrLayoutFreeBuffers(),
             ]
-        )(channels_last(mod))
+        )(to_channels_last(mod))
 
 
-def channels_last(mod):
+def to_channels_last(mod):
     """Convolutions in NHWC (``CONV_LAYOUT``), the layout carried through the operators between them.
 
     Channels innermost: MetaSchedule vectorizes over channels (multiples of 8 or 16) instead of the

@@ -176,3 +176,27 @@ def test_compile_names_an_operator_tvm_does_not_support(tmp_path):
     target = load_target("host")
     with pytest.raises(CompactDeployError, match="FancyNewOp"):
         compile_onnx(path, target, tmp_path, resolve_linker(target))
+
+
+def test_compile_names_a_malformed_clip_in_one_line(tmp_path):
+    """compactdeploy rewrites Clip before TVM imports it; a Clip with no input must still be refused
+    as an unimportable model, not crash in the rewrite."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from compactdeploy.compile import compile_onnx, resolve_linker
+    from compactdeploy.errors import CompactDeployError
+    from compactdeploy.targets import load_target
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Clip", [], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    target = load_target("host")
+    with pytest.raises(CompactDeployError, match="cannot import") as caught:
+        compile_onnx(path, target, tmp_path, resolve_linker(target))
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "model.so").exists()

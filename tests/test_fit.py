@@ -59,7 +59,7 @@ def _real_signatures(module, example):
 def test_a_layer_probe_compiles_to_the_models_own_kernel(tmp_path):
     """The latency table times each layer alone: the probe must be the kernel the model runs (so the
     tuning records serve both), channels-last as the CPU build is, with no layout change around it."""
-    from compactdeploy.compile import channels_last, import_onnx
+    from compactdeploy.compile import builds_channels_last, import_onnx
     from compactdeploy.export import export_onnx
     from compactdeploy.fit.costs import probe_module
     from compactdeploy.targets import load_target
@@ -77,7 +77,7 @@ def test_a_layer_probe_compiles_to_the_models_own_kernel(tmp_path):
         return {_workload_hash(t): t.task_name for t in tasks}
 
     in_model = kernels(import_onnx(exported.path, target))
-    probes = kernels(probe_module(convolutions, channels_last(target)))
+    probes = kernels(probe_module(convolutions, builds_channels_last(target)))
     assert len(probes) == len(convolutions) == 2
     assert set(probes) <= set(in_model), (probes, in_model)
     assert not any("transpose" in name for name in probes.values())

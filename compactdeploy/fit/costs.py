@@ -161,10 +161,12 @@ class LatencyTable:
 
 def table_for(target: TargetSpec, fingerprint: dict[str, Any] | None, tuning_database) -> LatencyTable:
     """The table for ``target`` on the device with ``fingerprint``, against the tuning records it compiles with."""
+    from ..compile import builds_channels_last
     from ..tune import CONV_LAYOUT, database_for
 
     identity = dict(database_for(target, fingerprint).identity)
-    identity["conv_layout"] = CONV_LAYOUT["relax.nn.conv2d"]  # tables measured in another layout are stale
+    # tables measured in another layout are stale
+    identity["conv_layout"] = CONV_LAYOUT["relax.nn.conv2d"] if builds_channels_last(target) else ["NCHW", "OIHW"]
     records = tuning_database.path / "database_tuning_record.json" if tuning_database is not None else None
     # a layer's time depends on its schedule: new tuning records make a new table
     identity["tuning_records_sha256"] = (
@@ -243,16 +245,16 @@ def measure_missing(
 
 
 def _compile_probes(batch, target: TargetSpec, directory: Path, linker, database) -> Path:
-    from ..compile import channels_last, compile_module
+    from ..compile import builds_channels_last, compile_module
 
-    return compile_module(probe_module(batch, channels_last(target)), target, directory, linker, database).lib_path
+    return compile_module(probe_module(batch, builds_channels_last(target)), target, directory, linker, database).lib_path
 
 
 def _time_probes(session_factory, lib: Path, batch: list[LayerSignature], target: TargetSpec) -> list[float]:
     from tvm import relax
     from tvm import runtime as tvm_runtime
 
-    from ..compile import channels_last
+    from ..compile import builds_channels_last
     from ..device import answering
 
     session = session_factory()
@@ -264,7 +266,7 @@ def _time_probes(session_factory, lib: Path, batch: list[LayerSignature], target
         )
     kind = "cuda" if target.kind == "cuda" else "cpu"
     dev = session.device(kind)
-    layout = channels_last(target)
+    layout = builds_channels_last(target)
     rng = np.random.default_rng(0)
     times = []
     with answering(session.address, "timing layers for the latency table"):
