@@ -278,7 +278,7 @@ def to_channels_last(mod):
     Channels innermost: MetaSchedule vectorizes over channels (multiples of 8 or 16) instead of the
     image width (7 or 14 late in a network). Measured on this 2-core AVX-512 host, MobileNetV2's
     kernels tuned 64 trials each in NHWC against 37-74 in NCHW: 1x1 conv 24->144 115 vs 291 us, stem
-    154 vs 376 us, stride-2 depthwise 175 vs 433 us. Where TVM's layout pass cannot handle a model
+    154 vs 376 us, stride-2 depthwise 175 vs 433 us (one-off script; README "Tuning"). Where TVM's layout pass cannot handle a model
     (an operator it has no layout rule for), the model keeps its layout, with a warning: correct, slower.
     """
     import warnings
