@@ -19,7 +19,18 @@ from test_errors import assert_nothing_written, error_of
 from compactdeploy.compile import import_onnx
 from compactdeploy.export import export_onnx
 from compactdeploy.targets import load_target
-from compactdeploy.tune import BATCH, TuningDatabase, local_runner, lower_for_tuning, plan_budgets, tune
+from compactdeploy.tune import (
+    BATCH,
+    MIN_DEFICIT,
+    ROUND_TRIALS,
+    TaskState,
+    TuningDatabase,
+    local_runner,
+    lower_for_tuning,
+    next_by_measured_time,
+    plan_budgets,
+    tune,
+)
 from compactdeploy.zoo import create_model
 
 
@@ -33,6 +44,39 @@ def test_budget_split_follows_the_work_and_keeps_a_floor():
     assert sum(budgets) <= 120
     assert budgets[0] > budgets[1] > budgets[2] >= BATCH // 2
     assert plan_budgets([1e6, 1e6], [1, 1], 3) == [1, 1]  # a budget smaller than a floor still splits
+
+
+def kernel(best_us: float | None, calls: int = 1, trials: int = 16, exhausted: bool = False) -> TaskState:
+    return TaskState("k", 1e6, calls, trials, trials, best_us, "hash", exhausted)
+
+
+def test_the_rest_of_the_budget_goes_where_the_measured_time_is():
+    kernels = [kernel(10.0), kernel(100.0, calls=2), kernel(5.0)]
+    assert next_by_measured_time(kernels, 400) == (1, ROUND_TRIALS)  # 200 us of the model's 215
+    kernels[1].exhausted = True  # its share goes to the kernels that can still improve
+    index, trials = next_by_measured_time(kernels, 400)
+    assert index == 0 and trials == ROUND_TRIALS
+    # a kernel already past its share gets nothing while another is below it
+    assert next_by_measured_time([kernel(10.0, trials=300), kernel(10.0, trials=16)], 400)[0] == 1
+    # spent, or nothing left that can take trials
+    assert next_by_measured_time([kernel(10.0, trials=400 - MIN_DEFICIT + 1)], 400) is None
+    assert next_by_measured_time([kernel(10.0, exhausted=True), kernel(None)], 400) is None
+    assert next_by_measured_time([kernel(10.0, trials=390)], 400) == (0, 10)  # no more than is left
+
+
+def test_rounds_by_measured_time_spend_the_budget_then_stop():
+    """Kernels whose time falls as they get trials: the slow one ends with most, the budget is spent."""
+    start_us = [400.0, 40.0, 4.0]
+    kernels = [kernel(us) for us in start_us]
+    rounds = 0
+    while (chosen := next_by_measured_time(kernels, 1000)) is not None:
+        index, trials = chosen
+        kernels[index].trials += trials
+        kernels[index].best_us = start_us[index] * (16 / kernels[index].trials) ** 0.5
+        rounds += 1
+    assert 1000 - MIN_DEFICIT < sum(k.trials for k in kernels) <= 1000
+    assert kernels[0].trials > kernels[1].trials > kernels[2].trials
+    assert rounds < 1000 // MIN_DEFICIT
 
 
 def test_tuned_build_then_reuse_then_a_pruned_variant_shares_records(tmp_path):
@@ -92,16 +136,18 @@ def test_an_interrupted_tuning_run_keeps_its_batches_and_resumes(tmp_path):
             os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(KeyboardInterrupt):
-        tune(lowered, target, database, 12, local_runner(), None, press_ctrl_c_after_first_batch)
+        tune(lowered, target, database, 24, local_runner(), None, press_ctrl_c_after_first_batch)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
     kept = database.record_count()
-    # the first kernel's records (unscheduled + a batch of 3), and at most the next batch in flight
+    # the first kernel's records (unscheduled + a batch of 3 of its 4 by FLOPs), at most the next batch in flight
     assert 4 <= kept < 12
 
-    resumed = tune(lowered, target, database, 12, local_runner(), None)
+    resumed = tune(lowered, target, database, 24, local_runner(), None)
     assert resumed.trials_reused == kept
-    assert resumed.trials_run == 12 - kept
+    assert 24 - MIN_DEFICIT < kept + resumed.trials_run <= 24  # the rest by measured time
+    assert database.record_count() == kept + resumed.trials_run
     assert all(task["best_us"] is not None for task in resumed.tasks)
+    assert tune(lowered, target, database, 24, local_runner(), None).trials_run == 0
 
 
 def test_a_kernel_whose_search_space_runs_out_stops_early_and_is_not_tuned_again(tmp_path):
