@@ -250,8 +250,11 @@ def _append_atomically(path: Path, lines: list[str]) -> None:
     os.replace(tmp, path)
 
 
-def lower_for_tuning(mod, tvm_target):
-    """Legalize and fuse: the kernels tuning searches are the fused ones the build then runs."""
+def lower_for_tuning(mod, tvm_target, channels_last: bool = True):
+    """Legalize and fuse: the kernels tuning searches are the fused ones the build then runs.
+
+    ``channels_last=False`` keeps the model's NCHW convolutions (tools/tune_kernel.py compares them).
+    """
     import tvm
     from tvm import relax
 
@@ -270,7 +273,7 @@ def lower_for_tuning(mod, tvm_target):
                 # units); the repacking runs once, at compile time, in ``apply_database``
                 relax.transform.AttachAttrLayoutFreeBuffers(),
             ]
-        )(to_channels_last(mod))
+        )(to_channels_last(mod) if channels_last else mod)
 
 
 def to_channels_last(mod):
@@ -382,7 +385,7 @@ def next_by_measured_time(states: list[TaskState], trials: int) -> tuple[int, in
     time each kernel costs the model now (best time x calls), as Ansor's task scheduler does: FLOPs
     misjudge kernels (MobileNetV2's narrowing 1x1 convolutions ran at a third of the speed of others
     of the same FLOPs) and a slow kernel's time falls fast with more trials (576->96: 194 us after
-    40 trials, 66 us after 232). Each round gives the kernel furthest below its share of the budget
+    40 trials, 66 us after 232, continued from the benchmark's records). Each round gives the kernel furthest below its share of the budget
     at most ``ROUND_TRIALS``, then the shares are worked out again from the new times. A pure
     function of the records' counts and times, so an interrupted run resumes the same plan, and a
     finished one (under ``MIN_DEFICIT`` left, or nothing left to search) tunes nothing.

@@ -1,0 +1,136 @@
+#!/usr/bin/env python
+"""How one kernel's time falls with more trials, and in which convolution layout: per kernel, per batch.
+
+For a zoo model (random weights, seeded, as tools/bench_tuning.py exports it), lists its kernels with
+what a tuning database holds for each (default: the benchmark's own), or tunes the chosen ones
+further in a scratch copy of their records (the database is only read), printing after every batch
+of 32 the trials so far and the best time. ``--layout NCHW`` lowers the model with its convolutions
+left NCHW, to set a kernel's NCHW schedule against its NHWC one (``--fresh`` for both sides: no
+records). Host only; the figures are this machine's. Usage:
+
+    .venv/bin/python tools/tune_kernel.py --model mobilenetv2                 # the kernels, records, best
+    .venv/bin/python tools/tune_kernel.py --model mobilenetv2 --kernels 14 --trials 192
+    .venv/bin/python tools/tune_kernel.py --model resnet20 --kernels 0 --fresh --layout NCHW --trials 64
+
+Writes docs/kernel-tuning.json (every batch of every kernel tuned, and the command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import benchlib
+import torch
+
+from compactdeploy.compile import import_onnx
+from compactdeploy.export import export_onnx
+from compactdeploy.resources import cache_dir
+from compactdeploy.targets import load_target
+from compactdeploy.tune import (
+    BATCH,
+    TuningDatabase,
+    WarmBuilder,
+    _flops,
+    _metaschedule_logging,
+    _renumbered,
+    _tasks,
+    _workload_hash,
+    local_runner,
+    lower_for_tuning,
+)
+from compactdeploy.zoo import create_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--kernels", default="", help="kernel numbers from the listing, comma-separated")
+    parser.add_argument("--trials", type=int, default=2 * BATCH, help="trials to add to each chosen kernel")
+    parser.add_argument("--layout", choices=["NHWC", "NCHW"], default="NHWC", help="convolution layout")
+    parser.add_argument("--fresh", action="store_true", help="search from no records")
+    parser.add_argument("--database", type=Path, default=cache_dir("bench-tuning") / "database")
+    args = parser.parse_args()
+    threads = os.cpu_count() or 1
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    target = load_target("host")
+    model = create_model(args.model)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="tune-kernel-") as work:
+        torch.manual_seed(0)
+        exported = export_onnx(model.module, torch.randn(model.input_shape), Path(work) / "model.onnx")
+        tvm_target = target.tvm_target()
+        lowered = lower_for_tuning(import_onnx(exported.path, target), tvm_target, args.layout == "NHWC")
+        tasks = _tasks(lowered, tvm_target)
+        records = TuningDatabase(args.database, {}).read()
+        for number, task in enumerate(tasks):
+            best = records.best_us(_workload_hash(task))
+            speed = f", {_flops(task) / (best * 1e3):.0f} GFLOP/s" if best else ""
+            print(f"{number:3d} {task.task_name} x{int(task.weight)}: {_flops(task) / 1e6:.2f} MFLOP, "
+                  f"{len(records.of(_workload_hash(task))[1])} records, best {best} us{speed}")
+        chosen = [tasks[int(n)] for n in args.kernels.split(",") if n]
+        if not chosen:
+            return
+        rows = []
+        builder = WarmBuilder(None)
+        try:
+            for task in chosen:
+                workload, lines = (None, []) if args.fresh else records.of(_workload_hash(task))
+                rows.append(tune_further(task, workload, lines, args.trials, builder, Path(tempfile.mkdtemp(dir=work))))
+        finally:
+            builder.shutdown()
+    info = benchlib.meta("tune_kernel.py", time.perf_counter() - start, threads=threads, model=args.model,
+                         layout=args.layout, fresh=args.fresh, database=str(args.database),
+                         weights="random (seeded); latency does not depend on values",
+                         figures="MetaSchedule's own measurement of each candidate on this host; nothing emulated")
+    info["command"] += " " + " ".join(sys.argv[1:])
+    benchlib.write_json("kernel-tuning", info, rows)
+    print(f"wrote {benchlib.DOCS}/kernel-tuning.json")
+
+
+def tune_further(task, workload: str | None, lines: list[str], trials: int, builder, scratch: Path) -> dict:
+    """Tune ``task`` ``trials`` more from ``lines`` (its records) in ``scratch``; the best after each batch."""
+    import tvm.s_tir.meta_schedule as ms
+    from tvm.ir.utils import derived_object
+
+    if workload is not None:
+        (scratch / "w.json").write_text(workload + "\n")
+        (scratch / "r.json").write_text("".join(_renumbered(line, 0) + "\n" for line in lines))
+    db = ms.database.JSONDatabase(str(scratch / "w.json"), str(scratch / "r.json"), allow_missing=True)
+    flops, start, batches = _flops(task), time.perf_counter(), []
+
+    def best_us() -> float | None:
+        times = [sum(map(float, r.run_secs)) / len(r.run_secs) for r in db.get_all_tuning_records() if r.run_secs]
+        ran = [t for t in times if t < 1e9]  # MetaSchedule records a failed candidate as 1e10 s
+        return min(ran) * 1e6 if ran else None
+
+    row = {"kernel": task.task_name, "calls": int(task.weight), "flops": flops,
+           "records_before": len(lines), "best_us_before": best_us(), "batches": batches}
+
+    @derived_object
+    class _AfterBatch(ms.measure_callback.PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, candidates, builder_results, runner_results):
+            best = best_us()
+            batches.append({"trials": len(db.get_all_tuning_records()), "best_us": best,
+                            "gflops": round(flops / (best * 1e3), 1) if best else None,
+                            "seconds": round(time.perf_counter() - start, 1)})
+            print(f"  {task.task_name}: {batches[-1]['trials']} trials, best {best:.1f} us "
+                  f"({batches[-1]['gflops']} GFLOP/s), {batches[-1]['seconds']:.0f} s", flush=True)
+
+    with _metaschedule_logging():
+        context = ms.relax_integration.extracted_tasks_to_tune_contexts([task], str(scratch))[0][0]
+        ms.tune_tasks(
+            tasks=[context], task_weights=[1.0], work_dir=str(scratch), max_trials_global=trials,
+            max_trials_per_task=trials, num_trials_per_iter=BATCH, builder=builder, runner=local_runner(),
+            database=db, measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), _AfterBatch()],
+            task_scheduler="round-robin",
+        )
+    return row
+
+
+if __name__ == "__main__":
+    main()
