@@ -53,8 +53,12 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=2 * BATCH, help="trials to add to each chosen kernel")
     parser.add_argument("--layout", choices=["NHWC", "NCHW"], default="NHWC", help="convolution layout")
     parser.add_argument("--fresh", action="store_true", help="search from no records")
+    parser.add_argument("--flush-cache", action="store_true",
+                        help="measure candidates with their weights and outputs evicted from the caches, as "
+                             "inside a model (MetaSchedule's enable_cpu_cache_flush); implies --fresh")
     parser.add_argument("--database", type=Path, default=cache_dir("bench-tuning") / "database")
     args = parser.parse_args()
+    args.fresh = args.fresh or args.flush_cache  # warm-cache records are not comparable
     threads = os.cpu_count() or 1
     os.environ["TVM_NUM_THREADS"] = str(threads)
     target = load_target("host")
@@ -80,11 +84,12 @@ def main() -> None:
         try:
             for task in chosen:
                 workload, lines = (None, []) if args.fresh else records.of(_workload_hash(task))
-                rows.append(tune_further(task, workload, lines, args.trials, builder, Path(tempfile.mkdtemp(dir=work))))
+                rows.append(tune_further(task, workload, lines, args.trials, builder, Path(tempfile.mkdtemp(dir=work)),
+                                         flushed_runner() if args.flush_cache else local_runner()))
         finally:
             builder.shutdown()
     info = benchlib.meta("tune_kernel.py", time.perf_counter() - start, threads=threads, model=args.model,
-                         layout=args.layout, fresh=args.fresh, database=str(args.database),
+                         layout=args.layout, fresh=args.fresh, flush_cache=args.flush_cache, database=str(args.database),
                          weights="random (seeded); latency does not depend on values",
                          figures="MetaSchedule's own measurement of each candidate on this host; nothing emulated")
     info["command"] += " " + " ".join(sys.argv[1:])
@@ -92,7 +97,16 @@ def main() -> None:
     print(f"wrote {benchlib.DOCS}/kernel-tuning.json")
 
 
-def tune_further(task, workload: str | None, lines: list[str], trials: int, builder, scratch: Path) -> dict:
+def flushed_runner():
+    """A local runner that evicts every argument but the input from the caches before each run."""
+    from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, LocalRunner
+
+    # a flush per run needs one run per repeat (number=1); 20 repeats instead of ~50 ms of runs
+    return LocalRunner(timeout_sec=60, evaluator_config=EvaluatorConfig(
+        number=1, repeat=20, min_repeat_ms=0, enable_cpu_cache_flush=True))
+
+
+def tune_further(task, workload: str | None, lines: list[str], trials: int, builder, scratch: Path, runner) -> dict:
     """Tune ``task`` ``trials`` more from ``lines`` (its records) in ``scratch``; the best after each batch."""
     import tvm.s_tir.meta_schedule as ms
     from tvm.ir.utils import derived_object
@@ -125,7 +139,7 @@ def tune_further(task, workload: str | None, lines: list[str], trials: int, buil
         context = ms.relax_integration.extracted_tasks_to_tune_contexts([task], str(scratch))[0][0]
         ms.tune_tasks(
             tasks=[context], task_weights=[1.0], work_dir=str(scratch), max_trials_global=trials,
-            max_trials_per_task=trials, num_trials_per_iter=BATCH, builder=builder, runner=local_runner(),
+            max_trials_per_task=trials, num_trials_per_iter=BATCH, builder=builder, runner=runner,
             database=db, measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), _AfterBatch()],
             task_scheduler="round-robin",
         )
