@@ -446,7 +446,7 @@ def tune(
         # a deficit under a quarter batch on a kernel that has records is not worth MetaSchedule's
         # start-up (~30 s): a rerun whose budget split moved by a few trials tunes nothing
         todo = [
-            (t, s) for t, s in zip(tasks, states)
+            index for index, s in enumerate(states)
             if not s.exhausted and s.budget > s.trials and (s.trials == 0 or s.budget - s.trials >= MIN_DEFICIT)
         ]
         ran = 0
@@ -457,27 +457,30 @@ def tune(
             try:
                 with _interrupt_between_batches(database) as interrupt, \
                         tempfile.TemporaryDirectory(prefix="compactdeploy-tune-") as work:
-                    runs = 0
+                    # a kernel's scratch lives across its rounds: it holds every record of the kernel
+                    scratches: dict[int, _KernelScratch] = {}
 
-                    def run(task: Any, state: TaskState, label: str) -> int:
-                        nonlocal runs
-                        runs += 1
+                    def run(index: int, label: str) -> int:
+                        state = states[index]
+                        if index not in scratches:
+                            scratches[index] = _KernelScratch(Path(work) / f"kernel{index}", database,
+                                                              *records.of(state.workload_hash))
                         interrupt.check()
-                        measured = _tune_one(ms, task, state, label, Path(work) / f"run{runs}", states, database,
+                        measured = _tune_one(ms, tasks[index], state, label, scratches[index], states, database,
                                              builder, runner, say, interrupt)
                         interrupt.check()
                         return measured
 
-                    for number, (task, state) in enumerate(todo, 1):
-                        ran += run(task, state, f"kernel {number}/{len(todo)}")
+                    for number, index in enumerate(todo, 1):
+                        ran += run(index, f"kernel {number}/{len(todo)}")
                     round_ = 0
                     while (chosen := next_by_measured_time(states, trials)) is not None:
                         index, extra = chosen
                         states[index].budget = states[index].trials + extra
                         round_ += 1
-                        measured = run(tasks[index], states[index], f"by measured time, round {round_}:")
+                        measured = run(index, f"by measured time, round {round_}:")
                         ran += measured
-                        if measured == 0 and not states[index].exhausted:  # its searches find nothing to measure
+                        if measured == 0:  # its searches find nothing to measure: give its share to the others
                             states[index].exhausted = True
             finally:
                 builder.shutdown()
@@ -492,15 +495,14 @@ def tune(
     )
 
 
-def _tune_one(ms, task, state: TaskState, label: str, scratch_dir: Path, states, database, builder, runner, say,
-              interrupt: _Interrupt) -> int:
+def _tune_one(ms, task, state: TaskState, label: str, scratch: _KernelScratch, states, database, builder, runner,
+              say, interrupt: _Interrupt) -> int:
     """Tune one kernel up to ``state.budget`` trials in a scratch database holding its records only,
     publishing after every batch. Returns how many it measured.
 
     Only the kernel's own records matter to its search (its starting population, the candidates
     not to measure again), and MetaSchedule reads a whole database on open, slowly.
     """
-    scratch = _KernelScratch(scratch_dir, database, *database.read().of(state.workload_hash))
     db = ms.database.JSONDatabase(str(scratch.workloads), str(scratch.records), allow_missing=True)
     progress = _TuneProgress(state, label, states, database, scratch, say, interrupt)
     if state.trials == 0:

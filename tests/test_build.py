@@ -71,6 +71,19 @@ def test_per_layer_profile_covers_every_kernel(host_build):
     assert 0.5 < profile["sum_over_whole"] < 2.0
 
 
+def test_each_kernel_can_be_timed_with_its_weights_flushed_from_the_caches(host_build):
+    """As tools/kernel_cache_effect.py times them: TVM's cache flush before every run."""
+    import tvm
+
+    from compactdeploy.device.agent import time_each_kernel
+
+    library = tvm.runtime.load_module(str(host_build / "model.so"))
+    kernels = read_json(host_build / "kernels.json")
+    flushed = time_each_kernel(library.imports[0], tvm.cpu(), kernels, 5, flush_cache=True)
+    assert [t["name"] for t in flushed] == [k["name"] for k in kernels]
+    assert all(t["median_ms"] > 0 for t in flushed)
+
+
 def test_onnxruntime_baseline_runs_on_the_same_device(host_build):
     baseline = read_json(host_build / "report.json")["onnxruntime_on_device"]
     assert baseline["latency_ms"]["runs"] == 100

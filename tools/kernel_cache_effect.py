@@ -20,9 +20,10 @@ import benchlib
 import numpy as np
 
 from compactdeploy.compile import KERNELS_NAME
+from compactdeploy.device.agent import time_each_kernel
 from compactdeploy.resources import cache_dir
 
-REPEAT = 40
+REPEAT = 40  # runs per kernel: warm, 10 repeats of 4 (as bench_tuning); flushed, 40 repeats of 1
 
 
 def main() -> None:
@@ -34,9 +35,10 @@ def main() -> None:
     start = time.perf_counter()
     rows = [measure(name) for name in args.models.split(",")]
     info = benchlib.meta("kernel_cache_effect.py", time.perf_counter() - start, threads=threads,
-                         method=f"time_evaluator, number=1, repeat={REPEAT}, medians; flushed: "
+                         method=f"compactdeploy.device.agent.time_each_kernel({REPEAT}), medians: warm, "
+                                f"10 repeats of {REPEAT // 10} runs; flushed, {REPEAT} runs, each after "
                                 "cache_flush_cpu_non_first_arg (every argument but the first, the input, "
-                                "evicted before each run); end to end: the Relax VM, 200 runs, median",
+                                "evicted); end to end: the Relax VM, 200 runs, median",
                          figures="all measured on this host; nothing emulated or estimated")
     info["command"] += " " + " ".join(sys.argv[1:])
     benchlib.write_json("kernel-cache-effect", info, rows)
@@ -52,19 +54,18 @@ def measure(model: str) -> dict:
         raise SystemExit(f"error: no tuned build of {model} in {built}: run tools/bench_tuning.py --models {model} first")
     library = tvm.runtime.load_module(str(built / "tuned" / "model.so"))
     dev = tvm.cpu()
-    rng = np.random.default_rng(0)
-    kernels = []
-    for kernel in json.loads((built / "tuned" / KERNELS_NAME).read_text()):
-        args = [tvm.runtime.tensor(rng.standard_normal(a["shape"]).astype(a["dtype"]), dev) for a in kernel["args"]]
-        times = {}
-        for label, preproc in (("warm_us", ""), ("flushed_us", "cache_flush_cpu_non_first_arg")):
-            timer = library.imports[0].time_evaluator(kernel["name"], dev, number=1, repeat=REPEAT, f_preproc=preproc)
-            times[label] = round(float(np.median(timer(*args).results)) * 1e6, 2)
-        kernels.append({"kernel": kernel["name"], "calls": kernel["calls"], **times})
+    listed = json.loads((built / "tuned" / KERNELS_NAME).read_text())
+    warm = time_each_kernel(library.imports[0], dev, listed, REPEAT)
+    flushed = time_each_kernel(library.imports[0], dev, listed, REPEAT, flush_cache=True)
+    kernels = [
+        {"kernel": k["name"], "calls": k["calls"], "warm_us": round(w["median_ms"] * 1e3, 2),
+         "flushed_us": round(f["median_ms"] * 1e3, 2)}
+        for k, w, f in zip(listed, warm, flushed)
+    ]
     # the model's input shape: the first argument of its first kernel in the untuned build
     input_shape = json.loads((built / "untuned" / KERNELS_NAME).read_text())[0]["args"][0]["shape"]
     vm = relax.VirtualMachine(library, dev)
-    x = tvm.runtime.tensor(rng.standard_normal(input_shape).astype("float32"))
+    x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(input_shape).astype("float32"))
     end_to_end = []
     for run in range(220):
         begin = time.perf_counter()

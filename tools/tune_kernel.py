@@ -28,6 +28,7 @@ import benchlib
 import torch
 
 from compactdeploy.compile import import_onnx
+from compactdeploy.errors import CompactDeployError
 from compactdeploy.export import export_onnx
 from compactdeploy.resources import cache_dir
 from compactdeploy.targets import load_target
@@ -36,8 +37,10 @@ from compactdeploy.tune import (
     TuningDatabase,
     WarmBuilder,
     _flops,
+    _KernelScratch,
+    _lines,
     _metaschedule_logging,
-    _renumbered,
+    _Records,
     _tasks,
     _workload_hash,
     local_runner,
@@ -62,7 +65,10 @@ def main() -> None:
     threads = os.cpu_count() or 1
     os.environ["TVM_NUM_THREADS"] = str(threads)
     target = load_target("host")
-    model = create_model(args.model)
+    try:
+        model = create_model(args.model)
+    except CompactDeployError as exc:
+        raise SystemExit(f"error: {exc}") from None
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tune-kernel-") as work:
         torch.manual_seed(0)
@@ -76,7 +82,10 @@ def main() -> None:
             speed = f", {_flops(task) / (best * 1e3):.0f} GFLOP/s" if best else ""
             print(f"{number:3d} {task.task_name} x{int(task.weight)}: {_flops(task) / 1e6:.2f} MFLOP, "
                   f"{len(records.of(_workload_hash(task))[1])} records, best {best} us{speed}")
-        chosen = [tasks[int(n)] for n in args.kernels.split(",") if n]
+        numbers = [n for n in args.kernels.split(",") if n]
+        if any(not n.isdigit() or int(n) >= len(tasks) for n in numbers):
+            raise SystemExit(f"error: --kernels takes numbers from 0 to {len(tasks) - 1} (the listing above)")
+        chosen = [tasks[int(n)] for n in numbers]
         if not chosen:
             return
         rows = []
@@ -111,16 +120,14 @@ def tune_further(task, workload: str | None, lines: list[str], trials: int, buil
     import tvm.s_tir.meta_schedule as ms
     from tvm.ir.utils import derived_object
 
-    if workload is not None:
-        (scratch / "w.json").write_text(workload + "\n")
-        (scratch / "r.json").write_text("".join(_renumbered(line, 0) + "\n" for line in lines))
-    db = ms.database.JSONDatabase(str(scratch / "w.json"), str(scratch / "r.json"), allow_missing=True)
+    # the tuner's own scratch (never published here: no database to publish to) and record reader
+    kernel = _KernelScratch(scratch / "kernel", None, workload, lines)
+    db = ms.database.JSONDatabase(str(kernel.workloads), str(kernel.records), allow_missing=True)
     flops, start, batches = _flops(task), time.perf_counter(), []
 
     def best_us() -> float | None:
-        times = [sum(map(float, r.run_secs)) / len(r.run_secs) for r in db.get_all_tuning_records() if r.run_secs]
-        ran = [t for t in times if t < 1e9]  # MetaSchedule records a failed candidate as 1e10 s
-        return min(ran) * 1e6 if ran else None
+        best = _Records.parse(_lines(kernel.workloads), _lines(kernel.records)).best
+        return best[0][0] * 1e6 if best else None
 
     row = {"kernel": task.task_name, "calls": int(task.weight), "flops": flops,
            "records_before": len(lines), "best_us_before": best_us(), "batches": batches}
@@ -136,9 +143,9 @@ def tune_further(task, workload: str | None, lines: list[str], trials: int, buil
                   f"({batches[-1]['gflops']} GFLOP/s), {batches[-1]['seconds']:.0f} s", flush=True)
 
     with _metaschedule_logging():
-        context = ms.relax_integration.extracted_tasks_to_tune_contexts([task], str(scratch))[0][0]
+        context = ms.relax_integration.extracted_tasks_to_tune_contexts([task], str(kernel.path))[0][0]
         ms.tune_tasks(
-            tasks=[context], task_weights=[1.0], work_dir=str(scratch), max_trials_global=trials,
+            tasks=[context], task_weights=[1.0], work_dir=str(kernel.path), max_trials_global=trials,
             max_trials_per_task=trials, num_trials_per_iter=BATCH, builder=builder, runner=runner,
             database=db, measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), _AfterBatch()],
             task_scheduler="round-robin",

@@ -151,8 +151,12 @@ def time_kernels(kernels_json: str, repeat: int) -> str:
     return json.dumps(time_each_kernel(_SESSION["module"].imports[0], _SESSION["dev"], json.loads(kernels_json), repeat))
 
 
-def time_each_kernel(kernel_module, dev, kernels: list[dict], repeat: int) -> list[dict]:
-    """Each kernel of a compiled model alone: ``kernels`` as in kernels.json, median of 10 repeats."""
+def time_each_kernel(kernel_module, dev, kernels: list[dict], repeat: int, flush_cache: bool = False) -> list[dict]:
+    """Each kernel of a compiled model alone: ``kernels`` as in kernels.json, median of 10 repeats.
+
+    ``flush_cache``: every argument but the first (the input) is evicted from the CPU caches before
+    each run, one run per repeat (``repeat`` of them), as a kernel's weights are inside a model.
+    """
     import numpy as np
     import tvm
 
@@ -164,7 +168,11 @@ def time_each_kernel(kernel_module, dev, kernels: list[dict], repeat: int) -> li
             if a["dtype"].startswith("float") else tvm.runtime.tensor(np.zeros(a["shape"], a["dtype"]), dev)
             for a in kernel["args"]
         ]
-        timer = kernel_module.time_evaluator(kernel["name"], dev, number=max(1, repeat // 10), repeat=10)
+        if flush_cache:
+            timer = kernel_module.time_evaluator(kernel["name"], dev, number=1, repeat=repeat,
+                                                 f_preproc="cache_flush_cpu_non_first_arg")
+        else:
+            timer = kernel_module.time_evaluator(kernel["name"], dev, number=max(1, repeat // 10), repeat=10)
         results.append({"name": kernel["name"], "median_ms": float(np.median(timer(*args).results)) * 1e3})
     return results
 
