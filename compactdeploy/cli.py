@@ -274,8 +274,8 @@ def _print_measurement(out, report) -> None:
     if per_layer and "kernels" in per_layer:
         top = ", ".join(f"{k['kernel']} {k['share']:.0%}" for k in per_layer["kernels"][:3])
         out.print(
-            f"  per layer  kernels sum to {per_layer['sum_ms']:.3f} ms ({per_layer['sum_over_whole']:.0%} of the whole); "
-            f"slowest: {top}"
+            f"  per layer  kernels sum to {per_layer['sum_ms']:.3f} ms timed alone ({per_layer['sum_over_whole']:.0%} of "
+            f"the whole), {per_layer['in_model_sum_ms']:.3f} ms inside the model's runs; slowest: {top}"
         )
     memory = report["memory"]
     rss = "not measured" if memory["peak_rss_bytes"] is None else _size(memory["peak_rss_bytes"])

@@ -69,6 +69,28 @@ def test_per_layer_profile_covers_every_kernel(host_build):
     assert abs(sum(k["share"] for k in profile["kernels"]) - 1) < 1e-6
     # each kernel timed alone: their sum lands near the whole model (noise on a shared 2-core host)
     assert 0.5 < profile["sum_over_whole"] < 2.0
+    # and each timed inside the model's own runs: every kernel, within the whole model's time
+    assert all(k["in_model_ms"] > 0 for k in profile["kernels"])
+    assert 0 < profile["in_model_sum_ms"] < 2.0 * profile["whole_model_median_ms"]
+
+
+def test_kernels_timed_inside_the_model_are_the_model_calls_and_leave_the_vm_as_it_was(host_build):
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    from compactdeploy.device.agent import time_each_kernel_in_model
+
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(host_build / "model.so")), tvm.cpu())
+    kernels = read_json(host_build / "kernels.json")
+    x = tvm.runtime.tensor(np.load(host_build / "sample_input.npy"))
+    hooks = []
+    set_instrument = vm.set_instrument
+    vm.set_instrument = lambda hook: hooks.append(hook) or set_instrument(hook)
+    timed = time_each_kernel_in_model(vm, x, 3)
+    assert set(timed) == {k["name"] for k in kernels}  # the kernels, not the VM's builtins
+    assert all(t > 0 for t in timed.values())
+    assert len(hooks) == 2 and hooks[-1] is None  # the hook is taken off again: later runs are not slowed
 
 
 def test_each_kernel_can_be_timed_with_its_weights_flushed_from_the_caches(host_build):

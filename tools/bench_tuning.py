@@ -179,16 +179,7 @@ def time_interleaved(builds: list[dict], threads: int) -> list[dict]:
                 module(tx)
 
         runners[(b["model"], "torch-eager")] = eager
-    times = {key: [] for key in runners}
-    for run in runners.values():
-        for _ in range(WARMUP):
-            run()
-    for _ in range(ROUNDS):
-        for key, run in runners.items():
-            for _ in range(RUNS_PER_ROUND):
-                begin = time.perf_counter()
-                run()
-                times[key].append(time.perf_counter() - begin)
+    times = benchlib.time_interleaved(runners, ROUNDS, RUNS_PER_ROUND, WARMUP)
     rows = []
     for b in builds:
         median = {v: float(np.median(times[(b["model"], v)])) * 1e3 for v in ("tvm-untuned", "tvm-tuned", "onnxruntime", "torch-eager")}
@@ -226,36 +217,41 @@ def time_interleaved(builds: list[dict], threads: int) -> list[dict]:
 
 
 def compare_layers(build: dict, threads: int) -> dict:
-    """Where the time goes: each convolution shape in TVM (tuned kernel timed alone) and onnxruntime.
+    """Where the time goes: each convolution shape in TVM (tuned kernel inside the model, and alone)
+    and in onnxruntime (its profiler, inside the model).
 
     onnxruntime's own profiler gives each node's time; a node and a TVM kernel are the same layer when
     their input (up to onnxruntime's channel padding), kernel and output sizes are (both fuse the bias,
     the residual add and the activation into the convolution). The rest is summed as "other".
     """
     import tvm
+    from tvm import relax
 
     from compactdeploy.compile import KERNELS_NAME
-    from compactdeploy.device.agent import time_each_kernel
+    from compactdeploy.device.agent import time_each_kernel, time_each_kernel_in_model
 
     # the tuned kernels take prepacked weights: the untuned build's list has the layers' own shapes
     shapes = {k["name"]: k for k in json.loads((build["untuned"].lib_path.parent / KERNELS_NAME).read_text())}
     kernels = json.loads((build["tuned"].lib_path.parent / KERNELS_NAME).read_text())
     library = tvm.runtime.load_module(str(build["tuned"].lib_path))
-    timed = time_each_kernel(library.imports[0], tvm.cpu(), kernels, 100)
+    alone = time_each_kernel(library.imports[0], tvm.cpu(), kernels, 100)
+    vm = relax.VirtualMachine(library, tvm.cpu())
+    in_model = time_each_kernel_in_model(vm, tvm.runtime.tensor(build["example"]), 200)
     layers: dict[tuple, dict] = {}
 
     def layer(key: tuple, label: str, flops: float) -> dict:
-        return layers.setdefault(key, {"layer": label, "flops": flops, "tvm_us": 0.0, "tvm_calls": 0,
-                                       "onnxruntime_us": 0.0, "onnxruntime_calls": 0})
+        return layers.setdefault(key, {"layer": label, "flops": flops, "tvm_us": 0.0, "tvm_alone_us": 0.0,
+                                       "tvm_calls": 0, "onnxruntime_us": 0.0, "onnxruntime_calls": 0})
 
-    for kernel, time_ in zip(kernels, timed):
+    for kernel, time_ in zip(kernels, alone):
         original = shapes.get(kernel["name"].removesuffix("_prepacked"))
         if original is not None and "conv2d" in kernel["name"]:
             data, weight, out = (original["args"][i]["shape"] for i in (0, 1, -1))
             entry = layer(*_conv_layer(*_nchw_from_nhwc(data, weight, out)))
         else:
             entry = layer(("other",), "other", 0.0)
-        entry["tvm_us"] += time_["median_ms"] * 1e3 * kernel["calls"]
+        entry["tvm_us"] += in_model[kernel["name"]] * 1e3 * kernel["calls"]
+        entry["tvm_alone_us"] += time_["median_ms"] * 1e3 * kernel["calls"]
         entry["tvm_calls"] += kernel["calls"]
     for node in _onnxruntime_profile(build["onnx"], build["example"], threads):
         if node["op"] in ("Conv", "FusedConv"):
@@ -267,6 +263,7 @@ def compare_layers(build: dict, threads: int) -> dict:
         entry["onnxruntime_calls"] += 1
     rows = sorted(layers.values(), key=lambda r: (r["layer"] == "other", -max(r["tvm_us"], r["onnxruntime_us"])))
     for r in rows:
+        r["tvm_alone_us"] = round(r["tvm_alone_us"], 2)
         for side in ("tvm", "onnxruntime"):
             r[f"{side}_us"] = round(r[f"{side}_us"], 2)
             calls = r[f"{side}_calls"]
@@ -274,10 +271,13 @@ def compare_layers(build: dict, threads: int) -> dict:
     return {
         "layers": rows,
         "tvm_sum_us": round(sum(r["tvm_us"] for r in rows), 1),
+        "tvm_alone_sum_us": round(sum(r["tvm_alone_us"] for r in rows), 1),
         "onnxruntime_sum_us": round(sum(r["onnxruntime_us"] for r in rows), 1),
-        "method": "TVM: each tuned kernel alone (time_evaluator, median of 10 repeats) x its calls; "
-                  "onnxruntime: its profiler's per-node time, median over 200 runs, same thread count "
-                  "(the profiler adds a little per node)",
+        "method": "TVM: each tuned kernel's median per call inside 200 runs of the model (the Relax VM's "
+                  "instrument hook; compactdeploy.device.agent.time_each_kernel_in_model) x its calls, and "
+                  "alone (time_evaluator, median of 10 repeats of 10 runs, warm caches: how MetaSchedule "
+                  "measures); onnxruntime: its profiler's per-node time inside the model, median over 200 "
+                  "runs, same thread count (both hooks add a little per kernel)",
     }
 
 
@@ -373,9 +373,12 @@ def write_markdown(info: dict, rows: list[dict], warm: dict) -> None:
         "",
         "### Where the time goes: each convolution shape, TVM tuned vs onnxruntime",
         "",
-        "TVM: each tuned kernel timed alone (time_evaluator, median of 10 repeats) times its calls; "
-        "onnxruntime: its own profiler's per-node times (median of 200 runs, same thread count; the "
-        "profiler adds a little per node). A layer is matched by its input shape (up to onnxruntime's "
+        "Both runtimes timed inside the model, per kernel: TVM through the Relax VM's instrument hook "
+        "(median per call over 200 runs, times its calls), onnxruntime by its own profiler (median of 200 "
+        "runs); same thread count; each hook adds a little per kernel. 'TVM alone': the same kernel timed "
+        "by itself with warm caches (time_evaluator), as MetaSchedule measures while tuning: the gap "
+        "between the two is what the data's place in the caches costs inside the model (written by the "
+        "kernel before, partly on the other core). A layer is matched by its input shape (up to onnxruntime's "
         "channel padding), kernel and output size; both "
         "runtimes fuse bias, residual add and activation into the convolution. The layers costing most "
         "in either runtime; the JSON has them all.",
@@ -385,25 +388,23 @@ def write_markdown(info: dict, rows: list[dict], warm: dict) -> None:
         m = r["median_ms"]
         lines += [
             "",
-            f"**{r['model']}**: TVM's kernels sum to {per_layer['tvm_sum_us']:.1f} us of its "
-            f"{m['tvm-tuned'] * 1e3:.1f} us end to end ({m['tvm-tuned'] * 1e3 - per_layer['tvm_sum_us']:.1f} us "
-            f"outside the kernels timed alone: the VM's calls, the thread pool's start and join around each kernel, "
-            f"colder caches); "
+            f"**{r['model']}**: TVM's kernels sum to {per_layer['tvm_sum_us']:.1f} us inside the model "
+            f"({per_layer['tvm_alone_sum_us']:.1f} us timed alone) of its {m['tvm-tuned'] * 1e3:.1f} us end to end; "
             f"onnxruntime's nodes sum to {per_layer['onnxruntime_sum_us']:.1f} us, end to end "
             f"{m['onnxruntime'] * 1e3:.1f} us.",
             "",
-            "| layer | calls | TVM us | TVM GFLOP/s | onnxruntime us | onnxruntime GFLOP/s | TVM / ORT |",
-            "|---|---|---|---|---|---|---|",
+            "| layer | calls | TVM us | TVM alone us | TVM GFLOP/s | onnxruntime us | onnxruntime GFLOP/s | TVM / ORT |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         convs = [x for x in per_layer["layers"] if x["layer"] != "other"]
         for x in convs[:LAYERS_SHOWN] + [x for x in per_layer["layers"] if x["layer"] == "other"]:
             ratio = f"{x['tvm_us'] / x['onnxruntime_us']:.2f}" if x["onnxruntime_us"] else "-"
             lines.append(
-                f"| {x['layer']} | {x['tvm_calls']} | {x['tvm_us']:.1f} | {x['tvm_gflops'] or '-'} | "
+                f"| {x['layer']} | {x['tvm_calls']} | {x['tvm_us']:.1f} | {x['tvm_alone_us']:.1f} | {x['tvm_gflops'] or '-'} | "
                 f"{x['onnxruntime_us']:.1f} | {x['onnxruntime_gflops'] or '-'} | {ratio} |"
             )
         if len(convs) > LAYERS_SHOWN:
-            lines.append(f"| ({len(convs) - LAYERS_SHOWN} more convolution shapes) | | | | | | |")
+            lines.append(f"| ({len(convs) - LAYERS_SHOWN} more convolution shapes) | | | | | | | |")
     lines += [
         "",
         f"Warm database on a pruned variant ({warm['variant']}, budget {warm['trials_budget']} trials): "

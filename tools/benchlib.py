@@ -25,6 +25,22 @@ def write_json(name: str, info: dict, rows: list[dict]) -> None:
     (DOCS / f"{name}.json").write_text(json.dumps({"meta": info, "rows": rows}, indent=1) + "\n")
 
 
+def time_interleaved(runners: dict, rounds: int, runs_per_round: int, warmup: int) -> dict:
+    """Each runner's run times (s): every runner in turn, ``runs_per_round`` runs each, ``rounds`` times,
+    so a slow minute on a shared machine falls on all of them alike."""
+    times = {key: [] for key in runners}
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    for _ in range(rounds):
+        for key, run in runners.items():
+            for _ in range(runs_per_round):
+                begin = time.perf_counter()
+                run()
+                times[key].append(time.perf_counter() - begin)
+    return times
+
+
 def pyplot():
     """matplotlib's pyplot, drawing to files only."""
     import matplotlib

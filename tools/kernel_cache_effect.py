@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Tuned kernels timed alone with warm caches (as MetaSchedule measures them) and with their weights
-and outputs flushed from the caches, against the whole model end to end: how far the tuner's
-measurement is from a kernel's time inside the model.
+"""Tuned kernels timed alone with warm caches (as MetaSchedule measures them), alone with their weights
+and outputs flushed from the caches, and inside the model's own runs, against the whole model end to
+end: how far the tuner's measurement is from a kernel's time inside the model.
 
 Reads the tuned libraries tools/bench_tuning.py built (run it first); host only. Usage:
     .venv/bin/python tools/kernel_cache_effect.py [--models resnet20,mobilenetv2]
@@ -20,7 +20,7 @@ import benchlib
 import numpy as np
 
 from compactdeploy.compile import KERNELS_NAME
-from compactdeploy.device.agent import time_each_kernel
+from compactdeploy.device.agent import time_each_kernel, time_each_kernel_in_model
 from compactdeploy.resources import cache_dir
 
 REPEAT = 40  # runs per kernel: warm, 10 repeats of 4 (as bench_tuning); flushed, 40 repeats of 1
@@ -38,7 +38,8 @@ def main() -> None:
                          method=f"compactdeploy.device.agent.time_each_kernel({REPEAT}), medians: warm, "
                                 f"10 repeats of {REPEAT // 10} runs; flushed, {REPEAT} runs, each after "
                                 "cache_flush_cpu_non_first_arg (every argument but the first, the input, "
-                                "evicted); end to end: the Relax VM, 200 runs, median",
+                                "evicted); in the model: time_each_kernel_in_model (the Relax VM's instrument "
+                                "hook), median per call over 200 runs; end to end: the Relax VM, 200 runs, median",
                          figures="all measured on this host; nothing emulated or estimated")
     info["command"] += " " + " ".join(sys.argv[1:])
     benchlib.write_json("kernel-cache-effect", info, rows)
@@ -57,15 +58,16 @@ def measure(model: str) -> dict:
     listed = json.loads((built / "tuned" / KERNELS_NAME).read_text())
     warm = time_each_kernel(library.imports[0], dev, listed, REPEAT)
     flushed = time_each_kernel(library.imports[0], dev, listed, REPEAT, flush_cache=True)
-    kernels = [
-        {"kernel": k["name"], "calls": k["calls"], "warm_us": round(w["median_ms"] * 1e3, 2),
-         "flushed_us": round(f["median_ms"] * 1e3, 2)}
-        for k, w, f in zip(listed, warm, flushed)
-    ]
     # the model's input shape: the first argument of its first kernel in the untuned build
     input_shape = json.loads((built / "untuned" / KERNELS_NAME).read_text())[0]["args"][0]["shape"]
     vm = relax.VirtualMachine(library, dev)
     x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(input_shape).astype("float32"))
+    in_model = time_each_kernel_in_model(vm, x, 200)
+    kernels = [
+        {"kernel": k["name"], "calls": k["calls"], "warm_us": round(w["median_ms"] * 1e3, 2),
+         "flushed_us": round(f["median_ms"] * 1e3, 2), "in_model_us": round(in_model[k["name"]] * 1e3, 2)}
+        for k, w, f in zip(listed, warm, flushed)
+    ]
     end_to_end = []
     for run in range(220):
         begin = time.perf_counter()
@@ -76,13 +78,16 @@ def measure(model: str) -> dict:
         "model": model,
         "kernels_warm_sum_us": round(sum(k["warm_us"] * k["calls"] for k in kernels), 1),
         "kernels_flushed_sum_us": round(sum(k["flushed_us"] * k["calls"] for k in kernels), 1),
+        "kernels_in_model_sum_us": round(sum(k["in_model_us"] * k["calls"] for k in kernels), 1),
         "end_to_end_us": round(float(np.median(end_to_end)) * 1e6, 1),
         "kernels": kernels,
     }
     print(f"{model}: tuned kernels alone sum to {row['kernels_warm_sum_us']:.0f} us warm, "
-          f"{row['kernels_flushed_sum_us']:.0f} us flushed; the model end to end {row['end_to_end_us']:.0f} us")
-    for k in sorted(kernels, key=lambda k: -(k["flushed_us"] - k["warm_us"]) * k["calls"])[:5]:
-        print(f"  {k['kernel']} x{k['calls']}: {k['warm_us']:.1f} us warm, {k['flushed_us']:.1f} us flushed")
+          f"{row['kernels_flushed_sum_us']:.0f} us flushed, {row['kernels_in_model_sum_us']:.0f} us inside the "
+          f"model; the model end to end {row['end_to_end_us']:.0f} us")
+    for k in sorted(kernels, key=lambda k: -(k["in_model_us"] - k["warm_us"]) * k["calls"])[:5]:
+        print(f"  {k['kernel']} x{k['calls']}: {k['warm_us']:.1f} us warm, {k['flushed_us']:.1f} us flushed, "
+              f"{k['in_model_us']:.1f} us in the model")
     return row
 
 

@@ -137,22 +137,28 @@ def _per_layer(session, kernels_path: Path, whole_ms: float, repeat: int) -> dic
     timed = session.call("compactdeploy.time_kernels", json.dumps(kernels), max(10, min(repeat, 100)))
     if isinstance(timed, dict):
         return {"error": timed["error"]}
+    in_model = session.call("compactdeploy.time_kernels_in_model", max(10, min(repeat, 50)))
     calls = {k["name"]: k["calls"] for k in kernels}
     rows = [
-        {"kernel": t["name"], "calls": calls[t["name"]], "median_ms": t["median_ms"], "total_ms": t["median_ms"] * calls[t["name"]]}
+        {"kernel": t["name"], "calls": calls[t["name"]], "median_ms": t["median_ms"], "total_ms": t["median_ms"] * calls[t["name"]],
+         "in_model_ms": in_model.get(t["name"]), "in_model_total_ms": in_model[t["name"]] * calls[t["name"]] if t["name"] in in_model else None}
         for t in timed
     ]
     total = sum(r["total_ms"] for r in rows)
+    in_model_total = sum(r["in_model_total_ms"] or 0.0 for r in rows)
     for row in rows:
         row["share"] = row["total_ms"] / total if total else 0.0
     return {
         "kernels": sorted(rows, key=lambda r: -r["total_ms"]),
         "sum_ms": total,
+        "in_model_sum_ms": in_model_total,
         "whole_model_median_ms": whole_ms,
         "sum_over_whole": total / whole_ms if whole_ms else None,
         "tolerance": PER_LAYER_TOLERANCE,
         "within_tolerance": bool(whole_ms) and abs(total / whole_ms - 1) <= PER_LAYER_TOLERANCE,
-        "method": "each kernel timed alone on random inputs of its shapes (median of 10 repeats), times its call count",
+        "method": "median_ms: each kernel timed alone on random inputs of its shapes (median of 10 repeats), times its "
+                  "call count; in_model_ms: each kernel's median per call inside the model's own runs (the VM's "
+                  "instrument hook), where its data is where the kernel before it left it",
     }
 
 
