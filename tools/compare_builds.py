@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--builds", required=True, metavar="LABEL=MODEL.so,...")
     parser.add_argument("--name", required=True, help="results go to docs/compare-builds-NAME.json")
     args = parser.parse_args()
+    if not all("=" in item for item in args.builds.split(",")):
+        raise SystemExit(f"error: --builds takes LABEL=MODEL.so pairs, comma-separated (got {args.builds!r})")
     builds = dict(item.split("=", 1) for item in args.builds.split(","))
     # each library with the kernels.json its build wrote beside it (the kernels' call counts)
     needed = [args.onnx, *(p for path in builds.values() for p in (Path(path), Path(path).parent / KERNELS_NAME))]

@@ -68,12 +68,7 @@ def measure(model: str) -> dict:
          "flushed_us": round(f["median_ms"] * 1e3, 2), "in_model_us": round(in_model[k["name"]] * 1e3, 2)}
         for k, w, f in zip(listed, warm, flushed)
     ]
-    end_to_end = []
-    for run in range(220):
-        begin = time.perf_counter()
-        vm["main"](x)
-        if run >= 20:  # warm-up
-            end_to_end.append(time.perf_counter() - begin)
+    end_to_end = benchlib.time_interleaved({"model": lambda: vm["main"](x)}, 1, 200, 20)["model"]
     row = {
         "model": model,
         "kernels_warm_sum_us": round(sum(k["warm_us"] * k["calls"] for k in kernels), 1),

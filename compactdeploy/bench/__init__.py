@@ -138,14 +138,16 @@ def _per_layer(session, kernels_path: Path, whole_ms: float, repeat: int) -> dic
     if isinstance(timed, dict):
         return {"error": timed["error"]}
     in_model = session.call("compactdeploy.time_kernels_in_model", max(10, min(repeat, 50)))
+    if "error" in in_model:
+        return {"error": in_model["error"]}
     calls = {k["name"]: k["calls"] for k in kernels}
     rows = [
         {"kernel": t["name"], "calls": calls[t["name"]], "median_ms": t["median_ms"], "total_ms": t["median_ms"] * calls[t["name"]],
-         "in_model_ms": in_model.get(t["name"]), "in_model_total_ms": in_model[t["name"]] * calls[t["name"]] if t["name"] in in_model else None}
+         "in_model_ms": in_model[t["name"]]}
         for t in timed
     ]
     total = sum(r["total_ms"] for r in rows)
-    in_model_total = sum(r["in_model_total_ms"] or 0.0 for r in rows)
+    in_model_total = sum(r["in_model_ms"] * r["calls"] for r in rows)
     for row in rows:
         row["share"] = row["total_ms"] / total if total else 0.0
     return {
