@@ -93,6 +93,37 @@ def test_kernels_timed_inside_the_model_are_the_model_calls_and_leave_the_vm_as_
     assert len(hooks) == 2 and hooks[-1] is None  # the hook is taken off again: later runs are not slowed
 
 
+def test_kernels_can_be_timed_inside_the_model_right_after_a_rerun_of_themselves(host_build):
+    """tools/kernel_cache_effect.py's diagnosis: every kernel call (not the VM's builtins) runs once more first."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    from compactdeploy.device.agent import time_each_kernel_in_model
+
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(host_build / "model.so")), tvm.cpu())
+    kernels = read_json(host_build / "kernels.json")
+    x = tvm.runtime.tensor(np.load(host_build / "sample_input.npy"))
+    expected = vm["main"](x).numpy()
+    reruns: dict[str, int] = {}
+
+    def counting(func, symbol):
+        def rerun(*args):
+            reruns[symbol] = reruns.get(symbol, 0) + 1
+            return func(*args)
+        return rerun
+
+    set_instrument = vm.set_instrument
+    vm.set_instrument = lambda hook: set_instrument(
+        hook and (lambda func, symbol, *rest: hook(counting(func, symbol), symbol, *rest)))
+    time_each_kernel_in_model(vm, x, 3)
+    assert reruns == {}
+    timed = time_each_kernel_in_model(vm, x, 3, rerun_first=True)
+    assert set(timed) == {k["name"] for k in kernels}
+    assert reruns == {k["name"]: 3 * k["calls"] for k in kernels}
+    np.testing.assert_array_equal(vm["main"](x).numpy(), expected)  # results as before, the hook gone
+
+
 def test_each_kernel_can_be_timed_with_its_weights_flushed_from_the_caches(host_build):
     """As tools/kernel_cache_effect.py times them: TVM's cache flush before every run."""
     import tvm

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Tuned kernels timed alone with warm caches (as MetaSchedule measures them), alone with their weights
-and outputs flushed from the caches, and inside the model's own runs, against the whole model end to
-end: how far the tuner's measurement is from a kernel's time inside the model.
+and outputs flushed from the caches, inside the model's own runs, and inside them right after an extra
+run of the same kernel, against the whole model end to end: how far the tuner's measurement is from a
+kernel's time inside the model, and how much of that gap the caches and the thread split explain.
 
 Reads the tuned libraries tools/bench_tuning.py built (run it first); host only. Usage:
     .venv/bin/python tools/kernel_cache_effect.py [--models resnet20,mobilenetv2]
@@ -39,7 +40,8 @@ def main() -> None:
                                 f"10 repeats of {REPEAT // 10} runs; flushed, {REPEAT} runs, each after "
                                 "cache_flush_cpu_non_first_arg (every argument but the first, the input, "
                                 "evicted); in the model: time_each_kernel_in_model (the Relax VM's instrument "
-                                "hook), median per call over 200 runs; end to end: the Relax VM, 200 runs, median",
+                                "hook), median per call over 200 runs; after a rerun: the same, each kernel run once more, untimed, "
+                                "just before its timed call (rerun_first); end to end: the Relax VM, 200 runs, median",
                          figures="all measured on this host; nothing emulated or estimated")
     info["command"] += " " + " ".join(sys.argv[1:])
     benchlib.write_json("kernel-cache-effect", info, rows)
@@ -63,9 +65,11 @@ def measure(model: str) -> dict:
     vm = relax.VirtualMachine(library, dev)
     x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(input_shape).astype("float32"))
     in_model = time_each_kernel_in_model(vm, x, 200)
+    after_rerun = time_each_kernel_in_model(vm, x, 200, rerun_first=True)
     kernels = [
         {"kernel": k["name"], "calls": k["calls"], "warm_us": round(w["median_ms"] * 1e3, 2),
-         "flushed_us": round(f["median_ms"] * 1e3, 2), "in_model_us": round(in_model[k["name"]] * 1e3, 2)}
+         "flushed_us": round(f["median_ms"] * 1e3, 2), "in_model_us": round(in_model[k["name"]] * 1e3, 2),
+         "in_model_after_rerun_us": round(after_rerun[k["name"]] * 1e3, 2)}
         for k, w, f in zip(listed, warm, flushed)
     ]
     end_to_end = benchlib.time_interleaved({"model": lambda: vm["main"](x)}, 1, 200, 20)["model"]
@@ -74,15 +78,16 @@ def measure(model: str) -> dict:
         "kernels_warm_sum_us": round(sum(k["warm_us"] * k["calls"] for k in kernels), 1),
         "kernels_flushed_sum_us": round(sum(k["flushed_us"] * k["calls"] for k in kernels), 1),
         "kernels_in_model_sum_us": round(sum(k["in_model_us"] * k["calls"] for k in kernels), 1),
+        "kernels_in_model_after_rerun_sum_us": round(sum(k["in_model_after_rerun_us"] * k["calls"] for k in kernels), 1),
         "end_to_end_us": round(float(np.median(end_to_end)) * 1e6, 1),
         "kernels": kernels,
     }
     print(f"{model}: tuned kernels alone sum to {row['kernels_warm_sum_us']:.0f} us warm, "
           f"{row['kernels_flushed_sum_us']:.0f} us flushed, {row['kernels_in_model_sum_us']:.0f} us inside the "
-          f"model; the model end to end {row['end_to_end_us']:.0f} us")
+          f"model ({row['kernels_in_model_after_rerun_sum_us']:.0f} us each right after a rerun of itself); the model end to end {row['end_to_end_us']:.0f} us")
     for k in sorted(kernels, key=lambda k: -(k["in_model_us"] - k["warm_us"]) * k["calls"])[:5]:
         print(f"  {k['kernel']} x{k['calls']}: {k['warm_us']:.1f} us warm, {k['flushed_us']:.1f} us flushed, "
-              f"{k['in_model_us']:.1f} us in the model")
+              f"{k['in_model_us']:.1f} us in the model, {k['in_model_after_rerun_us']:.1f} us after a rerun")
     return row
 
 

@@ -184,7 +184,7 @@ def time_kernels_in_model(runs: int) -> str:
     return json.dumps(time_each_kernel_in_model(_SESSION["vm"], _SESSION["x"], runs))
 
 
-def time_each_kernel_in_model(vm, x, runs: int) -> dict[str, float]:
+def time_each_kernel_in_model(vm, x, runs: int, rerun_first: bool = False) -> dict[str, float]:
     """Each kernel's median time per call (ms) while the whole model runs ``runs`` times, by name.
 
     Timed from the Relax VM's hook before and after every call, so a kernel meets its data where the
@@ -192,14 +192,20 @@ def time_each_kernel_in_model(vm, x, runs: int) -> dict[str, float]:
     the whole model competing for the caches. Timed alone (``time_each_kernel``, and MetaSchedule
     while tuning) the same kernel reads what it read the run before, warm in its own core's cache,
     and can be several times faster. The hook adds a Python call around each kernel (~1 us).
+
+    ``rerun_first``: each kernel also runs once, untimed, just before its timed call, so the timed
+    call finds its weights cached and its input where its own thread split puts it; the rest of the
+    model's surroundings stay (a diagnosis: the model's results are not meant to be read then).
     """
     import numpy as np
 
     times: dict[str, list[float]] = {}
     started: list[float] = [0.0]
 
-    def instrument(_func, symbol, before, _result, *_args):
+    def instrument(func, symbol, before, _result, *args):
         if before:
+            if rerun_first and not symbol.startswith("vm.builtin."):
+                func(*args)
             started[0] = time.perf_counter()
         elif not symbol.startswith("vm.builtin."):  # the VM's own bookkeeping: not a kernel
             times.setdefault(symbol, []).append(time.perf_counter() - started[0])
