@@ -270,6 +270,9 @@ def _print_measurement(out, report) -> None:
             f"  baseline   onnxruntime {baseline['version']} on the same device: median "
             f"{baseline['latency_ms']['median']:.3f} ms (TVM / onnxruntime = {baseline['tvm_over_onnxruntime']:.2f})"
         )
+        advice = slower_than_onnxruntime_advice(report)
+        if advice:
+            out.print(f"  [yellow]note[/]       {advice}")
     per_layer = report.get("per_layer")
     if per_layer and "kernels" in per_layer:
         top = ", ".join(f"{k['kernel']} {k['share']:.0%}" for k in per_layer["kernels"][:3])
@@ -282,6 +285,32 @@ def _print_measurement(out, report) -> None:
     out.print(
         f"  memory     params {_size(memory['params_bytes'])}, workspace {_size(memory['workspace_bytes'])}, "
         f"peak RSS growth {rss}"
+    )
+
+
+def slower_than_onnxruntime_advice(report) -> str | None:
+    """What to do when the build runs slower than onnxruntime on the same device (None: it does not)."""
+    baseline = report.get("onnxruntime_on_device") or {}
+    ratio = baseline.get("tvm_over_onnxruntime")
+    if ratio is None or ratio <= 1.0:
+        return None
+    tuning = report.get("tuning")
+    if tuning and tuning["kernels_scheduled"] < tuning["kernels_tunable"]:
+        missing = tuning["kernels_tunable"] - tuning["kernels_scheduled"]
+        return (
+            f"TVM takes {ratio:.2f}x onnxruntime's time here, and {missing} of {tuning['kernels_tunable']} kernels "
+            "have no tuning record (unscheduled, slow): build again with --tune-trials N (the tuning benchmark gave "
+            "ResNet-20 1600 for its 14 kernels; records are kept, an interrupted run resumes)"
+        )
+    if tuning:
+        return (
+            f"TVM takes {ratio:.2f}x onnxruntime's time here with every kernel tuned: more --tune-trials may close "
+            "it (the per-layer profile shows where); otherwise run this bundle's model.onnx with onnxruntime"
+        )
+    # no tuning database applies: a GPU build, its kernels scheduled by DLight's rules
+    return (
+        f"TVM takes {ratio:.2f}x onnxruntime's time here (kernels scheduled by DLight, not tuned): "
+        "run this bundle's model.onnx with onnxruntime on the device instead"
     )
 
 

@@ -143,6 +143,22 @@ def test_onnxruntime_baseline_runs_on_the_same_device(host_build):
     assert baseline["tvm_over_onnxruntime"] > 0
 
 
+def test_build_slower_than_onnxruntime_says_what_to_do(host_build):
+    from compactdeploy.cli import slower_than_onnxruntime_advice
+
+    report = read_json(host_build / "report.json")
+    report["onnxruntime_on_device"]["tvm_over_onnxruntime"] = 0.9
+    assert slower_than_onnxruntime_advice(report) is None
+    report["onnxruntime_on_device"]["tvm_over_onnxruntime"] = 1.3
+    report["tuning"] = {"kernels_scheduled": 2, "kernels_tunable": 9}
+    advice = slower_than_onnxruntime_advice(report)
+    assert "1.30x" in advice and "7 of 9 kernels have no tuning record" in advice and "--tune-trials" in advice
+    report["tuning"] = {"kernels_scheduled": 9, "kernels_tunable": 9}
+    assert "model.onnx with onnxruntime" in slower_than_onnxruntime_advice(report)
+    report["tuning"] = None  # a CUDA build: DLight schedules every kernel
+    assert "DLight" in slower_than_onnxruntime_advice(report)
+
+
 def test_torch_onnx_and_tvm_agree_on_real_samples(host_build, lenet5_checkpoint):
     """Rebuild the pruned model independently (weights + replayed plan) and compare all three."""
     import tvm
