@@ -295,22 +295,21 @@ def slower_than_onnxruntime_advice(report) -> str | None:
     if ratio is None or ratio <= 1.0:
         return None
     tuning = report.get("tuning")
-    if tuning and tuning["kernels_scheduled"] < tuning["kernels_tunable"]:
-        missing = tuning["kernels_tunable"] - tuning["kernels_scheduled"]
+    if not tuning:  # no tuning database applies: a GPU build, its kernels scheduled by DLight's rules
+        return (
+            f"TVM takes {ratio:.2f}x onnxruntime's time here (kernels scheduled by DLight, not tuned): "
+            "run this bundle's model.onnx with onnxruntime on the device instead"
+        )
+    missing = tuning["kernels_tunable"] - tuning["kernels_scheduled"]
+    if missing:
         return (
             f"TVM takes {ratio:.2f}x onnxruntime's time here, and {missing} of {tuning['kernels_tunable']} kernels "
             "have no tuning record (unscheduled, slow): build again with --tune-trials N (the tuning benchmark gave "
             "ResNet-20 1600 for its 14 kernels; records are kept, an interrupted run resumes)"
         )
-    if tuning:
-        return (
-            f"TVM takes {ratio:.2f}x onnxruntime's time here with every kernel tuned: more --tune-trials may close "
-            "it (the per-layer profile shows where); otherwise run this bundle's model.onnx with onnxruntime"
-        )
-    # no tuning database applies: a GPU build, its kernels scheduled by DLight's rules
     return (
-        f"TVM takes {ratio:.2f}x onnxruntime's time here (kernels scheduled by DLight, not tuned): "
-        "run this bundle's model.onnx with onnxruntime on the device instead"
+        f"TVM takes {ratio:.2f}x onnxruntime's time here with every kernel tuned: more --tune-trials may close "
+        "it (the per-layer profile shows where); otherwise run this bundle's model.onnx with onnxruntime"
     )
 
 

@@ -89,17 +89,22 @@ def export_onnx(module, example_input, path: str | Path) -> ExportResult:
     )
 
 
-def run_onnxruntime(path: str | Path, x: np.ndarray, threads: int | None = None) -> np.ndarray:
-    """One inference with onnxruntime on the CPU."""
+def onnxruntime_session(path: str | Path, threads: int | None = None):
+    """An onnxruntime CPU session of the model at ``path``, with ``threads`` intra-op threads (None: its default)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types for a bad model file
         raise CompactDeployError(f"onnxruntime cannot load {path}: {first_line(exc)}") from None
+
+
+def run_onnxruntime(path: str | Path, x: np.ndarray, threads: int | None = None) -> np.ndarray:
+    """One inference with onnxruntime on the CPU."""
+    session = onnxruntime_session(path, threads)
     return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 

@@ -178,6 +178,17 @@ def test_compile_names_an_operator_tvm_does_not_support(tmp_path):
         compile_onnx(path, target, tmp_path, resolve_linker(target))
 
 
+def test_onnxruntime_refuses_a_corrupt_model_in_one_line(tmp_path):
+    from compactdeploy.errors import CompactDeployError
+    from compactdeploy.export import onnxruntime_session
+
+    corrupt = tmp_path / "model.onnx"
+    corrupt.write_bytes(b"not a protobuf at all")
+    with pytest.raises(CompactDeployError, match="onnxruntime cannot load") as caught:
+        onnxruntime_session(corrupt, threads=1)
+    assert str(corrupt) in str(caught.value) and "\n" not in str(caught.value)
+
+
 def test_compile_names_a_malformed_clip_in_one_line(tmp_path):
     """compactdeploy rewrites Clip before TVM imports it; a Clip with no input must still be refused
     as an unimportable model, not crash in the rewrite."""

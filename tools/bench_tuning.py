@@ -32,7 +32,7 @@ import torch
 
 from compactdeploy.bundle import write_json
 from compactdeploy.compile import compile_onnx, import_onnx, resolve_linker
-from compactdeploy.export import export_onnx
+from compactdeploy.export import export_onnx, onnxruntime_session
 from compactdeploy.resources import cache_dir
 from compactdeploy.targets import load_target
 from compactdeploy.tune import CONV_LAYOUT, TuningDatabase, local_runner, lower_for_tuning, tune
@@ -79,7 +79,7 @@ def main() -> None:
     warm = history["warm_database"]
     log("timing every variant, interleaved ...")
     rows = time_interleaved(builds, threads)
-    log("timing each kernel alone: TVM tuned vs onnxruntime's profiler ...")
+    log("timing each kernel inside the model and alone: TVM tuned vs onnxruntime's profiler ...")
     for build, row in zip(builds, rows):
         row["per_layer"] = compare_layers(build, threads)
     seconds = time.perf_counter() - start
@@ -155,7 +155,6 @@ def warm_database_saving(target, linker, database, args, root, log) -> dict:
 
 
 def time_interleaved(builds: list[dict], threads: int) -> list[dict]:
-    import onnxruntime as ort
     import tvm
     from tvm import relax
 
@@ -166,9 +165,7 @@ def time_interleaved(builds: list[dict], threads: int) -> list[dict]:
             vm = relax.VirtualMachine(tvm.runtime.load_module(str(b[variant].lib_path)), tvm.cpu())
             tx = tvm.runtime.tensor(x)
             runners[(b["model"], f"tvm-{variant}")] = lambda vm=vm, tx=tx: vm["main"](tx)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(b["onnx"]), options, providers=["CPUExecutionProvider"])
+        session = onnxruntime_session(b["onnx"], threads)
         feed = {session.get_inputs()[0].name: x}
         runners[(b["model"], "onnxruntime")] = lambda s=session, f=feed: s.run(None, f)
         tx = torch.from_numpy(x)

@@ -67,20 +67,16 @@ def main() -> None:
 
 
 def compare(onnx_path: Path, builds: dict[str, str], threads: int) -> list[dict]:
-    import onnx
-    import onnxruntime as ort
     import tvm
     from tvm import relax
 
     from compactdeploy.device.agent import time_each_kernel_in_model
+    from compactdeploy.export import onnxruntime_session
 
-    graph_input = onnx.load(str(onnx_path), load_external_data=False).graph.input[0]
-    shape = [d.dim_value for d in graph_input.type.tensor_type.shape.dim]
-    x = np.random.default_rng(0).standard_normal(shape).astype("float32")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    feed = {session.get_inputs()[0].name: x}
+    session = onnxruntime_session(onnx_path, threads)
+    graph_input = session.get_inputs()[0]  # the zoo's models have fixed shapes, batch 1
+    x = np.random.default_rng(0).standard_normal(graph_input.shape).astype("float32")
+    feed = {graph_input.name: x}
     runners = {"onnxruntime": lambda: session.run(None, feed)}
     machines = {}
     tx = tvm.runtime.tensor(x)

@@ -203,11 +203,13 @@ def time_each_kernel_in_model(vm, x, runs: int, rerun_first: bool = False) -> di
     started: list[float] = [0.0]
 
     def instrument(func, symbol, before, _result, *args):
+        if symbol.startswith("vm.builtin."):  # the VM's own bookkeeping: not a kernel
+            return 0
         if before:
-            if rerun_first and not symbol.startswith("vm.builtin."):
+            if rerun_first:
                 func(*args)
             started[0] = time.perf_counter()
-        elif not symbol.startswith("vm.builtin."):  # the VM's own bookkeeping: not a kernel
+        else:
             times.setdefault(symbol, []).append(time.perf_counter() - started[0])
         return 0  # VMInstrumentReturnKind.NO_OP: run the call
 
