@@ -316,3 +316,27 @@ def test_a_second_ctrl_c_stops_tuning_at_once_and_keeps_what_was_published(tmp_p
     lowered = lower_for_tuning(import_onnx(tmp_path / "m.onnx", target), target.tvm_target())
     reread = tune(lowered, target, database, 0, local_runner(), None)  # what was published reads back whole
     assert reread.trials_reused == kept and reread.trials_run == 0
+
+
+def test_the_benchmark_pairs_a_layer_with_onnxruntime_by_input_and_output_channels(monkeypatch):
+    """tools/bench_tuning.py's per-layer table: onnxruntime reports its channels padded to its vector
+    width (24 as 32), yet layers differing in output channels beyond that (960->160, 960->320) stay
+    apart, and a layer TVM does not have is not paired at all."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "tools"))
+    import bench_tuning
+
+    tvm_layers = {}
+    for data, weight, out in [([1, 7, 7, 960], [160, 1, 1, 960], [1, 7, 7, 160]),
+                              ([1, 7, 7, 960], [320, 1, 1, 960], [1, 7, 7, 320]),
+                              ([1, 56, 56, 24], [144, 1, 1, 24], [1, 56, 56, 144])]:
+        key, label, _ = bench_tuning._conv_layer(*bench_tuning._nchw_from_nhwc(data, weight, out))
+        tvm_layers[key] = label
+
+    def paired(data, weight, out):
+        match = bench_tuning._same_layer_in_tvm(bench_tuning._conv_layer(data, weight, out)[0], tvm_layers)
+        return tvm_layers.get(match)
+
+    assert paired([1, 960, 7, 7], [160, 960, 1, 1], [1, 160, 7, 7]) == "conv 960->160 1x1 at 7x7 -> 7x7"
+    assert paired([1, 960, 7, 7], [320, 960, 1, 1], [1, 320, 7, 7]) == "conv 960->320 1x1 at 7x7 -> 7x7"
+    assert paired([1, 32, 56, 56], [144, 32, 1, 1], [1, 144, 56, 56]) == "conv 24->144 1x1 at 56x56 -> 56x56"
+    assert paired([1, 960, 7, 7], [480, 960, 1, 1], [1, 480, 7, 7]) is None

@@ -218,8 +218,8 @@ def compare_layers(build: dict, threads: int) -> dict:
     and in onnxruntime (its profiler, inside the model).
 
     onnxruntime's own profiler gives each node's time; a node and a TVM kernel are the same layer when
-    their input (up to onnxruntime's channel padding), kernel and output sizes are (both fuse the bias,
-    the residual add and the activation into the convolution). The rest is summed as "other".
+    their input and output shapes (channels up to onnxruntime's padding) and kernel sizes are (both
+    fuse the bias, the residual add and the activation into the convolution). The rest is "other".
     """
     import tvm
     from tvm import relax
@@ -279,13 +279,13 @@ def compare_layers(build: dict, threads: int) -> dict:
 
 
 def _conv_layer(data: list[int], weight: list[int], out: list[int]) -> tuple[tuple, str, float]:
-    """A convolution's key, name and multiply-add FLOPs, from NCHW shapes (output channels not in the key)."""
+    """A convolution's key (channels first), name and multiply-add FLOPs, from NCHW shapes."""
     _, cin, h, w = data
     cout, cin_per_group, kh, kw = weight
     flops = 2.0 * math.prod(out) * cin_per_group * kh * kw
     depthwise = cin_per_group == 1 and cin > 1
     label = f"conv {cin}->{cout} {kh}x{kw}{' depthwise' if depthwise else ''} at {h}x{w} -> {out[2]}x{out[3]}"
-    return (cin, h, w, kh, kw, out[2], out[3], depthwise), label, flops
+    return (cin, cout, h, w, kh, kw, out[2], out[3], depthwise), label, flops
 
 
 def _nchw_from_nhwc(data: list[int], weight: list[int], out: list[int]) -> tuple[list[int], list[int], list[int]]:
@@ -299,10 +299,14 @@ def _nchw_from_nhwc(data: list[int], weight: list[int], out: list[int]) -> tuple
 def _same_layer_in_tvm(key: tuple, layers: dict[tuple, dict]) -> tuple | None:
     """The TVM layer an onnxruntime convolution is: onnxruntime's NCHWc layout pads channels to its
     vector width (8 or 16) and its profiler reports the padded shapes (LeNet-5's 6 filters run as
-    16, MobileNetV2's 24 input channels as 32), so its input channels may exceed TVM's by the padding.
+    16, MobileNetV2's 24 input channels as 32), so its input and output channels may each exceed TVM's
+    by the padding. Output channels stay in the match: MobileNetV2's 960->160 and 960->320 at 7x7 are
+    two layers.
     """
-    cin, rest = key[0], key[1:]
-    padded_from = [k for k in layers if k[1:] == rest and k[0] <= cin <= -(-k[0] // 16) * 16]
+    def padded(ours: int, theirs: int) -> bool:
+        return ours <= theirs <= -(-ours // 16) * 16
+
+    padded_from = [k for k in layers if k[2:] == key[2:] and padded(k[0], key[0]) and padded(k[1], key[1])]
     return max(padded_from, default=None)
 
 
@@ -375,8 +379,8 @@ def write_markdown(info: dict, rows: list[dict], warm: dict) -> None:
         "runs); same thread count; each hook adds a little per kernel. 'TVM alone': the same kernel timed "
         "by itself with warm caches (time_evaluator), as MetaSchedule measures while tuning: the gap "
         "between the two is what the data's place in the caches costs inside the model (written by the "
-        "kernel before, partly on the other core). A layer is matched by its input shape (up to onnxruntime's "
-        "channel padding), kernel and output size; both "
+        "kernel before, partly on the other core). A layer is matched by its input and output shapes (channels "
+        "up to onnxruntime's padding) and kernel size; both "
         "runtimes fuse bias, residual add and activation into the convolution. The layers costing most "
         "in either runtime; the JSON has them all.",
     ]

@@ -25,15 +25,26 @@ def write_json(name: str, info: dict, rows: list[dict]) -> None:
     (DOCS / f"{name}.json").write_text(json.dumps({"meta": info, "rows": rows}, indent=1) + "\n")
 
 
+# After a run, a runtime's worker threads spin before they sleep: measured on this 2-core host,
+# TVM's pool burns ~75 ms of CPU, onnxruntime's ~40 ms. Timed inside that window, the next runtime
+# shares its cores with them, so each batch starts after this pause and a few untimed runs.
+QUIET_S = 0.2
+BATCH_WARMUP = 3
+
+
 def time_interleaved(runners: dict, rounds: int, runs_per_round: int, warmup: int) -> dict:
     """Each runner's run times (s): every runner in turn, ``runs_per_round`` runs each, ``rounds`` times,
-    so a slow minute on a shared machine falls on all of them alike."""
+    so a slow minute on a shared machine falls on all of them alike. Each batch starts once the
+    runner before it has gone quiet (``QUIET_S``), after ``BATCH_WARMUP`` untimed runs."""
     times = {key: [] for key in runners}
     for run in runners.values():
         for _ in range(warmup):
             run()
     for _ in range(rounds):
         for key, run in runners.items():
+            time.sleep(QUIET_S)
+            for _ in range(BATCH_WARMUP):
+                run()
             for _ in range(runs_per_round):
                 begin = time.perf_counter()
                 run()
