@@ -12,6 +12,7 @@ import click
 
 from .bundle_runner import BundleError
 from .errors import CompactDeployError, first_line
+from .units import format_size
 
 
 def _console(stderr: bool = False):
@@ -281,9 +282,9 @@ def _print_measurement(out, report) -> None:
             f"the whole), {per_layer['in_model_sum_ms']:.3f} ms inside the model's runs; slowest: {top}"
         )
     memory = report["memory"]
-    rss = "not measured" if memory["peak_rss_bytes"] is None else _size(memory["peak_rss_bytes"])
+    rss = "not measured" if memory["peak_rss_bytes"] is None else format_size(memory["peak_rss_bytes"])
     out.print(
-        f"  memory     params {_size(memory['params_bytes'])}, workspace {_size(memory['workspace_bytes'])}, "
+        f"  memory     params {format_size(memory['params_bytes'])}, workspace {format_size(memory['workspace_bytes'])}, "
         f"peak RSS growth {rss}"
     )
 
@@ -315,14 +316,6 @@ def slower_than_onnxruntime_advice(report) -> str | None:
 
 def _ms(value) -> str:
     return "n/a" if value is None else f"{value:.2f} ms"
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 @cli.command()

@@ -217,7 +217,7 @@ class _Shape:
 
 
 @dataclass
-class _Pruned:
+class PrunedModel:
     """What the load and prune stages hand on."""
 
     model: Any  # LoadedModel
@@ -262,7 +262,7 @@ def load(config: BuildConfig) -> Loaded:
     return Loaded(model, data, example, calibration, x_test)
 
 
-def _load_and_prune(config, target: TargetSpec, prune_spec, clock: _StageClock) -> _Pruned:
+def _load_and_prune(config, target: TargetSpec, prune_spec, clock: _StageClock) -> PrunedModel:
     from .prune import count_macs_params, layer_widths, prune
     from .train import evaluate, train
 
@@ -299,7 +299,14 @@ def _load_and_prune(config, target: TargetSpec, prune_spec, clock: _StageClock) 
             accuracy_after = train(model, data, config.finetune_epochs, seed=config.seed, teacher=teacher).test_accuracy
             clock.summary += f", fine-tuned {config.finetune_epochs} epochs"
         after = _Shape(layer_widths(model.module), *count_macs_params(model.module, example))
-    return _Pruned(model, data, example, (before, after), (accuracy_before, accuracy_pruned, accuracy_after), prune_result)
+    return PrunedModel(model, data, example, (before, after), (accuracy_before, accuracy_pruned, accuracy_after), prune_result)
+
+
+def prune_and_finetune(config: BuildConfig, observer: Observer | None = None) -> PrunedModel:
+    """Load, prune and fine-tune as ``build`` does, without export or compile: the model and its
+    accuracies (the benchmark scripts score the widths a search chose this way)."""
+    target, prune_spec = _check_inputs(config)
+    return _load_and_prune(config, target, prune_spec, _StageClock(observer or _Silent()))
 
 
 def prune_to_checkpoint(config: BuildConfig, observer: Observer | None = None) -> dict[str, Any]:

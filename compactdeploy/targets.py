@@ -128,9 +128,9 @@ def _parse(path: Path, raw: dict[str, Any]) -> TargetSpec:
     memory_mb = need("memory_mb")
     if memory_mb == "auto":
         memory_mb = _memory_mb()
-    multiple = int(raw.get("channel_multiple", 1))
-    if multiple < 1:
-        raise CompactDeployError(f"target file {path}: channel_multiple must be >= 1")
+    multiple = raw.get("channel_multiple", 1)
+    if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1:
+        raise CompactDeployError(f"target file {path}: channel_multiple must be a whole number >= 1, not {multiple!r}")
     compile_section = raw.get("compile", {})
     device = raw.get("device", {})
     return TargetSpec(

@@ -139,6 +139,14 @@ def test_target_file_with_a_misspelt_key_is_refused(capsys, out, tmp_path):
     assert "unknown key 'chanel_multiple'" in message
 
 
+def test_target_file_with_a_channel_multiple_that_is_not_a_number_is_refused(capsys, out, tmp_path):
+    target = tmp_path / "board.toml"
+    target.write_text('arch = "aarch64"\ncores = 4\nmemory_mb = 1024\nchannel_multiple = "eight"\n[tvm]\nkind = "llvm"\n')
+    message = error_of(capsys, "build", "--model", "lenet5", "--target", target, "--out", out)
+    assert "channel_multiple must be a whole number >= 1, not 'eight'" in message
+    assert_nothing_written(out)
+
+
 def test_target_file_that_is_not_toml_is_refused(capsys, out, tmp_path):
     target = tmp_path / "board.toml"
     target.write_text("this is [not toml")

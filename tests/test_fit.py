@@ -27,6 +27,11 @@ def test_budgets_parse_and_bad_ones_are_refused():
     assert parse_latency_budget("60%").share == pytest.approx(0.6)
     assert parse_memory_budget("40MB").value == 40e6
     assert parse_memory_budget("512KiB").value == 512 * 1024
+    # what the tool prints, a user can paste back as a budget
+    from compactdeploy.units import format_size
+
+    assert [format_size(n) for n in (600, 512 * 1024, 40e6)] == ["600 B", "512.0 KiB", "38.1 MiB"]
+    assert parse_memory_budget(format_size(40 * 2**20)).value == 40 * 2**20
     for bad in ("8", "fast", "-1ms", "0ms"):
         with pytest.raises(CompactDeployError, match="latency-budget"):
             parse_latency_budget(bad)

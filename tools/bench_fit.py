@@ -101,14 +101,12 @@ def bench_model(name: str, model_args: dict, budgets: list[float], args) -> list
         return measured[key]
 
     def finetuned_accuracy(widths: dict[str, int]) -> float:
-        from compactdeploy.pipeline import _load_and_prune, _StageClock
-        from compactdeploy.prune import parse_prune_spec
+        from compactdeploy.pipeline import prune_and_finetune
 
         changed = space.narrowed(widths)
         config = replace(base, prune=args.method if changed else None, widths=changed,
                          finetune_epochs=args.finetune_epochs if changed else 0)
-        spec = parse_prune_spec(args.method, widths_given=True) if changed else None
-        return _load_and_prune(config, target, spec, _StageClock(Progress())).accuracies[2]
+        return prune_and_finetune(config, Progress()).accuracies[2]
 
     log(f"{name}: unpruned")
     unpruned = measure(dict(space.full))

@@ -53,8 +53,7 @@ def main() -> None:
 def bench_model(name: str, model_args: dict, budgets: list[float], args) -> list[dict]:
     from compactdeploy.cli import main as cli
     from compactdeploy.fit.allocate import width_space
-    from compactdeploy.pipeline import BuildConfig, _load_and_prune, _StageClock, build, load
-    from compactdeploy.prune import parse_prune_spec
+    from compactdeploy.pipeline import BuildConfig, build, load, prune_and_finetune
     from compactdeploy.targets import load_target
     from compactdeploy.train import train
 
@@ -84,7 +83,7 @@ def bench_model(name: str, model_args: dict, budgets: list[float], args) -> list
 
     def grown_accuracy(widths: dict[str, int]) -> float:
         config = replace(base, widths=space.narrowed(widths), allow_grow=True, finetune_epochs=args.finetune_epochs)
-        return _load_and_prune(config, target, parse_prune_spec("l1", widths_given=True), _StageClock(Progress())).accuracies[2]
+        return prune_and_finetune(config, Progress()).accuracies[2]
 
     log(f"{name}: the narrow model as trained")
     narrow = measure(dict(space.full))

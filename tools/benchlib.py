@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -13,11 +14,24 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 def meta(script: str, seconds: float, **settings) -> dict:
     """Where, when and how a benchmark ran: every results file starts with this."""
     return {
-        "measured_on": f"{platform.node()} ({platform.processor() or platform.machine()}), CPU, {time.strftime('%Y-%m-%d')}",
+        "measured_on": f"{platform.node()} ({cpu_description()}), CPU, {time.strftime('%Y-%m-%d')}",
         **settings,
         "seconds": round(seconds),
         "command": f".venv/bin/python tools/{script}",
     }
+
+
+def cpu_description() -> str:
+    """``x86_64, AMD EPYC, AVX2, 2 cores``: which CPU a figure came from (machines of one name differ)."""
+    from compactdeploy.device.agent import fingerprint
+
+    flags: set[str] = set()
+    try:
+        flags = next((set(line.split(":", 1)[1].split()) for line in open("/proc/cpuinfo") if line.startswith("flags")), set())
+    except OSError:
+        pass
+    vectors = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("asimd", "NEON")) if flag in flags), "")
+    return ", ".join(part for part in (platform.machine(), fingerprint()["cpu"], vectors, f"{os.cpu_count()} cores") if part)
 
 
 def write_json(name: str, info: dict, rows: list[dict]) -> None:

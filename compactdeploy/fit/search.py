@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import CompactDeployError
 from ..resources import cache_dir
+from ..units import format_size
 from .allocate import GROW_LIMIT, Point, Trajectory, importance_curves, width_space
 from .costs import measure_missing, table_for
 
@@ -262,7 +263,7 @@ def search(config, target, linker, say: Callable[[str], None]) -> FitResult:
         if floor > memory_budget.value:
             raise CompactDeployError(
                 f"--memory-budget {config.memory_budget} is smaller than the weights of the smallest model the search "
-                f"can make ({_size(floor)} at {target.channel_multiple} channels per group): raise the budget"
+                f"can make ({format_size(floor)} at {target.channel_multiple} channels per group): raise the budget"
             )
 
     with _sessions(config) as open_session:
@@ -388,7 +389,7 @@ def _search(config, target, linker, say, method, latency_budget, memory_budget, 
         raise _Impossible(
             f"no model in the search space meets {_budget_text(config)}: the closest, "
             f"{_widths_text(space.narrowed(closest.widths)) or 'unpruned'}, "
-            f"{where} {closest.measured_ms:.3f} ms and {_size(closest.memory_bytes)}; raise the budget "
+            f"{where} {closest.measured_ms:.3f} ms and {format_size(closest.memory_bytes)}; raise the budget "
             f"(its build is in {closest.build})"
         )
     if status is None:
@@ -555,10 +556,3 @@ def _widths_text(widths: dict[str, int]) -> str:
 def _budget_text(config) -> str:
     parts = [f"latency {config.latency_budget}" if config.latency_budget else "", f"memory {config.memory_budget}" if config.memory_budget else ""]
     return " and ".join(p for p in parts if p)
-
-
-def _size(n: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
