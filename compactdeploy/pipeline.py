@@ -315,12 +315,10 @@ def prune_to_checkpoint(config: BuildConfig, observer: Observer | None = None) -
 
     if not config.prune:
         raise CompactDeployError("prune needs --prune METHOD[:RATIO]")
-    target, spec = _check_inputs(config)
-    clock = _StageClock(observer or _Silent())
-    pruned = _load_and_prune(config, target, spec, clock)
+    pruned = prune_and_finetune(config, observer)
     summary = {
         "model": pruned.model.name,
-        "prune": {**spec.as_dict(), "groups": pruned.result.groups},
+        "prune": {**pruned.result.spec.as_dict(), "groups": pruned.result.groups},
         "params": {"before": pruned.shapes[0].params, "after": pruned.shapes[1].params},
         "accuracy": dict(zip(("before", "after_pruning", "after"), pruned.accuracies)) if pruned.data else None,
         "widths": {n: {"before": w, "after": pruned.shapes[1].widths.get(n)} for n, w in pruned.shapes[0].widths.items()},

@@ -27,7 +27,8 @@ def cpu_description() -> str:
 
     flags: set[str] = set()
     try:
-        flags = next((set(line.split(":", 1)[1].split()) for line in open("/proc/cpuinfo") if line.startswith("flags")), set())
+        flags = next((set(line.split(":", 1)[1].split()) for line in open("/proc/cpuinfo")
+                      if line.startswith(("flags", "Features"))), set())  # x86 says flags, aarch64 Features
     except OSError:
         pass
     vectors = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("asimd", "NEON")) if flag in flags), "")
