@@ -8,6 +8,9 @@ Two things make MetaSchedule usable on a 2-core machine (see docs/tuning-benchma
 its stock builder starts a fresh process pool for every batch and each worker imports
 ``tvm.s_tir.tensor_intrin`` (about 25 s here) before its first build; ours keeps two warm workers
 for the whole run and builds without that import (float32 CPU schedules use no tensor intrinsics).
+And the tuner searches one kernel at a time, so each search gets one cost model for the whole run,
+trained on the database's records first (``warm_cost_model``): MetaSchedule's own ranks at random
+for each search's first 100 candidates.
 """
 
 from __future__ import annotations
@@ -452,22 +455,26 @@ def tune(
         ran = 0
         if todo or next_by_measured_time(states, trials) is not None:
             say(f"{len(tasks)} kernels, {trials} trials (half split by FLOPs, half by measured time); "
-                "loading MetaSchedule (about 30 s)")
+                "loading MetaSchedule (30-100 s on a 2-core host)")
             builder = WarmBuilder(linker_command)
             try:
                 with _interrupt_between_batches(database) as interrupt, \
                         tempfile.TemporaryDirectory(prefix="compactdeploy-tune-") as work:
                     # a kernel's scratch lives across its rounds: it holds every record of the kernel
-                    scratches: dict[int, _KernelScratch] = {}
+                    scratches = {
+                        index: _KernelScratch(Path(work) / f"kernel{index}", database, *records.of(s.workload_hash))
+                        for index, s in enumerate(states)
+                    }
+                    known = sum(s.trials for s in states)
+                    if known:
+                        say(f"training the cost model on the {known} records the database holds for these kernels")
+                    cost_model = warm_cost_model([(tasks[i], scratches[i]) for i in range(len(tasks))])
+                    interrupt.check()
 
                     def run(index: int, label: str) -> int:
-                        state = states[index]
-                        if index not in scratches:
-                            scratches[index] = _KernelScratch(Path(work) / f"kernel{index}", database,
-                                                              *records.of(state.workload_hash))
                         interrupt.check()
-                        measured = _tune_one(ms, tasks[index], state, label, scratches[index], states, database,
-                                             builder, runner, say, interrupt)
+                        measured = _tune_one(ms, tasks[index], states[index], label, scratches[index], states,
+                                             database, builder, runner, cost_model, say, interrupt)
                         interrupt.check()
                         return measured
 
@@ -496,7 +503,7 @@ def tune(
 
 
 def _tune_one(ms, task, state: TaskState, label: str, scratch: _KernelScratch, states, database, builder, runner,
-              say, interrupt: _Interrupt) -> int:
+              cost_model, say, interrupt: _Interrupt) -> int:
     """Tune one kernel up to ``state.budget`` trials in a scratch database holding its records only,
     publishing after every batch. Returns how many it measured.
 
@@ -529,8 +536,38 @@ def _tune_one(ms, task, state: TaskState, label: str, scratch: _KernelScratch, s
             database=db,
             measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), progress.callback()],
             task_scheduler="round-robin",
+            cost_model=cost_model,
         )
     return progress.measured
+
+
+def warm_cost_model(kernels: list[tuple[Any, _KernelScratch]]):
+    """One XGBoost cost model for a whole tuning run, first trained on the records the kernels hold.
+
+    MetaSchedule makes a new model for every ``tune_tasks`` call, and that model ranks candidates
+    at random until the call has measured 100 of its own (``num_warmup_samples``). The tuner calls
+    it once per kernel and round, for at most ``ROUND_TRIALS`` (and a kernel's first round is often
+    under 32), so nearly every candidate was chosen at random. This model ranks from the first batch
+    on, learns across kernels as MetaSchedule's own multi-task runs do, and retrains after every
+    batch (its adaptive mode would wait for 20% more data, hundreds of trials once warm).
+    Training costs ~20 ms per record on a 2-core host (1200 records: replaying their schedules 20 s,
+    fitting 28 s), against ~1.7 s per trial measured.
+    """
+    import tvm.s_tir.meta_schedule as ms
+
+    model = ms.cost_model.XGBModel(adaptive_training=False)
+    for task, scratch in kernels:
+        if not scratch.published:
+            continue
+        # per kernel: making a tune context sets MetaSchedule's console logging back to DEBUG
+        with _metaschedule_logging():
+            db = ms.database.JSONDatabase(str(scratch.workloads), str(scratch.records), allow_missing=False)
+            records = db.get_all_tuning_records()
+            context = ms.relax_integration.extracted_tasks_to_tune_contexts([task], str(scratch.path))[0][0]
+            results = [ms.runner.RunnerResult([float(s) for s in r.run_secs] if r.run_secs else None, None)
+                       for r in records]
+            model.update(context, [r.as_measure_candidate() for r in records], results)
+    return model
 
 
 class _KernelSearchStopped(Exception):

@@ -16,6 +16,7 @@ import torch
 from conftest import needs_emulator, read_json, run_cli
 from test_errors import assert_nothing_written, error_of
 
+import compactdeploy.tune
 from compactdeploy.compile import import_onnx
 from compactdeploy.export import export_onnx
 from compactdeploy.targets import load_target
@@ -30,6 +31,7 @@ from compactdeploy.tune import (
     next_by_measured_time,
     plan_budgets,
     tune,
+    warm_cost_model,
 )
 from compactdeploy.zoo import create_model
 
@@ -148,6 +150,28 @@ def test_an_interrupted_tuning_run_keeps_its_batches_and_resumes(tmp_path):
     assert database.record_count() == kept + resumed.trials_run
     assert all(task["best_us"] is not None for task in resumed.tasks)
     assert tune(lowered, target, database, 24, local_runner(), None).trials_run == 0
+
+
+def test_one_cost_model_learns_from_the_records_and_every_round_of_the_run(tmp_path, monkeypatch):
+    """MetaSchedule's own model, new in every search, ranks at random until that search has measured
+    100 candidates: more than most of the tuner's rounds. The tuner's model starts from the records."""
+    target = load_target("host")
+    model = create_model("mlp-tabular")
+    exported = export_onnx(model.module, torch.randn(model.input_shape), tmp_path / "m.onnx")
+    lowered = lower_for_tuning(import_onnx(exported.path, target), target.tvm_target())
+    database = TuningDatabase(tmp_path / "db", {"test": "cost model"})
+    tune(lowered, target, database, 24, local_runner(), None)
+    first = database.record_count()
+
+    models = []
+    monkeypatch.setattr(compactdeploy.tune, "warm_cost_model",
+                        lambda kernels: models.append(warm_cost_model(kernels)) or models[-1])
+    more = tune(lowered, target, database, 32, local_runner(), None)
+    [cost_model] = models
+    assert more.trials_reused == first and more.trials_run > 0
+    # trained on every record before the first batch, then on every candidate the rounds measured
+    assert cost_model.data_size == database.record_count() == first + more.trials_run
+    assert len(cost_model.data) == len(more.tasks)  # a group per kernel, as in MetaSchedule's own runs
 
 
 def test_a_kernel_whose_search_space_runs_out_stops_early_and_is_not_tuned_again(tmp_path):

@@ -6,11 +6,14 @@ what a tuning database holds for each (default: the benchmark's own), or tunes t
 further in a scratch copy of their records (the database is only read), printing after every batch
 of 32 the trials so far and the best time. ``--layout NCHW`` lowers the model with its convolutions
 left NCHW, to set a kernel's NCHW schedule against its NHWC one (``--fresh`` for both sides: no
-records). Host only; the figures are this machine's. Usage:
+records). ``--cost-model fresh`` ranks candidates as MetaSchedule does on its own (a new model per
+search, random until it has 100 measurements), to set against the tuner's model trained on the
+database's records of all the model's kernels. Host only; the figures are this machine's. Usage:
 
     .venv/bin/python tools/tune_kernel.py --model mobilenetv2                 # the kernels, records, best
     .venv/bin/python tools/tune_kernel.py --model mobilenetv2 --kernels 14 --trials 192
     .venv/bin/python tools/tune_kernel.py --model resnet20 --kernels 0 --fresh --layout NCHW --trials 64
+    .venv/bin/python tools/tune_kernel.py --model mobilenetv2 --kernels 5 --trials 64 --cost-model fresh
 
 Writes docs/kernel-tuning.json (every batch of every kernel tuned, and the command).
 """
@@ -45,6 +48,7 @@ from compactdeploy.tune import (
     _workload_hash,
     local_runner,
     lower_for_tuning,
+    warm_cost_model,
 )
 from compactdeploy.zoo import create_model
 
@@ -59,6 +63,9 @@ def main() -> None:
     parser.add_argument("--flush-cache", action="store_true",
                         help="measure candidates with their weights and outputs evicted from the caches, as "
                              "inside a model (MetaSchedule's enable_cpu_cache_flush); implies --fresh")
+    parser.add_argument("--cost-model", choices=["records", "fresh"], default="records",
+                        help="records: trained on the database's records of the model's kernels, as the tuner "
+                             "does; fresh: MetaSchedule's own (random until 100 measurements in the search)")
     parser.add_argument("--database", type=Path, default=cache_dir("bench-tuning") / "database")
     args = parser.parse_args()
     args.fresh = args.fresh or args.flush_cache  # warm-cache records are not comparable
@@ -93,12 +100,20 @@ def main() -> None:
         try:
             for task in chosen:
                 workload, lines = (None, []) if args.fresh else records.of(_workload_hash(task))
+                cost_model = "xgb"
+                if args.cost_model == "records":
+                    # every kernel's records but the chosen one's where it starts --fresh
+                    known = [(t, _KernelScratch(Path(tempfile.mkdtemp(dir=work)) / "kernel", None,
+                                                *records.of(_workload_hash(t))))
+                             for t in tasks if not (args.fresh and t is task)]
+                    cost_model = warm_cost_model(known)
                 rows.append(tune_further(task, workload, lines, args.trials, builder, Path(tempfile.mkdtemp(dir=work)),
-                                         flushed_runner() if args.flush_cache else local_runner()))
+                                         flushed_runner() if args.flush_cache else local_runner(), cost_model))
         finally:
             builder.shutdown()
     info = benchlib.meta("tune_kernel.py", time.perf_counter() - start, threads=threads, model=args.model,
                          layout=args.layout, fresh=args.fresh, flush_cache=args.flush_cache, database=str(args.database),
+                         cost_model=args.cost_model,
                          weights="random (seeded); latency does not depend on values",
                          figures="MetaSchedule's own measurement of each candidate on this host; nothing emulated")
     info["command"] += " " + " ".join(sys.argv[1:])
@@ -115,7 +130,8 @@ def flushed_runner():
         number=1, repeat=20, min_repeat_ms=0, enable_cpu_cache_flush=True))
 
 
-def tune_further(task, workload: str | None, lines: list[str], trials: int, builder, scratch: Path, runner) -> dict:
+def tune_further(task, workload: str | None, lines: list[str], trials: int, builder, scratch: Path, runner,
+                 cost_model) -> dict:
     """Tune ``task`` ``trials`` more from ``lines`` (its records) in ``scratch``; the best after each batch."""
     import tvm.s_tir.meta_schedule as ms
     from tvm.ir.utils import derived_object
@@ -148,7 +164,7 @@ def tune_further(task, workload: str | None, lines: list[str], trials: int, buil
             tasks=[context], task_weights=[1.0], work_dir=str(kernel.path), max_trials_global=trials,
             max_trials_per_task=trials, num_trials_per_iter=BATCH, builder=builder, runner=runner,
             database=db, measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), _AfterBatch()],
-            task_scheduler="round-robin",
+            task_scheduler="round-robin", cost_model=cost_model,
         )
     return row
 
