@@ -461,14 +461,13 @@ def tune(
                 with _interrupt_between_batches(database) as interrupt, \
                         tempfile.TemporaryDirectory(prefix="compactdeploy-tune-") as work:
                     # a kernel's scratch lives across its rounds: it holds every record of the kernel
-                    scratches = {
-                        index: _KernelScratch(Path(work) / f"kernel{index}", database, *records.of(s.workload_hash))
+                    scratches = [
+                        _KernelScratch(Path(work) / f"kernel{index}", database, *records.of(s.workload_hash))
                         for index, s in enumerate(states)
-                    }
-                    known = sum(s.trials for s in states)
-                    if known:
-                        say(f"training the cost model on the {known} records the database holds for these kernels")
-                    cost_model = warm_cost_model([(tasks[i], scratches[i]) for i in range(len(tasks))])
+                    ]
+                    if reused:
+                        say(f"training the cost model on the {reused} records the database holds for these kernels")
+                    cost_model = warm_cost_model(list(zip(tasks, scratches)))
                     interrupt.check()
 
                     def run(index: int, label: str) -> int:
@@ -550,8 +549,8 @@ def warm_cost_model(kernels: list[tuple[Any, _KernelScratch]]):
     under 32), so nearly every candidate was chosen at random. This model ranks from the first batch
     on, learns across kernels as MetaSchedule's own multi-task runs do, and retrains after every
     batch (its adaptive mode would wait for 20% more data, hundreds of trials once warm).
-    Training costs ~20 ms per record on a 2-core host (1200 records: replaying their schedules 20 s,
-    fitting 28 s), against ~1.7 s per trial measured.
+    Training costs ~50 ms per record on a 2-core host (1200 records: reading 9 s, replaying their
+    schedules 20 s, fitting 28 s; one-off measurement), against 1.7-2.2 s per trial measured.
     """
     import tvm.s_tir.meta_schedule as ms
 

@@ -102,7 +102,9 @@ def main() -> None:
                 workload, lines = (None, []) if args.fresh else records.of(_workload_hash(task))
                 cost_model = "xgb"
                 if args.cost_model == "records":
-                    # every kernel's records but the chosen one's where it starts --fresh
+                    # trained anew for each chosen kernel, so each starts from the same model (one shared
+                    # across them would carry the first kernel's search into the next); every kernel's
+                    # records but the chosen one's where it starts --fresh
                     known = [(t, _KernelScratch(Path(tempfile.mkdtemp(dir=work)) / "kernel", None,
                                                 *records.of(_workload_hash(t))))
                              for t in tasks if not (args.fresh and t is task)]
