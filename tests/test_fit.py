@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import random
 from pathlib import Path
@@ -292,6 +293,33 @@ def test_impossible_and_memory_budgets_fail_in_one_line(tmp_path, lenet5_checkpo
     assert "pass --device" in capsys.readouterr().err
 
 
+def test_rounds_spent_before_the_budget_is_met_say_resume_with_more(tmp_path, lenet5_checkpoint, capsys, monkeypatch):
+    """A search that runs out of --fit-rounds with narrower models left is not an impossible budget:
+    the one-line error says so and how to go on, and the resumed run keeps the models measured."""
+    fit_search = importlib.import_module("compactdeploy.fit.search")  # the package exports a function of that name
+
+    common = ("--model", "lenet5", "--weights", lenet5_checkpoint, "--data", "digits", "--target", "host",
+              "--latency-budget", "60%", "--repeat", "50", "--out", tmp_path / "fit")
+    # aim at 96 % of the unpruned model's latency: the one round builds a model far over the 60 % budget
+    monkeypatch.setattr(fit_search, "MARGIN", 1 - 0.96 / 0.6)
+    assert run_cli("build", *common, "--fit-rounds", "1") == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "no model in the search space" not in error
+    assert "no model of the 2 built in 1 rounds meets latency 60%" in error, error
+    assert "run the same command with --resume --fit-rounds 4" in error
+    assert not (tmp_path / "fit").exists()
+    monkeypatch.undo()
+    run_dir = Path(error.split("kept in ")[1].split(")")[0])
+    first = read_json(run_dir / "state.json")["candidates"]
+    assert len(first) == 2 and first[1]["measured_ms"] > 0.6 * first[0]["measured_ms"]
+
+    assert run_cli("build", *common, "--resume", "--fit-rounds", "4") == 0
+    fit = read_json(tmp_path / "fit" / "report.json")["fit"]
+    assert [c["build"] for c in fit["verified"][:2]] == [c["build"] for c in first]
+    assert fit["verified"][0]["measured_ms"] == first[0]["measured_ms"]  # replayed, not measured again
+    assert fit["chosen"]["measured_ms"] <= fit["budget"]["latency_ms"]
+
+
 def test_a_device_lost_mid_search_keeps_the_measurements_and_resumes(tmp_path, lenet5_checkpoint):
     from compactdeploy.device import local_agent
     from compactdeploy.pipeline import BuildConfig, build
@@ -337,9 +365,12 @@ def test_a_device_lost_mid_search_keeps_the_measurements_and_resumes(tmp_path, l
 @needs_emulator
 def test_search_runs_against_the_emulated_pi(tmp_path, emulated_pi, lenet5_checkpoint):
     out = tmp_path / "fit-pi"
+    # --fit-rounds stays at its default: emulated times are noisy (the unpruned LeNet-5 measured 9.36 ms in
+    # one run and 4.93 in the next on the same host, and a cut the layer table priced at -45 % measured no
+    # faster), so the search may need several rounds to correct itself; three once ran out in CI
     assert run_cli(
         "build", "--model", "lenet5", "--weights", lenet5_checkpoint, "--target", "rpi4",
-        "--device", str(emulated_pi.address), "--latency-budget", "70%", "--fit-rounds", "3", "--fit-points", "4",
+        "--device", str(emulated_pi.address), "--latency-budget", "70%", "--fit-points", "4",
         "--repeat", "20", "--out", out,
     ) == 0
     fit = read_json(out / "report.json")["fit"]

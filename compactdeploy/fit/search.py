@@ -277,7 +277,7 @@ def search(config, target, linker, say: Callable[[str], None]) -> FitResult:
         try:
             return _search(config, target, linker, say, method, latency_budget, memory_budget, loaded, space, curves,
                            table, open_session, database, state, run_dir)
-        except _Impossible:
+        except (_Impossible, _RoundsSpent):
             raise
         except (CompactDeployError, KeyboardInterrupt) as exc:
             stopped = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
@@ -289,6 +289,10 @@ def search(config, target, linker, say: Callable[[str], None]) -> FitResult:
 
 class _Impossible(CompactDeployError):
     """No model of the search space meets the budget (not a failure to resume from)."""
+
+
+class _RoundsSpent(CompactDeployError):
+    """--fit-rounds ran out before a model met the budget; the message says how to resume with more."""
 
 
 def _search(config, target, linker, say, method, latency_budget, memory_budget, loaded, space, curves,
@@ -348,7 +352,7 @@ def _search(config, target, linker, say, method, latency_budget, memory_budget, 
             return False
         return target_ms is None or predict(point) <= target_ms
 
-    rounds, status, grown = 0, None, []
+    rounds, status, grown, smallest_over = 0, None, [], False
     if unpruned.meets(latency_ms, memory_bytes):
         status = "the unpruned model already meets the budget"
         if space.wider and unpruned.meets(*_close(latency_ms, memory_bytes)):  # room to grow into
@@ -381,16 +385,26 @@ def _search(config, target, linker, say, method, latency_budget, memory_budget, 
                     rounds += 1
                     verify(wider[0], predict(wider[0]))
         elif smallest or seen_before:
+            smallest_over = smallest
             break
     feasible = [c for c in state.candidates if c.meets(latency_ms, memory_bytes)]
     if not feasible:
         closest = min(state.candidates, key=lambda c: c.measured_ms if latency_ms else c.memory_bytes)
         where = "measured" if "EMULATED" not in closest.where else "measured (EMULATED)"
-        raise _Impossible(
-            f"no model in the search space meets {_budget_text(config)}: the closest, "
-            f"{_widths_text(space.narrowed(closest.widths)) or 'unpruned'}, "
-            f"{where} {closest.measured_ms:.3f} ms and {format_size(closest.memory_bytes)}; raise the budget "
-            f"(its build is in {closest.build})"
+        closest_text = (
+            f"the closest, {_widths_text(space.narrowed(closest.widths)) or 'unpruned'}, "
+            f"{where} {closest.measured_ms:.3f} ms and {format_size(closest.memory_bytes)}"
+        )
+        if smallest_over or rounds < config.fit_rounds:
+            raise _Impossible(
+                f"no model in the search space meets {_budget_text(config)}: {closest_text}; raise the budget "
+                f"(its build is in {closest.build})"
+            )
+        # narrower models are left to try: a noisy or mispredicted round is not an impossible budget
+        raise _RoundsSpent(
+            f"no model of the {len(state.candidates)} built in {rounds} rounds meets {_budget_text(config)}, and narrower "
+            f"ones are left: {closest_text}; run the same command with --resume --fit-rounds {rounds + 3} "
+            f"(the models measured are kept in {run_dir}) or raise the budget"
         )
     if status is None:
         status = f"met the budget within {config.fit_rounds} rounds, not within {CLOSE_ENOUGH:.0%} of it"
