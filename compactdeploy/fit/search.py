@@ -352,7 +352,7 @@ def _search(config, target, linker, say, method, latency_budget, memory_budget, 
             return False
         return target_ms is None or predict(point) <= target_ms
 
-    rounds, status, grown, smallest_over = 0, None, [], False
+    rounds, status, grown, walk_ended = 0, None, [], False
     if unpruned.meets(latency_ms, memory_bytes):
         status = "the unpruned model already meets the budget"
         if space.wider and unpruned.meets(*_close(latency_ms, memory_bytes)):  # room to grow into
@@ -384,8 +384,8 @@ def _search(config, target, linker, say, method, latency_budget, memory_budget, 
                 else:
                     rounds += 1
                     verify(wider[0], predict(wider[0]))
-        elif smallest or seen_before:
-            smallest_over = smallest
+        elif smallest or seen_before:  # nothing narrower to try, or the walk picks a model measured over
+            walk_ended = True
             break
     feasible = [c for c in state.candidates if c.meets(latency_ms, memory_bytes)]
     if not feasible:
@@ -395,12 +395,12 @@ def _search(config, target, linker, say, method, latency_budget, memory_budget, 
             f"the closest, {_widths_text(space.narrowed(closest.widths)) or 'unpruned'}, "
             f"{where} {closest.measured_ms:.3f} ms and {format_size(closest.memory_bytes)}"
         )
-        if smallest_over or rounds < config.fit_rounds:
+        if walk_ended:
             raise _Impossible(
                 f"no model in the search space meets {_budget_text(config)}: {closest_text}; raise the budget "
                 f"(its build is in {closest.build})"
             )
-        # narrower models are left to try: a noisy or mispredicted round is not an impossible budget
+        # the rounds ran out with narrower models left: a noisy or mispredicted round is not an impossible budget
         raise _RoundsSpent(
             f"no model of the {len(state.candidates)} built in {rounds} rounds meets {_budget_text(config)}, and narrower "
             f"ones are left: {closest_text}; run the same command with --resume --fit-rounds {rounds + 3} "
