@@ -35,9 +35,10 @@ def cpu_description() -> str:
     return ", ".join(part for part in (platform.machine(), fingerprint()["cpu"], vectors, f"{os.cpu_count()} cores") if part)
 
 
-def write_json(name: str, info: dict, rows: list[dict]) -> None:
+def write_json(name: str, info: dict, rows: list[dict], **extra) -> None:
+    """``docs/NAME.json``: ``meta``, ``rows`` and any ``extra`` sections (e.g. every run behind the rows)."""
     DOCS.mkdir(exist_ok=True)
-    (DOCS / f"{name}.json").write_text(json.dumps({"meta": info, "rows": rows}, indent=1) + "\n")
+    (DOCS / f"{name}.json").write_text(json.dumps({"meta": info, "rows": rows, **extra}, indent=1) + "\n")
 
 
 # After a run, a runtime's worker threads spin before they sleep: measured on this 2-core host,

@@ -6,9 +6,15 @@ For A/B questions the benchmark's single "tuned" build cannot answer (two tuning
 two budgets). Each build is a compiled model.so of the same ONNX model. Usage:
 
     .venv/bin/python tools/compare_builds.py --onnx ~/.cache/compactdeploy/bench-tuning/mobilenetv2/model.onnx \\
-        --builds warm=PATH/model.so,flushed=PATH/model.so --name tuning-measurement
+        --builds warm=PATH/model.so,flushed=PATH/model.so --name tuning-measurement [--runs 8 --pause 60]
 
-Writes docs/compare-builds-NAME.json and prints a line per build.
+On a shared machine one run is one sample of its noise (onnxruntime alone moved 8-11 ms between
+runs minutes apart on a 2-core VM), so ``--runs N`` repeats the whole comparison with a pause between,
+in one process, and the rows summarise the runs: each build's ratio to onnxruntime per run, their
+median and range, and in how many runs its kernels inside the model summed lowest.
+
+Writes docs/compare-builds-NAME.json (``rows``: the summary, ``runs``: every run's rows) and prints
+a line per build and run.
 """
 
 from __future__ import annotations
@@ -36,7 +42,11 @@ def main() -> None:
     parser.add_argument("--onnx", type=Path, required=True, help="the model, for onnxruntime and its input shape")
     parser.add_argument("--builds", required=True, metavar="LABEL=MODEL.so,...")
     parser.add_argument("--name", required=True, help="results go to docs/compare-builds-NAME.json")
+    parser.add_argument("--runs", type=int, default=1, help="repeat the whole comparison this many times (default 1)")
+    parser.add_argument("--pause", type=float, default=60.0, help="seconds between runs (default 60)")
     args = parser.parse_args()
+    if args.runs < 1 or args.pause < 0:
+        raise SystemExit("error: --runs takes a count of 1 or more and --pause seconds of 0 or more")
     if not all("=" in item for item in args.builds.split(",")):
         raise SystemExit(f"error: --builds takes LABEL=MODEL.so pairs, comma-separated (got {args.builds!r})")
     builds = dict(item.split("=", 1) for item in args.builds.split(","))
@@ -48,9 +58,21 @@ def main() -> None:
     threads = os.cpu_count() or 1
     os.environ["TVM_NUM_THREADS"] = str(threads)
     start = time.perf_counter()
-    rows = compare(args.onnx, builds, threads)
+    runs, seconds = [], []
+    for index in range(args.runs):
+        if index:
+            time.sleep(args.pause)
+        began = time.perf_counter()
+        runs.append(compare(args.onnx, builds, threads))
+        seconds.append(round(time.perf_counter() - began))
+        for row in runs[-1]:
+            print(f"run {index + 1}/{args.runs} {row['build']}: {row['median_ms']:.3f} ms, onnxruntime "
+                  f"{row['onnxruntime_ms']:.3f} ms, / onnxruntime {row['over_onnxruntime']:.2f} (per round "
+                  f"{row['per_round_p25_p75'][0]:.2f}-{row['per_round_p25_p75'][1]:.2f}); kernels in the model "
+                  f"{row['kernels_in_model_ms']:.3f} ms", flush=True)
+    rows = summarise(runs)
     info = benchlib.meta("compare_builds.py", time.perf_counter() - start, threads=threads, rounds=ROUNDS,
-                         runs_per_round=RUNS_PER_ROUND,
+                         runs_per_round=RUNS_PER_ROUND, runs=args.runs, pause_s=args.pause, run_seconds=seconds,
                          method="every build and onnxruntime timed in turn, RUNS_PER_ROUND runs each per round, "
                                 "medians; per round: build / onnxruntime within each round, quartiles over "
                                 "rounds; in the model: compactdeploy.device.agent.time_each_kernel_in_model, "
@@ -58,12 +80,37 @@ def main() -> None:
                          figures="all measured on this host; nothing emulated or estimated",
                          builds=builds, onnx=str(args.onnx))
     info["command"] += " " + " ".join(sys.argv[1:])
-    benchlib.write_json(f"compare-builds-{args.name}", info, rows)
+    benchlib.write_json(f"compare-builds-{args.name}", info, rows, runs=runs)
     for row in rows:
-        print(f"{row['build']}: {row['median_ms']:.3f} ms, / onnxruntime {row['over_onnxruntime']:.2f} "
-              f"(per round {row['per_round_p25_p75'][0]:.2f}-{row['per_round_p25_p75'][1]:.2f}); "
-              f"kernels in the model {row['kernels_in_model_ms']:.3f} ms")
+        low, high = row["over_onnxruntime_range"]
+        lowest = row["runs_lowest_kernels_in_model"]
+        print(f"{row['build']}: / onnxruntime median {row['over_onnxruntime_median']:.2f} over {args.runs} runs "
+              f"({low:.2f}-{high:.2f}, at or under 1.0 in {row['runs_at_or_under_onnxruntime']})"
+              + (f"; kernels in the model summed lowest in {lowest}" if lowest is not None else ""))
     print(f"wrote {benchlib.DOCS}/compare-builds-{args.name}.json")
+
+
+def summarise(runs: list[list[dict]]) -> list[dict]:
+    """Per build, over the runs: its ratio to onnxruntime (each run's own onnxruntime), and (of two
+    builds or more) how often its kernels inside the model summed lowest."""
+    several = len(runs[0]) > 1
+    lowest = [min(run, key=lambda row: row["kernels_in_model_ms"])["build"] for run in runs]
+    rows = []
+    for label in [row["build"] for row in runs[0]]:
+        mine = [next(row for row in run if row["build"] == label) for run in runs]
+        ratios = [row["over_onnxruntime"] for row in mine]
+        rows.append({
+            "build": label,
+            "over_onnxruntime_per_run": ratios,
+            "over_onnxruntime_median": float(np.median(ratios)),
+            "over_onnxruntime_range": [min(ratios), max(ratios)],
+            "runs_at_or_under_onnxruntime": sum(ratio <= 1.0 for ratio in ratios),
+            "median_ms_per_run": [row["median_ms"] for row in mine],
+            "onnxruntime_ms_per_run": [row["onnxruntime_ms"] for row in mine],
+            "kernels_in_model_ms_per_run": [row["kernels_in_model_ms"] for row in mine],
+            "runs_lowest_kernels_in_model": lowest.count(label) if several else None,
+        })
+    return rows
 
 
 def compare(onnx_path: Path, builds: dict[str, str], threads: int) -> list[dict]:
