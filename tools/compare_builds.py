@@ -96,8 +96,8 @@ def summarise(runs: list[list[dict]]) -> list[dict]:
     several = len(runs[0]) > 1
     lowest = [min(run, key=lambda row: row["kernels_in_model_ms"])["build"] for run in runs]
     rows = []
-    for label in [row["build"] for row in runs[0]]:
-        mine = [next(row for row in run if row["build"] == label) for run in runs]
+    for mine in zip(*runs):  # every run lists the builds in the same order
+        label = mine[0]["build"]
         ratios = [row["over_onnxruntime"] for row in mine]
         rows.append({
             "build": label,
