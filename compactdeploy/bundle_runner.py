@@ -95,6 +95,37 @@ def write_sums(bundle: Path) -> None:
     os.replace(tmp, bundle / SUMS)
 
 
+THREADS_ENV = "TVM_NUM_THREADS"  # read by TVM when its thread pool starts (the first parallel kernel)
+_CPU_SYSFS = Path("/sys/devices/system/cpu")
+
+
+def default_threads(sysfs: Path = _CPU_SYSFS) -> int:
+    """Threads for a model when none are asked for: one per physical core this process may run on.
+
+    TVM's own default on x86 is half the logical CPUs (it assumes two hyperthreads per core): on a
+    machine without them, most cloud VMs among them, TVM used half the cores while onnxruntime's
+    default (one thread per physical core) used them all. Hyperthreads of a core count once.
+    """
+    try:
+        cpus = os.sched_getaffinity(0)
+    except AttributeError:  # not Linux: no affinity, no sysfs
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in cpus:
+        topology = sysfs / f"cpu{cpu}" / "topology"
+        try:
+            cores.add(((topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip()))
+        except OSError:  # no topology (some containers): each CPU its own core
+            cores.add(("cpu", str(cpu)))
+    return max(1, len(cores))
+
+
+def use_default_threads() -> str:
+    """Set TVM's thread count to ``default_threads()`` unless the user chose one; the count in use."""
+    os.environ.setdefault(THREADS_ENV, str(default_threads()))
+    return os.environ[THREADS_ENV]
+
+
 def latency_stats(times_ms) -> dict:
     """Median, p90, p99, mean, std and min of per-run times (ms), and how many runs."""
     import numpy as np
@@ -126,6 +157,7 @@ class Model:
         if cuda and not self.device.exist:
             raise BundleError(f"{self.bundle} needs an NVIDIA GPU, and TVM finds none on this machine")
         library = self.bundle / self.manifest["library"]
+        self.threads = use_default_threads()  # before the first run starts TVM's thread pool
         self.vm = VirtualMachine(tvm.runtime.load_module(str(library)), self.device)
 
     def check(self, x) -> None:
@@ -155,7 +187,7 @@ class Model:
         stats = latency_stats(times)
         return {
             "runs": stats["runs"], **{f"{key}_ms": stats[key] for key in ("median", "p90", "p99", "mean", "min")},
-            "machine": platform.machine(), "hostname": platform.node(),
+            "machine": platform.machine(), "hostname": platform.node(), "threads": self.threads,
         }
 
 

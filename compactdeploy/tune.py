@@ -853,6 +853,9 @@ def local_runner():
     """Measure candidates on this machine, in one worker process kept for the whole run."""
     from tvm.s_tir.meta_schedule.runner import LocalRunner
 
+    from .bundle_runner import use_default_threads
+
+    use_default_threads()  # the worker inherits it: kernels tuned at the thread count the build runs them with
     return LocalRunner(timeout_sec=60, evaluator_config=_evaluator(), initializer=_ignore_interrupts)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import torch
 from conftest import read_json
 
+from compactdeploy.bundle_runner import default_threads
 from compactdeploy.data import fit_to_model, load_dataset
 from compactdeploy.export import run_onnxruntime
 from compactdeploy.prune import replay
@@ -58,6 +60,8 @@ def test_latency_is_a_distribution_over_the_requested_runs(host_build):
     fingerprint = report["measured_on"]
     assert fingerprint["machine"] == platform.machine() and fingerprint["emulated"] is False
     assert fingerprint["tvm_version"] and fingerprint["cores"] >= 1
+    # no --threads: TVM (and onnxruntime beside it) on every physical core, not TVM's x86 default of half
+    assert fingerprint["threads"] == os.environ.get("TVM_NUM_THREADS", str(default_threads()))
 
 
 def test_per_layer_profile_covers_every_kernel(host_build):

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from conftest import needs_emulator, read_json, run_cli
 
-from compactdeploy.bundle_runner import BundleError, Model, install_archive, verify
+from compactdeploy.bundle_runner import BundleError, Model, default_threads, install_archive, verify
 from compactdeploy.export import run_onnxruntime
 
 SSHD = "/usr/sbin/sshd"
@@ -53,7 +53,32 @@ def test_run_matches_onnxruntime_and_benches(bundle, tmp_path, capsys):
     assert np.abs(y - run_onnxruntime(bundle / "model.onnx", x)).max() <= 1e-4
     capsys.readouterr()
     assert run_cli("run", bundle, "--bench", "30") == 0
-    assert '"runs": 30' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert '"runs": 30' in out
+    assert f'"threads": "{os.environ.get("TVM_NUM_THREADS", default_threads())}"' in out
+
+
+def _fake_cpus(root: Path, cores: dict[int, tuple[int, int]]) -> Path:
+    for cpu, (package, core) in cores.items():
+        topology = root / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        (topology / "physical_package_id").write_text(f"{package}\n")
+        (topology / "core_id").write_text(f"{core}\n")
+    return root
+
+
+def test_default_threads_count_physical_cores_this_process_may_use(tmp_path, monkeypatch):
+    # two cores with two hyperthreads each (Linux numbers the siblings 0,2 and 1,3)
+    sysfs = _fake_cpus(tmp_path / "smt", {0: (0, 0), 1: (0, 1), 2: (0, 0), 3: (0, 1)})
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert default_threads(sysfs) == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2})  # pinned to one core's siblings
+    assert default_threads(sysfs) == 1
+    # no hyperthreads (this kind of VM): every CPU a core, where TVM's own default took half
+    sysfs = _fake_cpus(tmp_path / "vm", {0: (0, 0), 1: (0, 1)})
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert default_threads(sysfs) == 2
+    assert default_threads(tmp_path / "no-topology") == 2  # each CPU counted as a core
 
 
 def test_the_bundled_runner_needs_no_compactdeploy(bundle, tmp_path):

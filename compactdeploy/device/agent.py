@@ -292,6 +292,10 @@ FUNCTIONS = {
 def serve(host: str, port: int, port_end: int, tracker: str | None, key: str, on_ready=None) -> None:
     """Register the functions and serve until killed; ``on_ready(port)`` is called once bound."""
     import tvm_ffi
+
+    from compactdeploy.bundle_runner import use_default_threads
+
+    use_default_threads()  # TVM and onnxruntime (onnxruntime_times) on the same count: all physical cores
     from tvm.rpc import server as rpc_server
 
     for name, function in FUNCTIONS.items():
