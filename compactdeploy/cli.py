@@ -306,7 +306,7 @@ def slower_than_onnxruntime_advice(report) -> str | None:
         return (
             f"TVM takes {ratio:.2f}x onnxruntime's time here, and {missing} of {tuning['kernels_tunable']} kernels "
             "have no tuning record (unscheduled, slow): build again with --tune-trials N (the tuning benchmark gave "
-            "ResNet-20 1600 for its 14 kernels; records are kept, an interrupted run resumes)"
+            "ResNet-20 1600-1800 for its 14 kernels; records are kept, an interrupted run resumes)"
         )
     return (
         f"TVM takes {ratio:.2f}x onnxruntime's time here with every kernel tuned: more --tune-trials may close "

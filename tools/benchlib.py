@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
 from pathlib import Path
+
+from compactdeploy.bundle import write_json as write_json_atomically
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -38,7 +39,8 @@ def cpu_description() -> str:
 def write_json(name: str, info: dict, rows: list[dict], **extra) -> None:
     """``docs/NAME.json``: ``meta``, ``rows`` and any ``extra`` sections (e.g. every run behind the rows)."""
     DOCS.mkdir(exist_ok=True)
-    (DOCS / f"{name}.json").write_text(json.dumps({"meta": info, "rows": rows, **extra}, indent=1) + "\n")
+    # atomic: an interrupted write leaves the previous results whole
+    write_json_atomically(DOCS / f"{name}.json", {"meta": info, "rows": rows, **extra})
 
 
 # After a run, a runtime's worker threads spin before they sleep: measured on this 2-core host,

@@ -13,8 +13,8 @@ runs minutes apart on a 2-core VM), so ``--runs N`` repeats the whole comparison
 in one process, and the rows summarise the runs: each build's ratio to onnxruntime per run, their
 median and range, and in how many runs its kernels inside the model summed lowest.
 
-Writes docs/compare-builds-NAME.json (``rows``: the summary, ``runs``: every run's rows) and prints
-a line per build and run.
+Writes docs/compare-builds-NAME.json (``rows``: the summary, ``runs``: every run's rows) after every
+run, atomically, so an interrupted comparison keeps the runs it finished; prints a line per build and run.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pathlib import Path
 import benchlib
 import numpy as np
 
+from compactdeploy.bundle_runner import default_threads
 from compactdeploy.compile import KERNELS_NAME
 
 ROUNDS = 15  # as tools/bench_tuning.py: interleaved rounds of RUNS_PER_ROUND runs of every variant
@@ -55,7 +56,7 @@ def main() -> None:
     missing = [str(path) for path in needed if not path.exists()]
     if missing:
         raise SystemExit(f"error: not found: {', '.join(missing)} (build each with compactdeploy first)")
-    threads = os.cpu_count() or 1
+    threads = default_threads()  # as compactdeploy runs models: one per physical core
     os.environ["TVM_NUM_THREADS"] = str(threads)
     start = time.perf_counter()
     runs, seconds = [], []
@@ -70,17 +71,19 @@ def main() -> None:
                   f"{row['onnxruntime_ms']:.3f} ms, / onnxruntime {row['over_onnxruntime']:.2f} (per round "
                   f"{row['per_round_p25_p75'][0]:.2f}-{row['per_round_p25_p75'][1]:.2f}); kernels in the model "
                   f"{row['kernels_in_model_ms']:.3f} ms", flush=True)
-    rows = summarise(runs)
-    info = benchlib.meta("compare_builds.py", time.perf_counter() - start, threads=threads, rounds=ROUNDS,
-                         runs_per_round=RUNS_PER_ROUND, runs=args.runs, pause_s=args.pause, run_seconds=seconds,
-                         method="every build and onnxruntime timed in turn, RUNS_PER_ROUND runs each per round, "
-                                "medians; per round: build / onnxruntime within each round, quartiles over "
-                                "rounds; in the model: compactdeploy.device.agent.time_each_kernel_in_model, "
-                                f"{IN_MODEL_RUNS} runs, each kernel's median per call x its calls, summed",
-                         figures="all measured on this host; nothing emulated or estimated",
-                         builds=builds, onnx=str(args.onnx))
-    info["command"] += " " + " ".join(sys.argv[1:])
-    benchlib.write_json(f"compare-builds-{args.name}", info, rows, runs=runs)
+        # after every run, so an interrupted comparison keeps the runs it finished
+        rows = summarise(runs)
+        info = benchlib.meta("compare_builds.py", time.perf_counter() - start, threads=threads, rounds=ROUNDS,
+                             runs_per_round=RUNS_PER_ROUND, runs=len(runs), runs_asked=args.runs, pause_s=args.pause,
+                             run_seconds=seconds,
+                             method="every build and onnxruntime timed in turn, RUNS_PER_ROUND runs each per round, "
+                                    "medians; per round: build / onnxruntime within each round, quartiles over "
+                                    "rounds; in the model: compactdeploy.device.agent.time_each_kernel_in_model, "
+                                    f"{IN_MODEL_RUNS} runs, each kernel's median per call x its calls, summed",
+                             figures="all measured on this host; nothing emulated or estimated",
+                             builds=builds, onnx=str(args.onnx))
+        info["command"] += " " + " ".join(sys.argv[1:])
+        benchlib.write_json(f"compare-builds-{args.name}", info, rows, runs=runs)
     for row in rows:
         low, high = row["over_onnxruntime_range"]
         lowest = row["runs_lowest_kernels_in_model"]

@@ -20,6 +20,7 @@ import time
 import benchlib
 import numpy as np
 
+from compactdeploy.bundle_runner import default_threads
 from compactdeploy.compile import KERNELS_NAME
 from compactdeploy.device.agent import time_each_kernel, time_each_kernel_in_model
 from compactdeploy.resources import cache_dir
@@ -31,7 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet20,mobilenetv2")
     args = parser.parse_args()
-    threads = os.cpu_count() or 1
+    threads = default_threads()  # as compactdeploy runs models: one per physical core
     os.environ["TVM_NUM_THREADS"] = str(threads)
     start = time.perf_counter()
     rows = [measure(name) for name in args.models.split(",")]

@@ -30,6 +30,7 @@ from pathlib import Path
 import benchlib
 import torch
 
+from compactdeploy.bundle_runner import default_threads
 from compactdeploy.compile import import_onnx
 from compactdeploy.errors import CompactDeployError
 from compactdeploy.export import export_onnx
@@ -69,7 +70,7 @@ def main() -> None:
     parser.add_argument("--database", type=Path, default=cache_dir("bench-tuning") / "database")
     args = parser.parse_args()
     args.fresh = args.fresh or args.flush_cache  # warm-cache records are not comparable
-    threads = os.cpu_count() or 1
+    threads = default_threads()  # as compactdeploy runs models: one per physical core
     os.environ["TVM_NUM_THREADS"] = str(threads)
     target = load_target("host")
     try:
