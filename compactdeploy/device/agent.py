@@ -158,16 +158,11 @@ def time_each_kernel(kernel_module, dev, kernels: list[dict], repeat: int, flush
     each run, one run per repeat (``repeat`` of them), as a kernel's weights are inside a model.
     """
     import numpy as np
-    import tvm
 
     rng = np.random.default_rng(0)
     results = []
     for kernel in kernels:
-        args = [
-            tvm.runtime.tensor(rng.standard_normal(a["shape"]).astype(a["dtype"]), dev)
-            if a["dtype"].startswith("float") else tvm.runtime.tensor(np.zeros(a["shape"], a["dtype"]), dev)
-            for a in kernel["args"]
-        ]
+        args = random_kernel_args(kernel, dev, rng)
         if flush_cache:
             timer = kernel_module.time_evaluator(kernel["name"], dev, number=1, repeat=repeat,
                                                  f_preproc="cache_flush_cpu_non_first_arg")
@@ -175,6 +170,18 @@ def time_each_kernel(kernel_module, dev, kernels: list[dict], repeat: int, flush
             timer = kernel_module.time_evaluator(kernel["name"], dev, number=max(1, repeat // 10), repeat=10)
         results.append({"name": kernel["name"], "median_ms": float(np.median(timer(*args).results)) * 1e3})
     return results
+
+
+def random_kernel_args(kernel: dict, dev, rng) -> list:
+    """Arguments for one kernel of kernels.json: random floats, zeros for integer arguments."""
+    import numpy as np
+    import tvm
+
+    return [
+        tvm.runtime.tensor(rng.standard_normal(a["shape"]).astype(a["dtype"]), dev)
+        if a["dtype"].startswith("float") else tvm.runtime.tensor(np.zeros(a["shape"], a["dtype"]), dev)
+        for a in kernel["args"]
+    ]
 
 
 def time_kernels_in_model(runs: int) -> str:
