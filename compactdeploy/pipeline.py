@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from . import __version__
+from .bundle_runner import THREADS_ENV
 from .errors import CompactDeployError
 from .targets import TargetSpec, load_target
 
@@ -150,6 +152,10 @@ def build(config: BuildConfig, observer: Observer | None = None) -> BuildResult:
         check_reachable(parse_device(config.device))  # before any work, not after the compile
     linker = resolve_linker(target)
     bundle.check_out_dir(config.out)
+    if config.threads:
+        # for every TVM of this build: the tuning runner's worker and the local agent inherit it,
+        # and the tuning database is the one for this count
+        os.environ[THREADS_ENV] = str(config.threads)
 
     clock = _StageClock(observer or _Silent())
     fitted = None

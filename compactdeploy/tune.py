@@ -169,6 +169,9 @@ def database_for(target: TargetSpec, device: dict[str, Any] | None) -> TuningDat
         "cuda": device.get("cuda"),
         "emulated": bool(device.get("emulated")),
         "tvm_version": tvm.__version__,
+        # a schedule's time depends on how many threads share its loop: records measured at
+        # another count are not comparable (None: the fingerprint of an older agent)
+        "threads": device.get("threads"),
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     return TuningDatabase(cache_dir("tuning") / f"{target.name}-{digest}", identity)

@@ -83,12 +83,15 @@ def test_rounds_by_measured_time_spend_the_budget_then_stop():
 
 def test_tuned_build_then_reuse_then_a_pruned_variant_shares_records(tmp_path):
     lenet5 = ("--model", "lenet5", "--target", "host", "--repeat", "30")
-    first = build(tmp_path / "a", *lenet5, "--tune-trials", "16")["tuning"]
+    report = build(tmp_path / "a", *lenet5, "--tune-trials", "16")
+    first = report["tuning"]
     assert first["trials_run"] >= 8 and first["trials_reused"] == 0
     assert first["kernels_scheduled"] == first["kernels_tunable"] > 0
     database = Path(first["database"])
     assert (database / "database_tuning_record.json").read_text().count("\n") == first["trials_run"]
-    assert json.loads((database / "identity.json").read_text())["cpu"]
+    identity = json.loads((database / "identity.json").read_text())
+    # the records of this CPU at the thread count the model was measured with
+    assert identity["cpu"] and identity["threads"] == report["measured_on"]["threads"]
 
     again = build(tmp_path / "b", *lenet5, "--tune-trials", "16")
     assert again["tuning"]["trials_run"] == 0, "a tuned model must not be tuned again"

@@ -77,10 +77,17 @@ def fingerprint() -> dict:
         "python": platform.python_version(),
         "tvm_version": tvm.__version__,
         "cuda": _cuda_name(),
-        "threads": os.environ.get("TVM_NUM_THREADS"),
+        "threads": threads_in_use(),
         # qemu-user reports the guest's machine; only its launcher knows the CPU is emulated
         "emulated": os.environ.get(EMULATED_ENV) == "1",
     }
+
+
+def threads_in_use() -> str:
+    """The thread count TVM runs with in this process (as the agent and run.py set it)."""
+    from compactdeploy.bundle_runner import THREADS_ENV, default_threads
+
+    return os.environ.get(THREADS_ENV) or str(default_threads())
 
 
 def _cuda_name() -> str | None:
@@ -237,10 +244,8 @@ def onnxruntime_times(onnx_name: str, input_name: str, repeat: int, warmup: int)
         import onnxruntime as ort
     except ImportError:
         return json.dumps({"error": "onnxruntime is not installed on the device"})
-    threads = os.environ.get("TVM_NUM_THREADS")
     options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = int(threads)
+    options.intra_op_num_threads = int(threads_in_use())  # as many as TVM's
     session = ort.InferenceSession(_workpath(onnx_name), options, providers=["CPUExecutionProvider"])
     feed = {session.get_inputs()[0].name: np.load(_workpath(input_name))}
     for _ in range(warmup):
