@@ -304,12 +304,11 @@ FUNCTIONS = {
 def serve(host: str, port: int, port_end: int, tracker: str | None, key: str, on_ready=None) -> None:
     """Register the functions and serve until killed; ``on_ready(port)`` is called once bound."""
     import tvm_ffi
+    from tvm.rpc import server as rpc_server
 
     from compactdeploy.bundle_runner import use_default_threads
 
-    use_default_threads()  # TVM and onnxruntime (onnxruntime_times) on the same count: all physical cores
-    from tvm.rpc import server as rpc_server
-
+    use_default_threads()  # before any model runs; onnxruntime_times takes the same count
     for name, function in FUNCTIONS.items():
         tvm_ffi.register_global_func(name, function, override=True)
     if tvm_ffi.get_global_func("tvm.contrib.random.random_fill_for_measure", allow_missing=True) is None:
