@@ -1,0 +1,131 @@
+#!/usr/bin/env python
+"""Is each kernel's fastest record, as tuning measured it, the one to apply? Builds that apply each
+kernel's k-th fastest record instead, and one that picks among the top records by a second timing.
+
+Tuning times a candidate warm, back to back (MetaSchedule's runner: 3 x 3 runs of at least 50 ms),
+and a build applies the record that timed fastest. On a noisy host the fastest of thousands of
+noisy timings is partly luck, and a kernel inside the model never runs warm and back to back. For a
+model the benchmark tuned (tools/bench_tuning.py: its ONNX file and database), this compiles:
+
+- ``rank{k}``: every kernel with its (k+1)-th fastest record (``rank0`` is what a build applies);
+- ``remeasured``: every kernel with whichever of its ``--top`` records ran fastest alone, one call
+  at a time, each after a 1 ms pause (``kernel_cache_effect.time_after_pause``), timed in the
+  ``rank{k}`` builds.
+
+Compare them end to end with tools/compare_builds.py (the command is printed). Host only. Usage:
+    .venv/bin/python tools/rerank_records.py --model mobilenetv2 [--top 4]
+Writes docs/rerank-records-MODEL.json (each kernel's times per rank and the rank picked) and the
+builds under ~/.cache/compactdeploy/bench-tuning/MODEL/rerank/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import benchlib
+from kernel_cache_effect import time_after_pause
+
+from compactdeploy.bundle_runner import default_threads
+from compactdeploy.compile import KERNELS_NAME, compile_onnx, import_onnx, resolve_linker
+from compactdeploy.device.agent import time_each_kernel
+from compactdeploy.resources import cache_dir
+from compactdeploy.targets import load_target
+from compactdeploy.tune import TuningDatabase, _record_seconds, _Records, _tasks, _workload_hash, lower_for_tuning
+
+WARM_REPEAT = 40  # as kernel_cache_effect: 10 repeats of 4 back-to-back runs
+SUFFIX = "_prepacked"  # a kernel whose schedule repacks its weights is named so in the library
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="mobilenetv2")
+    parser.add_argument("--top", type=int, default=4, help="records per kernel to choose among (default 4)")
+    args = parser.parse_args()
+    if args.top < 2:
+        raise SystemExit("error: --top takes 2 or more (one record leaves nothing to choose)")
+    bench = cache_dir("bench-tuning")
+    onnx_path, database = bench / args.model / "model.onnx", bench / "database"
+    if not onnx_path.exists() or not (database / "database_tuning_record.json").exists():
+        raise SystemExit(f"error: no benchmark build of {args.model}: run tools/bench_tuning.py --models {args.model} first")
+    threads = default_threads()  # as compactdeploy runs models: one per physical core
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    start = time.perf_counter()
+    target = load_target("host")
+    records = TuningDatabase(database, {}).read()
+    tasks = _tasks(lower_for_tuning(import_onnx(onnx_path, target), target.tvm_target()), target.tvm_target())
+    ranked = {}  # kernel name -> its top record lines, fastest first
+    for task in tasks:
+        index = records.by_hash.get(_workload_hash(task))
+        timed = [(s, line) for line in records.by_workload.get(index, []) if (s := _record_seconds(line)) is not None]
+        if timed:
+            ranked[task.task_name] = [line for _, line in sorted(timed, key=lambda pair: pair[0])[: args.top]]
+    out = bench / args.model / "rerank"
+    times = {}  # rank -> kernel name -> {"after_pause_us", "warm_us", "calls"}
+    for rank in range(args.top):
+        built = build(f"rank{rank}", records, ranked, {name: rank for name in ranked}, onnx_path, target, out)
+        times[rank] = kernel_times(built)
+        print(f"rank{rank}: kernels sum to {sum(k['warm_us'] * k['calls'] for k in times[rank].values()):.0f} us warm, "
+              f"{sum(k['after_pause_us'] * k['calls'] for k in times[rank].values()):.0f} us after a pause", flush=True)
+    picked = {
+        name: min(((times[r][name]["after_pause_us"], r) for r in range(min(args.top, len(lines))) if name in times[r]),
+                  default=(None, 0))[1]
+        for name, lines in ranked.items()
+    }
+    build("remeasured", records, ranked, picked, onnx_path, target, out)
+    rows = [
+        {"kernel": name, "records": len(ranked[name]), "picked_rank": picked[name],
+         **{f"rank{r}": times[r].get(name) for r in range(args.top)}}
+        for name in ranked
+    ]
+    info = benchlib.meta("rerank_records.py", time.perf_counter() - start, threads=threads, top=args.top,
+                         method=f"rank k: each kernel's (k+1)-th fastest record as tuned; warm: "
+                                f"agent.time_each_kernel({WARM_REPEAT}); after a pause: "
+                                "kernel_cache_effect.time_after_pause; remeasured: the rank with the lowest "
+                                "after-pause time per kernel",
+                         figures="all measured on this host; nothing emulated or estimated",
+                         database=str(database), builds=str(out))
+    info["command"] += " " + " ".join(sys.argv[1:])
+    benchlib.write_json(f"rerank-records-{args.model}", info, rows)
+    kept = sum(rank == 0 for rank in picked.values())
+    print(f"remeasured: {kept} of {len(picked)} kernels keep their fastest record; wrote "
+          f"{benchlib.DOCS}/rerank-records-{args.model}.json\ncompare end to end with:\n"
+          f"  .venv/bin/python tools/compare_builds.py --onnx {onnx_path} --builds "
+          + ",".join(f"{label}={out / label / 'model.so'}" for label in ("rank0", "rank1", "remeasured"))
+          + f" --name rerank-{args.model} --runs 8 --pause 15")
+
+
+def build(label: str, records: _Records, ranked: dict, choice: dict, onnx_path, target, out):
+    """Compile the model applying, for every kernel, its record of rank ``choice[kernel]``."""
+    scratch = out / label / "records"
+    scratch.mkdir(parents=True, exist_ok=True)
+    # workload lines whole, so the records' workload numbers stay valid; the build's view keeps
+    # one record per kernel, so each kernel gets exactly the record chosen here
+    (scratch / "database_workload.json").write_text("\n".join(records.workloads) + "\n")
+    (scratch / "database_tuning_record.json").write_text(
+        "".join(lines[min(choice[name], len(lines) - 1)] + "\n" for name, lines in ranked.items()))
+    compiled = compile_onnx(onnx_path, target, out / label, resolve_linker(target), TuningDatabase(scratch, {}))
+    print(f"{label}: {compiled.kernels_scheduled}/{compiled.kernels_tunable} kernels scheduled, "
+          f"compiled in {compiled.compile_s:.0f} s", flush=True)
+    return out / label
+
+
+def kernel_times(built) -> dict[str, dict]:
+    import tvm
+
+    library = tvm.runtime.load_module(str(built / "model.so"))
+    listed = json.loads((built / KERNELS_NAME).read_text())
+    after_pause = time_after_pause(library.imports[0], tvm.cpu(), listed)
+    warm = time_each_kernel(library.imports[0], tvm.cpu(), listed, WARM_REPEAT)
+    return {
+        kernel["name"].removesuffix(SUFFIX): {"after_pause_us": round(after_pause[kernel["name"]] * 1e6, 2),
+                                              "warm_us": round(w["median_ms"] * 1e3, 2), "calls": kernel["calls"]}
+        for kernel, w in zip(listed, warm)
+    }
+
+
+if __name__ == "__main__":
+    main()
