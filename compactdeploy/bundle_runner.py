@@ -120,9 +120,14 @@ def default_threads(sysfs: Path = _CPU_SYSFS) -> int:
     return max(1, len(cores))
 
 
+def threads_in_use() -> str:
+    """The thread count TVM runs with here: the user's ``TVM_NUM_THREADS``, else ``default_threads()``."""
+    return os.environ.get(THREADS_ENV) or str(default_threads())
+
+
 def use_default_threads() -> str:
-    """Set TVM's thread count to ``default_threads()`` unless the user chose one; the count in use."""
-    os.environ.setdefault(THREADS_ENV, str(default_threads()))
+    """Make ``threads_in_use()`` TVM's count in this process (and its children); returns it."""
+    os.environ[THREADS_ENV] = threads_in_use()
     return os.environ[THREADS_ENV]
 
 

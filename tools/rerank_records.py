@@ -27,7 +27,7 @@ import sys
 import time
 
 import benchlib
-from kernel_cache_effect import time_after_pause
+from kernel_cache_effect import REPEAT, time_after_pause
 
 from compactdeploy.bundle_runner import default_threads
 from compactdeploy.compile import KERNELS_NAME, compile_onnx, import_onnx, resolve_linker
@@ -36,7 +36,6 @@ from compactdeploy.resources import cache_dir
 from compactdeploy.targets import load_target
 from compactdeploy.tune import TuningDatabase, _record_seconds, _Records, _tasks, _workload_hash, lower_for_tuning
 
-WARM_REPEAT = 40  # as kernel_cache_effect: 10 repeats of 4 back-to-back runs
 SUFFIX = "_prepacked"  # a kernel whose schedule repacks its weights is named so in the library
 
 
@@ -83,7 +82,7 @@ def main() -> None:
     ]
     info = benchlib.meta("rerank_records.py", time.perf_counter() - start, threads=threads, top=args.top,
                          method=f"rank k: each kernel's (k+1)-th fastest record as tuned; warm: "
-                                f"agent.time_each_kernel({WARM_REPEAT}); after a pause: "
+                                f"agent.time_each_kernel({REPEAT}); after a pause: "
                                 "kernel_cache_effect.time_after_pause; remeasured: the rank with the lowest "
                                 "after-pause time per kernel",
                          figures="all measured on this host; nothing emulated or estimated",
@@ -119,7 +118,7 @@ def kernel_times(built) -> dict[str, dict]:
     library = tvm.runtime.load_module(str(built / "model.so"))
     listed = json.loads((built / KERNELS_NAME).read_text())
     after_pause = time_after_pause(library.imports[0], tvm.cpu(), listed)
-    warm = time_each_kernel(library.imports[0], tvm.cpu(), listed, WARM_REPEAT)
+    warm = time_each_kernel(library.imports[0], tvm.cpu(), listed, REPEAT)
     return {
         kernel["name"].removesuffix(SUFFIX): {"after_pause_us": round(after_pause[kernel["name"]] * 1e6, 2),
                                               "warm_us": round(w["median_ms"] * 1e3, 2), "calls": kernel["calls"]}

@@ -43,6 +43,8 @@ def _status_kb(field: str) -> int | None:
 
 def fingerprint() -> dict:
     """What machine this is: enough to tell a Pi 4 from an emulated one or from the build host."""
+    from compactdeploy.bundle_runner import threads_in_use
+
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as info:
@@ -81,13 +83,6 @@ def fingerprint() -> dict:
         # qemu-user reports the guest's machine; only its launcher knows the CPU is emulated
         "emulated": os.environ.get(EMULATED_ENV) == "1",
     }
-
-
-def threads_in_use() -> str:
-    """The thread count TVM runs with in this process (as the agent and run.py set it)."""
-    from compactdeploy.bundle_runner import THREADS_ENV, default_threads
-
-    return os.environ.get(THREADS_ENV) or str(default_threads())
 
 
 def _cuda_name() -> str | None:
@@ -244,6 +239,8 @@ def onnxruntime_times(onnx_name: str, input_name: str, repeat: int, warmup: int)
         import onnxruntime as ort
     except ImportError:
         return json.dumps({"error": "onnxruntime is not installed on the device"})
+    from compactdeploy.bundle_runner import threads_in_use
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = int(threads_in_use())  # as many as TVM's
     session = ort.InferenceSession(_workpath(onnx_name), options, providers=["CPUExecutionProvider"])
