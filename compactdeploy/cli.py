@@ -108,7 +108,7 @@ def _config(options: dict, **extra):
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory (replaced whole).")
 @click.option("--repeat", default=100, show_default=True, help="Timed runs when benchmarking.")
 @click.option("--warmup", default=10, show_default=True, help="Untimed runs before timing.")
-@click.option("--threads", type=int, help="Threads for TVM and onnxruntime (default: one per physical core).")
+@click.option("--threads", type=click.IntRange(min=1), help="Threads for TVM and onnxruntime (default: one per physical core).")
 @click.option("--device", help="Measure on this device: rpc://HOST:PORT (a server) or rpc://HOST:PORT/KEY (a tracker).")
 @click.option("--device-wait", default=60.0, show_default=True, help="Seconds to wait for a busy tracker key.")
 @click.option(
@@ -398,7 +398,7 @@ def train(model, data, epochs, lr, batch_size, model_args, seed, learn_arch, arc
 @click.option("--device", help="rpc://HOST:PORT or rpc://HOST:PORT/KEY; default: this machine, if the bundle is for it.")
 @click.option("--repeat", default=100, show_default=True, help="Timed runs.")
 @click.option("--warmup", default=10, show_default=True, help="Untimed runs before timing.")
-@click.option("--threads", type=int, help="Threads on this machine (a remote device uses its own setting).")
+@click.option("--threads", type=click.IntRange(min=1), help="Threads on this machine (a remote device uses its own setting).")
 @click.option("--device-wait", default=60.0, show_default=True, help="Seconds to wait for a busy tracker key.")
 @click.option("--json", "as_json", is_flag=True, help="Print the updated report.json.")
 def bench(bundle, device, repeat, warmup, threads, device_wait, as_json) -> None:
@@ -478,7 +478,7 @@ def device() -> None:
 @click.option("--tracker", help="Register with a TVM tracker at HOST:PORT (then --key is required).")
 @click.option("--key", default="", help="This device's key on the tracker, e.g. rpi4.")
 @click.option("--emulate", "emulate_target", help="Serve an emulated board (qemu-user) for this target, e.g. rpi4.")
-@click.option("--threads", type=int, help="TVM threads (default: one per physical core).")
+@click.option("--threads", type=click.IntRange(min=1), help="TVM threads (default: one per physical core).")
 def serve(host, port, tracker, key, emulate_target, threads) -> None:
     """Run a TVM RPC server with compactdeploy's measuring functions, until interrupted.
 

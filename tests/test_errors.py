@@ -219,3 +219,11 @@ def test_compile_names_a_malformed_clip_in_one_line(tmp_path):
         compile_onnx(path, target, tmp_path, resolve_linker(target))
     assert "\n" not in str(caught.value)
     assert not (tmp_path / "model.so").exists()
+
+
+@pytest.mark.parametrize("count", ["0", "-2"])
+def test_a_thread_count_under_one_is_refused_before_anything_runs(capsys, out, count):
+    status = run_cli("build", "--model", "lenet5", "--target", "host", "--threads", count, "--out", out)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and "--threads" in err[-1] and ">=1" in err[-1], err
+    assert_nothing_written(out)
