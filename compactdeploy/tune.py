@@ -246,6 +246,10 @@ class _Records:
         index = self.by_hash.get(workload_hash)
         return round(self.best[index][0] * 1e6, 3) if index in self.best else None
 
+    def has_unscheduled(self, workload_hash: str) -> bool:
+        """Whether the kernel's unscheduled form was measured (a record with an empty trace, ran or failed)."""
+        return any(_is_unscheduled(line) for line in self.of(workload_hash)[1])
+
     def fastest(self, index: int, count: int) -> list[str]:
         """Workload ``index``'s ``count`` fastest records that ran, fastest first (ties: older first)."""
         timed = [(s, n, line) for n, line in enumerate(self.by_workload.get(index, []))
@@ -277,6 +281,11 @@ def _record_seconds(record_line: str) -> float | None:
     if not run_secs or max(run_secs) >= _FAILED_SECONDS:
         return None
     return _mean_seconds(run_secs)
+
+
+def _is_unscheduled(record_line: str) -> bool:
+    """An empty trace: [<workload>, [[[], []], ...] as MetaSchedule writes it (no spaces)."""
+    return record_line[record_line.index(","):].startswith(",[[[],[]],")
 
 
 def _top_key(record_lines: list[str]) -> str:
@@ -504,12 +513,20 @@ def tune(
         builder = None
         try:
             with _interrupt_between_batches(database) as interrupt:
-                if todo or next_by_measured_time(states, trials) is not None:
+                # kernels tuned before their unscheduled form was measured on this device (on host,
+                # every database before 2026-11-30): measured once, so that tiny kernels can keep it
+                unmeasured = [i for i, s in enumerate(states) if s.trials and not records.has_unscheduled(s.workload_hash)]
+                if unmeasured or todo or next_by_measured_time(states, trials) is not None:
                     say(f"{len(tasks)} kernels, {trials} trials (half split by FLOPs, half by measured time); "
                         "loading MetaSchedule (30-100 s on a 2-core host)")
                     builder = WarmBuilder(linker_command)
-                    ran = _tune_kernels(ms, tasks, states, todo, trials, records, reused, database, builder, runner,
-                                        say, interrupt)
+                    if unmeasured:
+                        ran += _measure_unscheduled(ms, [(tasks[i], states[i]) for i in unmeasured], records,
+                                                    database, builder, runner, say, interrupt)
+                        records = database.read()
+                    if todo or next_by_measured_time(states, trials) is not None:
+                        ran += _tune_kernels(ms, tasks, states, todo, trials, records, reused, database, builder,
+                                             runner, say, interrupt)
                 to_pick = kernels_to_pick(tasks, database) if pick_runner is not None else []
                 if to_pick:
                     began = time.perf_counter()
@@ -571,6 +588,26 @@ def _tune_kernels(ms, tasks, states: list[TaskState], todo: list[int], trials: i
     return ran
 
 
+def _measure_unscheduled(ms, kernels: list[tuple[Any, TaskState]], records: _Records, database: TuningDatabase,
+                         builder, runner, say, interrupt: _Interrupt) -> int:
+    """Record the unscheduled form of kernels that have records but not that one. Returns how many."""
+    say(f"measuring {len(kernels)} kernels as they compile unscheduled (their records lack that candidate)")
+    with tempfile.TemporaryDirectory(prefix="compactdeploy-unscheduled-") as work:
+        for number, (task, state) in enumerate(kernels):
+            interrupt.check()
+            # a scratch with the workload alone: MetaSchedule reads every record of a database on open
+            scratch = _KernelScratch(Path(work) / f"kernel{number}", database, records.of(state.workload_hash)[0], [])
+            db = ms.database.JSONDatabase(str(scratch.workloads), str(scratch.records), allow_missing=True)
+            unscheduled_us = _record_unscheduled(ms, task, db, builder, runner)
+            scratch.publish()
+            state.trials += 1
+            if unscheduled_us is not None and (state.best_us is None or unscheduled_us < state.best_us):
+                state.best_us = round(unscheduled_us, 3)
+            shown = f"{unscheduled_us:.1f} us" if unscheduled_us is not None else "failed to build or run"
+            say(f"unscheduled {number + 1}/{len(kernels)} {state.name}: {shown} (best record {state.best_us} us)")
+    return len(kernels)
+
+
 def _tune_one(ms, task, state: TaskState, label: str, scratch: _KernelScratch, states, database, builder, runner,
               cost_model, say, interrupt: _Interrupt) -> int:
     """Tune one kernel up to ``state.budget`` trials in a scratch database holding its records only,
@@ -583,9 +620,10 @@ def _tune_one(ms, task, state: TaskState, label: str, scratch: _KernelScratch, s
     progress = _TuneProgress(state, label, states, database, scratch, say, interrupt)
     if state.trials == 0:
         unscheduled_us = _record_unscheduled(ms, task, db, builder, runner)
+        progress.measured, state.trials = 1, 1
         if unscheduled_us is not None:
-            progress.measured, state.trials, state.best_us = 1, 1, round(unscheduled_us, 3)
-            scratch.publish()
+            state.best_us = round(unscheduled_us, 3)
+        scratch.publish()
         interrupt.check()
     remaining = state.budget - state.trials
     if remaining <= 0:
@@ -798,16 +836,16 @@ def _record_unscheduled(ms, task, db, builder, runner) -> float | None:
     mod = task.dispatched[0]
     schedule = Schedule(mod)
     target = task.target
-    built = builder.build([ms.builder.BuilderInput(schedule.mod, target)])[0]
-    if built.error_msg is not None:
-        return None
     args_info = ms.arg_info.ArgInfo.from_entry_func(schedule.mod, remove_preproc=True)
-    run = runner.run([ms.runner.RunnerInput(built.artifact_path, _device_type(target), args_info)])[0].result()
-    if run.error_msg is not None or not run.run_secs:
-        return None
-    seconds = [float(s) for s in run.run_secs]
+    built = builder.build([ms.builder.BuilderInput(schedule.mod, target)])[0]
+    run = None
+    if built.error_msg is None:
+        run = runner.run([ms.runner.RunnerInput(built.artifact_path, _device_type(target), args_info)])[0].result()
+    ran = run is not None and run.error_msg is None and bool(run.run_secs)
+    # a failure is recorded as MetaSchedule records one (1e10 s), so no later run measures it again
+    seconds = [float(s) for s in run.run_secs] if ran else [_FAILED_SECONDS * 10]
     db.commit_tuning_record(ms.database.TuningRecord(schedule.trace, db.commit_workload(mod), seconds, target, args_info))
-    return _mean_seconds(seconds) * 1e6
+    return _mean_seconds(seconds) * 1e6 if ran else None
 
 
 def kernels_to_pick(tasks, database: TuningDatabase) -> list[tuple[Any, str, list[str]]]:

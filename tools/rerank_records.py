@@ -3,11 +3,12 @@
 kernel's k-th fastest record instead, and one that picks among the top records by a second timing.
 
 Tuning times a candidate warm, back to back (MetaSchedule's runner: 3 x 3 runs of at least 50 ms),
-and a build applies the record that timed fastest. On a noisy host the fastest of thousands of
+and a build applied the record that timed fastest. On a noisy host the fastest of thousands of
 noisy timings is partly luck, and a kernel inside the model never runs warm and back to back. For a
 model the benchmark tuned (tools/bench_tuning.py: its ONNX file and database), this compiles:
 
-- ``rank{k}``: every kernel with its (k+1)-th fastest record (``rank0`` is what a build applies);
+- ``rank{k}``: every kernel with its (k+1)-th fastest record (``rank0`` is what a build applied
+  before the second timing, compactdeploy.tune.pick_records, which builds now run);
 - ``remeasured``: every kernel with whichever of its ``--top`` records ran fastest alone, one call
   at a time, each after a 1 ms pause (``kernel_cache_effect.time_after_pause``), timed in the
   ``rank{k}`` builds.
@@ -34,7 +35,7 @@ from compactdeploy.compile import KERNELS_NAME, compile_onnx, import_onnx, resol
 from compactdeploy.device.agent import time_each_kernel
 from compactdeploy.resources import cache_dir
 from compactdeploy.targets import load_target
-from compactdeploy.tune import TuningDatabase, _record_seconds, _Records, _tasks, _workload_hash, lower_for_tuning
+from compactdeploy.tune import TuningDatabase, _Records, _tasks, _workload_hash, lower_for_tuning
 
 SUFFIX = "_prepacked"  # a kernel whose schedule repacks its weights is named so in the library
 
@@ -59,9 +60,8 @@ def main() -> None:
     ranked = {}  # kernel name -> its top record lines, fastest first
     for task in tasks:
         index = records.by_hash.get(_workload_hash(task))
-        timed = [(s, line) for line in records.by_workload.get(index, []) if (s := _record_seconds(line)) is not None]
-        if timed:
-            ranked[task.task_name] = [line for _, line in sorted(timed, key=lambda pair: pair[0])[: args.top]]
+        if index is not None and (fastest := records.fastest(index, args.top)):
+            ranked[task.task_name] = fastest
     out = bench / args.model / "rerank"
     times = {}  # rank -> kernel name -> {"after_pause_us", "warm_us", "calls"}
     for rank in range(args.top):
