@@ -124,7 +124,13 @@ class TuningDatabase:
         """Structural hash -> the second timing's pick: ``top`` (the records it chose among),
         ``rank`` (the one chosen, 0 = fastest as tuned), ``us`` (each one's median)."""
         path = self.path / _PICKS
-        return json.loads(path.read_text()) if path.exists() else {}
+        try:
+            return json.loads(path.read_text()) if path.exists() else {}
+        except ValueError as exc:
+            raise CompactDeployError(
+                f"the second timing's picks {path} are damaged ({first_line(exc)}): delete that file and build "
+                "again (with --tune-trials, its kernels are timed again)"
+            ) from None
 
     def save_pick(self, workload_hash: str, pick: dict[str, Any]) -> None:
         write_json(self.path / _PICKS, {**self.picks(), workload_hash: pick})

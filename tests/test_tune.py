@@ -327,6 +327,25 @@ def test_a_damaged_tuning_database_is_named_in_one_line(capsys, tmp_path):
     assert_nothing_written(out)
 
 
+def test_damaged_picks_of_the_second_timing_are_named_in_one_line(capsys, tmp_path):
+    from compactdeploy.device.agent import fingerprint
+    from compactdeploy.tune import database_for
+
+    database = database_for(load_target("host"), fingerprint())
+    database.path.mkdir(parents=True, exist_ok=True)
+    (database.path / "database_workload.json").write_text('["123","abc"]\n')
+    (database.path / "database_tuning_record.json").write_text('[0,[[[],[]],[1e-05],{},[]]]\n')
+    (database.path / "picks.json").write_text('{"123": {"top": ')
+    out = tmp_path / "out"
+    try:
+        message = error_of(capsys, "build", "--model", "mlp-tabular", "--target", "host", "--out", out)
+    finally:
+        shutil.rmtree(database.path)
+    assert message.startswith(f"error: the second timing's picks {database.path / 'picks.json'} are damaged (")
+    assert "delete that file and build again" in message
+    assert_nothing_written(out)
+
+
 def test_ctrl_c_during_a_tuned_build_keeps_its_batches_and_the_same_command_resumes(tmp_path):
     """As a user's Ctrl-C: SIGINT to the build's whole process group (builder workers included)."""
     cache, out = tmp_path / "cache", tmp_path / "out"
