@@ -103,11 +103,10 @@ class TuningDatabase:
         records = self.read()
         picks = self.picks()
         applied = {}
-        for index, (_, fastest) in records.best.items():
+        for index in records.ranked:
             top = records.fastest(index, PICK_AMONG)
             pick = picks.get(_workload_hash_of(records.workloads[index]))
-            valid = pick is not None and pick["top"] == _top_key(top) and pick["rank"] < len(top)
-            applied[index] = top[pick["rank"]] if valid else fastest
+            applied[index] = top[pick["rank"]] if _pick_stands(pick, top) else top[0]
         if not applied:
             return None
         staging = Path(tempfile.mkdtemp(prefix=f".{_BEST_VIEW}-", dir=self.path))
@@ -228,20 +227,28 @@ class _Records:
     workloads: list[str]
     by_hash: dict[str, int]  # structural hash -> workload line number
     by_workload: dict[int, list[str]]  # workload line number -> its record lines
-    best: dict[int, tuple[float, str]]  # workload line number -> its fastest record that ran, and its time
+    # workload line number -> its records that ran, with their times, fastest first (ties: older first)
+    ranked: dict[int, list[tuple[float, str]]]
 
     @classmethod
     def parse(cls, workload_lines: list[str], record_lines: list[str]) -> _Records:
         by_workload: dict[int, list[str]] = {}
-        best: dict[int, tuple[float, str]] = {}
+        ranked: dict[int, list[tuple[float, str]]] = {}
         for line in record_lines:
             index = _workload_index_of(line)
             by_workload.setdefault(index, []).append(line)
             seconds = _record_seconds(line)
-            if seconds is not None and (index not in best or seconds < best[index][0]):
-                best[index] = (seconds, line)
+            if seconds is not None:
+                ranked.setdefault(index, []).append((seconds, line))
+        for timed in ranked.values():
+            timed.sort(key=lambda pair: pair[0])  # stable: equal times keep the file's order
         by_hash = {_workload_hash_of(line): number for number, line in enumerate(workload_lines)}
-        return cls(workload_lines, by_hash, by_workload, best)
+        return cls(workload_lines, by_hash, by_workload, ranked)
+
+    @property
+    def best(self) -> dict[int, tuple[float, str]]:
+        """Workload line number -> its fastest record that ran, and its time."""
+        return {index: timed[0] for index, timed in self.ranked.items()}
 
     def of(self, workload_hash: str) -> tuple[str | None, list[str]]:
         """A kernel's workload line (None: never tuned) and record lines."""
@@ -250,7 +257,7 @@ class _Records:
 
     def best_us(self, workload_hash: str) -> float | None:
         index = self.by_hash.get(workload_hash)
-        return round(self.best[index][0] * 1e6, 3) if index in self.best else None
+        return round(self.ranked[index][0][0] * 1e6, 3) if index in self.ranked else None
 
     def has_unscheduled(self, workload_hash: str) -> bool:
         """Whether the kernel's unscheduled form was measured (a record with an empty trace, ran or failed)."""
@@ -258,9 +265,7 @@ class _Records:
 
     def fastest(self, index: int, count: int) -> list[str]:
         """Workload ``index``'s ``count`` fastest records that ran, fastest first (ties: older first)."""
-        timed = [(s, n, line) for n, line in enumerate(self.by_workload.get(index, []))
-                 if (s := _record_seconds(line)) is not None]
-        return [line for _, _, line in sorted(timed)[:count]]
+        return [line for _, line in self.ranked.get(index, [])[:count]]
 
 
 def _lines(path: Path) -> list[str]:
@@ -297,6 +302,11 @@ def _is_unscheduled(record_line: str) -> bool:
 def _top_key(record_lines: list[str]) -> str:
     """Names a kernel's fastest records: a pick stands while they stay the same."""
     return hashlib.sha256("\n".join(record_lines).encode()).hexdigest()[:16]
+
+
+def _pick_stands(pick: dict[str, Any] | None, top: list[str]) -> bool:
+    """Whether the second timing's ``pick`` was made among ``top``, the kernel's fastest records now."""
+    return pick is not None and pick["top"] == _top_key(top) and pick["rank"] < len(top)
 
 
 def _append_atomically(path: Path, lines: list[str]) -> None:
@@ -531,9 +541,12 @@ def tune(
                                                     database, builder, runner, say, interrupt)
                         records = database.read()
                     if todo or next_by_measured_time(states, trials) is not None:
-                        ran += _tune_kernels(ms, tasks, states, todo, trials, records, reused, database, builder,
-                                             runner, say, interrupt)
-                to_pick = kernels_to_pick(tasks, database) if pick_runner is not None else []
+                        searched = _tune_kernels(ms, tasks, states, todo, trials, records, reused, database, builder,
+                                                 runner, say, interrupt)
+                        ran += searched
+                        if searched:
+                            records = database.read()  # the second timing chooses among the new records too
+                to_pick = kernels_to_pick(tasks, records, database.picks()) if pick_runner is not None else []
                 if to_pick:
                     began = time.perf_counter()
                     say(f"second timing: each kernel's {PICK_AMONG} fastest records, each call after a "
@@ -604,11 +617,7 @@ def _measure_unscheduled(ms, kernels: list[tuple[Any, TaskState]], records: _Rec
             # a scratch with the workload alone: MetaSchedule reads every record of a database on open
             scratch = _KernelScratch(Path(work) / f"kernel{number}", database, records.of(state.workload_hash)[0], [])
             db = ms.database.JSONDatabase(str(scratch.workloads), str(scratch.records), allow_missing=True)
-            unscheduled_us = _record_unscheduled(ms, task, db, builder, runner)
-            scratch.publish()
-            state.trials += 1
-            if unscheduled_us is not None and (state.best_us is None or unscheduled_us < state.best_us):
-                state.best_us = round(unscheduled_us, 3)
+            unscheduled_us = _record_unscheduled(ms, task, state, db, scratch, builder, runner)
             shown = f"{unscheduled_us:.1f} us" if unscheduled_us is not None else "failed to build or run"
             say(f"unscheduled {number + 1}/{len(kernels)} {state.name}: {shown} (best record {state.best_us} us)")
     return len(kernels)
@@ -625,11 +634,8 @@ def _tune_one(ms, task, state: TaskState, label: str, scratch: _KernelScratch, s
     db = ms.database.JSONDatabase(str(scratch.workloads), str(scratch.records), allow_missing=True)
     progress = _TuneProgress(state, label, states, database, scratch, say, interrupt)
     if state.trials == 0:
-        unscheduled_us = _record_unscheduled(ms, task, db, builder, runner)
-        progress.measured, state.trials = 1, 1
-        if unscheduled_us is not None:
-            state.best_us = round(unscheduled_us, 3)
-        scratch.publish()
+        _record_unscheduled(ms, task, state, db, scratch, builder, runner)
+        progress.measured = 1
         interrupt.check()
     remaining = state.budget - state.trials
     if remaining <= 0:
@@ -830,8 +836,9 @@ class _TuneProgress:
         return _Callback()
 
 
-def _record_unscheduled(ms, task, db, builder, runner) -> float | None:
-    """Measure the kernel as it compiles with no schedule and record that as a candidate.
+def _record_unscheduled(ms, task, state: TaskState, db, scratch: _KernelScratch, builder, runner) -> float | None:
+    """Measure the kernel as it compiles with no schedule and record that as a candidate: in ``db``
+    (the kernel's scratch), published to the persistent database, counted in ``state``.
 
     Tiny kernels (a 30x64 matmul) run faster unscheduled, on one thread, than any parallel
     schedule the search finds; with this record in the database they keep the faster one.
@@ -851,19 +858,25 @@ def _record_unscheduled(ms, task, db, builder, runner) -> float | None:
     # a failure is recorded as MetaSchedule records one (1e10 s), so no later run measures it again
     seconds = [float(s) for s in run.run_secs] if ran else [_FAILED_SECONDS * 10]
     db.commit_tuning_record(ms.database.TuningRecord(schedule.trace, db.commit_workload(mod), seconds, target, args_info))
-    return _mean_seconds(seconds) * 1e6 if ran else None
+    scratch.publish()
+    state.trials += 1
+    if not ran:
+        return None
+    us = round(_mean_seconds(seconds) * 1e6, 3)
+    if state.best_us is None or us < state.best_us:
+        state.best_us = us
+    return us
 
 
-def kernels_to_pick(tasks, database: TuningDatabase) -> list[tuple[Any, str, list[str]]]:
+def kernels_to_pick(tasks, records: _Records, picks: dict[str, dict[str, Any]]) -> list[tuple[Any, str, list[str]]]:
     """The kernels whose record the second timing should choose: two or more that ran, and no pick
     made among the fastest they have now. Each as (task, structural hash, its fastest records)."""
-    records, picks = database.read(), database.picks()
     todo = []
     for task in tasks:
         workload_hash = _workload_hash(task)
         index = records.by_hash.get(workload_hash)
         top = records.fastest(index, PICK_AMONG) if index is not None else []
-        if len(top) >= 2 and picks.get(workload_hash, {}).get("top") != _top_key(top):
+        if len(top) >= 2 and not _pick_stands(picks.get(workload_hash), top):
             todo.append((task, workload_hash, top))
     return todo
 
@@ -932,10 +945,14 @@ def _remote_pause_evaluator(session, rt_mod, device, evaluator_config, repeated_
 
 
 def _device_type(target) -> str:
-    """The device a candidate runs on, by the name TVM's runtime knows ("cpu", not the kind "llvm"):
-    the local runner's ``tvm.runtime.device("llvm")`` fails, and until 2026-11-30 every unscheduled
-    candidate of a host build failed so, unseen."""
-    return "cpu" if target.kind.name == "llvm" else target.kind.name
+    """The device a candidate of ``target`` runs on, by the name TVM's runtime knows."""
+    return _device_name(target.kind.name)
+
+
+def _device_name(device_type: str) -> str:
+    """"cpu" for the target kind "llvm": TVM 0.27's runtime and RPC sessions know device names only
+    ("Unknown device: llvm"); until 2026-11-30 every unscheduled candidate of a host build failed so, unseen."""
+    return "cpu" if device_type == "llvm" else device_type
 
 
 class _KernelScratch:
@@ -1099,7 +1116,7 @@ def _named_device_runner(inner):
     class _Runner(PyRunner):
         def run(self, runner_inputs):
             renamed = [
-                RunnerInput(i.artifact_path, "cpu" if i.device_type == "llvm" else i.device_type, i.args_info)
+                RunnerInput(i.artifact_path, _device_name(i.device_type), i.args_info)
                 for i in runner_inputs
             ]
             return inner.run(renamed)
