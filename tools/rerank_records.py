@@ -11,7 +11,10 @@ model the benchmark tuned (tools/bench_tuning.py: its ONNX file and database), t
   before the second timing, compactdeploy.tune.pick_records, which builds now run);
 - ``remeasured``: every kernel with whichever of its ``--top`` records ran fastest alone, one call
   at a time, each after a 1 ms pause (``kernel_cache_effect.time_after_pause``), timed in the
-  ``rank{k}`` builds.
+  ``rank{k}`` builds;
+- ``inmodel``: every kernel with whichever of its ``--top`` records ran fastest inside the model:
+  the ``rank{k}`` builds run whole, in interleaved rounds, each kernel timed by the Relax VM's hook
+  (``agent.time_each_kernel_in_model``), the median per kernel over all rounds.
 
 Compare them end to end with tools/compare_builds.py (the command is printed). Host only. Usage:
     .venv/bin/python tools/rerank_records.py --model mobilenetv2 [--top 4]
@@ -32,12 +35,14 @@ from kernel_cache_effect import REPEAT, time_after_pause
 
 from compactdeploy.bundle_runner import default_threads
 from compactdeploy.compile import KERNELS_NAME, compile_onnx, import_onnx, resolve_linker
-from compactdeploy.device.agent import time_each_kernel
+from compactdeploy.device.agent import time_each_kernel, time_each_kernel_in_model
 from compactdeploy.resources import cache_dir
 from compactdeploy.targets import load_target
 from compactdeploy.tune import TuningDatabase, _Records, _tasks, _workload_hash, lower_for_tuning
 
 SUFFIX = "_prepacked"  # a kernel whose schedule repacks its weights is named so in the library
+IN_MODEL_ROUNDS = 10  # interleaved rounds over the rank builds, IN_MODEL_RUNS whole-model runs each
+IN_MODEL_RUNS = 60
 
 
 def main() -> None:
@@ -69,32 +74,46 @@ def main() -> None:
         times[rank] = kernel_times(built)
         print(f"rank{rank}: kernels sum to {sum(k['warm_us'] * k['calls'] for k in times[rank].values()):.0f} us warm, "
               f"{sum(k['after_pause_us'] * k['calls'] for k in times[rank].values()):.0f} us after a pause", flush=True)
-    picked = {
-        name: min(((times[r][name]["after_pause_us"], r) for r in range(min(args.top, len(lines))) if name in times[r]),
-                  default=(None, 0))[1]
-        for name, lines in ranked.items()
-    }
+    in_model = in_model_times(out, args.top)
+    for rank in range(args.top):
+        for name, us in in_model[rank].items():
+            times[rank].setdefault(name, {})["in_model_us"] = us
+
+    def lowest(key: str) -> dict[str, int]:
+        """Each kernel's rank with the lowest ``key`` time (rank 0 where none was timed)."""
+        return {
+            name: min(((times[r][name][key], r) for r in range(min(args.top, len(lines)))
+                       if key in times[r].get(name, {})), default=(None, 0))[1]
+            for name, lines in ranked.items()
+        }
+
+    picked, picked_in_model = lowest("after_pause_us"), lowest("in_model_us")
     build("remeasured", records, ranked, picked, onnx_path, target, out)
+    build("inmodel", records, ranked, picked_in_model, onnx_path, target, out)
     rows = [
         {"kernel": name, "records": len(ranked[name]), "picked_rank": picked[name],
-         **{f"rank{r}": times[r].get(name) for r in range(args.top)}}
+         "picked_rank_in_model": picked_in_model[name], **{f"rank{r}": times[r].get(name) for r in range(args.top)}}
         for name in ranked
     ]
     info = benchlib.meta("rerank_records.py", time.perf_counter() - start, threads=threads, top=args.top,
                          method=f"rank k: each kernel's (k+1)-th fastest record as tuned; warm: "
                                 f"agent.time_each_kernel({REPEAT}); after a pause: "
                                 "kernel_cache_effect.time_after_pause; remeasured: the rank with the lowest "
-                                "after-pause time per kernel",
+                                "after-pause time per kernel; in the model: agent.time_each_kernel_in_model, "
+                                f"{IN_MODEL_ROUNDS} interleaved rounds of {IN_MODEL_RUNS} runs of every rank "
+                                "build, median per call; inmodel: the rank with the lowest in-model time per kernel",
                          figures="all measured on this host; nothing emulated or estimated",
                          database=str(database), builds=str(out))
     info["command"] += " " + " ".join(sys.argv[1:])
     benchlib.write_json(f"rerank-records-{args.model}", info, rows)
     kept = sum(rank == 0 for rank in picked.values())
-    print(f"remeasured: {kept} of {len(picked)} kernels keep their fastest record; wrote "
+    kept_in_model = sum(rank == 0 for rank in picked_in_model.values())
+    print(f"remeasured: {kept} of {len(picked)} kernels keep their fastest record; inmodel: {kept_in_model}; wrote "
           f"{benchlib.DOCS}/rerank-records-{args.model}.json\ncompare end to end with:\n"
           f"  .venv/bin/python tools/compare_builds.py --onnx {onnx_path} --builds "
-          + ",".join(f"{label}={out / label / 'model.so'}" for label in ("rank0", "rank1", "remeasured"))
-          + f" --name rerank-{args.model} --runs 8 --pause 15")
+          f"picked={bench / args.model / 'tuned' / 'model.so'},"  # what a build applies: the tune stage's picks
+          + ",".join(f"{label}={out / label / 'model.so'}" for label in ("rank0", "inmodel"))
+          + f" --name inmodel-{args.model} --runs 8 --pause 15")
 
 
 def build(label: str, records: _Records, ranked: dict, choice: dict, onnx_path, target, out):
@@ -110,6 +129,28 @@ def build(label: str, records: _Records, ranked: dict, choice: dict, onnx_path, 
     print(f"{label}: {compiled.kernels_scheduled}/{compiled.kernels_tunable} kernels scheduled, "
           f"compiled in {compiled.compile_s:.0f} s", flush=True)
     return out / label
+
+
+def in_model_times(out, top: int) -> dict[int, dict[str, float]]:
+    """Each rank build's kernels timed inside the model (us per call, by kernel name): the builds in
+    turn, ``IN_MODEL_ROUNDS`` times, so a slow stretch of the host falls on all of them alike."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    shape = json.loads((out / "rank0" / KERNELS_NAME).read_text())[0]["args"][0]["shape"]
+    x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(shape).astype("float32"))
+    machines = {rank: relax.VirtualMachine(tvm.runtime.load_module(str(out / f"rank{rank}" / "model.so")), tvm.cpu())
+                for rank in range(top)}
+    rounds: dict[int, dict[str, list[float]]] = {rank: {} for rank in range(top)}
+    for number in range(IN_MODEL_ROUNDS):
+        for rank, vm in machines.items():
+            time.sleep(0.2)  # the build before it gone quiet
+            for name, ms in time_each_kernel_in_model(vm, x, IN_MODEL_RUNS).items():
+                rounds[rank].setdefault(name.removesuffix(SUFFIX), []).append(ms * 1e3)
+        print(f"in the model: round {number + 1}/{IN_MODEL_ROUNDS}", flush=True)
+    return {rank: {name: round(float(np.median(us)), 2) for name, us in kernels.items()}
+            for rank, kernels in rounds.items()}
 
 
 def kernel_times(built) -> dict[str, dict]:
