@@ -102,11 +102,7 @@ class TuningDatabase:
             return view
         records = self.read()
         picks = self.picks()
-        applied = {}
-        for index in records.ranked:
-            top = records.fastest(index, PICK_AMONG)
-            pick = picks.get(_workload_hash_of(records.workloads[index]))
-            applied[index] = top[pick["rank"]] if _pick_stands(pick, top) else top[0]
+        applied = {index: records.applied(index, picks)[1] for index in records.ranked}
         if not applied:
             return None
         staging = Path(tempfile.mkdtemp(prefix=f".{_BEST_VIEW}-", dir=self.path))
@@ -266,6 +262,28 @@ class _Records:
     def fastest(self, index: int, count: int) -> list[str]:
         """Workload ``index``'s ``count`` fastest records that ran, fastest first (ties: older first)."""
         return [line for _, line in self.ranked.get(index, [])[:count]]
+
+    def applied(self, index: int, picks: dict[str, dict[str, Any]]) -> tuple[int, str, dict[str, Any] | None]:
+        """The record a build applies for workload ``index`` (which has one that ran), its rank among
+        the kernel's fastest, and the second timing's pick where it stands (else the fastest, rank 0)."""
+        top = self.fastest(index, PICK_AMONG)
+        pick = picks.get(_workload_hash_of(self.workloads[index]))
+        if _pick_stands(pick, top):
+            return pick["rank"], top[pick["rank"]], pick
+        return 0, top[0], None
+
+    def applied_summary(self, workload_hash: str, picks: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+        """For the report: which of a kernel's records a build applies (None: none ran yet)."""
+        index = self.by_hash.get(workload_hash)
+        if index not in self.ranked:
+            return None
+        rank, line, pick = self.applied(index, picks)
+        return {
+            "rank": rank,  # among the kernel's fastest as tuned: 0 = the fastest
+            "tuned_us": round(_record_seconds(line) * 1e6, 3),
+            "after_pause_us": pick["us"][rank] if pick else None,  # the second timing's median
+            "unscheduled": _is_unscheduled(line),  # compiled with no schedule, measured fastest so
+        }
 
 
 def _lines(path: Path) -> list[str]:
@@ -559,13 +577,15 @@ def tune(
                 builder.shutdown()
         if ran or picked["kernels"]:
             database.remove_stale_views()  # and makes the one the build applies next
+        picks = database.picks()
     return TuneResult(
         database=database.path,
         requested_trials=trials,
         trials_run=ran,
         trials_reused=reused,
         tune_s=round(time.perf_counter() - start, 1),
-        tasks=[s.as_dict() for s in states],
+        # the records as they stand after this run (the search and the unscheduled step re-read them)
+        tasks=[{**s.as_dict(), "applied": records.applied_summary(s.workload_hash, picks)} for s in states],
         picked=picked,
     )
 

@@ -27,6 +27,8 @@ from compactdeploy.tune import (
     ROUND_TRIALS,
     TaskState,
     TuningDatabase,
+    _tasks,
+    _workload_hash,
     local_runner,
     lower_for_tuning,
     next_by_measured_time,
@@ -137,6 +139,14 @@ def test_every_kernel_first_records_its_unscheduled_time_and_a_second_timing_pic
         assert 0 <= pick["rank"] < len(pick["us"]) <= compactdeploy.tune.PICK_AMONG
         assert pick["us"][pick["rank"]] == min(us for us in pick["us"] if us is not None) > 0
     assert_builds_apply_the_picked_record_of_every_kernel(database.path)
+    # the report names, per kernel, the record a build applies
+    by_name = {task.task_name: _workload_hash(task) for task in _tasks(lowered, target.tvm_target())}
+    for kernel in result.tasks:
+        pick, applied = picks.get(by_name[kernel["kernel"]]), kernel["applied"]
+        assert applied["rank"] == (pick["rank"] if pick else 0)
+        assert applied["after_pause_us"] == (pick["us"][pick["rank"]] if pick else None)
+        assert applied["tuned_us"] >= kernel["best_us"] - 0.01 and kernel["best_us"] > 0
+        assert isinstance(applied["unscheduled"], bool)
 
     again = tune(lowered, target, database, 24, local_runner(), None, pick_runner=pick_runner)
     assert again.trials_run == 0 and again.picked["kernels"] == 0  # picked once, kept
