@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from .bundle_runner import BundleError
+from .bundle_runner import THREADS_ENV, BundleError
 from .errors import CompactDeployError, first_line
 from .units import format_size
 
@@ -500,7 +500,7 @@ def serve(host, port, tracker, key, emulate_target, threads) -> None:
         from .device import agent
 
         if threads:
-            os.environ["TVM_NUM_THREADS"] = str(threads)
+            os.environ[THREADS_ENV] = str(threads)
         agent.serve(host, port, port + 100, tracker, key, on_ready=ready)
         return
     from .device.emulate import emulated_agent

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from compactdeploy.bundle import write_json
-from compactdeploy.bundle_runner import default_threads
+from compactdeploy.bundle_runner import use_default_threads
 from compactdeploy.compile import compile_onnx, import_onnx, resolve_linker
 from compactdeploy.export import export_onnx, onnxruntime_session
 from compactdeploy.resources import cache_dir
@@ -57,8 +57,8 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="forget earlier tuning records")
     args = parser.parse_args()
     args.trials = {name: int(n) for name, n in (item.split("=") for item in args.trials.split(",") if item)}
-    threads = default_threads()  # as compactdeploy runs models: one per physical core
-    os.environ["TVM_NUM_THREADS"] = str(threads)
+    # as compactdeploy runs models: the user's TVM_NUM_THREADS, else one thread per physical core
+    threads = int(use_default_threads())
     torch.set_num_threads(threads)
     target = load_target("host")
     linker = resolve_linker(target)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import benchlib
 import numpy as np
 
-from compactdeploy.bundle_runner import default_threads
+from compactdeploy.bundle_runner import use_default_threads
 from compactdeploy.compile import KERNELS_NAME
 
 ROUNDS = 15  # as tools/bench_tuning.py: interleaved rounds of RUNS_PER_ROUND runs of every variant
@@ -56,8 +55,8 @@ def main() -> None:
     missing = [str(path) for path in needed if not path.exists()]
     if missing:
         raise SystemExit(f"error: not found: {', '.join(missing)} (build each with compactdeploy first)")
-    threads = default_threads()  # as compactdeploy runs models: one per physical core
-    os.environ["TVM_NUM_THREADS"] = str(threads)
+    # as compactdeploy runs models: the user's TVM_NUM_THREADS, else one thread per physical core
+    threads = int(use_default_threads())
     start = time.perf_counter()
     runs, seconds = [], []
     for index in range(args.runs):

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
 import benchlib
 import numpy as np
 
-from compactdeploy.bundle_runner import default_threads
+from compactdeploy.bundle_runner import use_default_threads
 from compactdeploy.compile import KERNELS_NAME
 from compactdeploy.device.agent import random_kernel_args, time_each_kernel, time_each_kernel_in_model
 from compactdeploy.resources import cache_dir
@@ -34,8 +33,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet20,mobilenetv2")
     args = parser.parse_args()
-    threads = default_threads()  # as compactdeploy runs models: one per physical core
-    os.environ["TVM_NUM_THREADS"] = str(threads)
+    # as compactdeploy runs models: the user's TVM_NUM_THREADS, else one thread per physical core
+    threads = int(use_default_threads())
     start = time.perf_counter()
     rows = [measure(name) for name in args.models.split(",")]
     info = benchlib.meta("kernel_cache_effect.py", time.perf_counter() - start, threads=threads,

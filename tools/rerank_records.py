@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
 import benchlib
 from kernel_cache_effect import REPEAT, time_after_pause
 
-from compactdeploy.bundle_runner import default_threads
+from compactdeploy.bundle_runner import use_default_threads
 from compactdeploy.compile import KERNELS_NAME, compile_onnx, import_onnx, resolve_linker
 from compactdeploy.device.agent import time_each_kernel, time_each_kernel_in_model
 from compactdeploy.resources import cache_dir
@@ -56,8 +55,8 @@ def main() -> None:
     onnx_path, database = bench / args.model / "model.onnx", bench / "database"
     if not onnx_path.exists() or not (database / "database_tuning_record.json").exists():
         raise SystemExit(f"error: no benchmark build of {args.model}: run tools/bench_tuning.py --models {args.model} first")
-    threads = default_threads()  # as compactdeploy runs models: one per physical core
-    os.environ["TVM_NUM_THREADS"] = str(threads)
+    # as compactdeploy runs models: the user's TVM_NUM_THREADS, else one thread per physical core
+    threads = int(use_default_threads())
     start = time.perf_counter()
     target = load_target("host")
     records = TuningDatabase(database, {}).read()

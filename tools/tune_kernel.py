@@ -21,7 +21,6 @@ Writes docs/kernel-tuning.json (every batch of every kernel tuned, and the comma
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 import benchlib
 import torch
 
-from compactdeploy.bundle_runner import default_threads
+from compactdeploy.bundle_runner import use_default_threads
 from compactdeploy.compile import import_onnx
 from compactdeploy.errors import CompactDeployError
 from compactdeploy.export import export_onnx
@@ -70,8 +69,8 @@ def main() -> None:
     parser.add_argument("--database", type=Path, default=cache_dir("bench-tuning") / "database")
     args = parser.parse_args()
     args.fresh = args.fresh or args.flush_cache  # warm-cache records are not comparable
-    threads = default_threads()  # as compactdeploy runs models: one per physical core
-    os.environ["TVM_NUM_THREADS"] = str(threads)
+    # as compactdeploy runs models: the user's TVM_NUM_THREADS, else one thread per physical core
+    threads = int(use_default_threads())
     target = load_target("host")
     try:
         model = create_model(args.model)

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from ..bundle_runner import THREADS_ENV
 from ..errors import CompactDeployError, first_line
 from .agent import EMULATED_ENV, PORT_LINE
 
@@ -210,7 +211,7 @@ def local_agent(threads: int | None = None) -> Agent:
     env["TVM_USE_RUNTIME_LIB"] = "1"  # what a device has: the runtime, not the 240 MB compiler
     env.pop(EMULATED_ENV, None)
     if threads:
-        env["TVM_NUM_THREADS"] = str(threads)
+        env[THREADS_ENV] = str(threads)
     port = _free_port()
     command = [sys.executable, "-m", "compactdeploy.device.agent", "--port", str(port), "--port-end", str(port + 50)]
     return Agent(command, env, "local device agent", start_timeout_s=120)

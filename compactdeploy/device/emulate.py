@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from ..bundle_runner import THREADS_ENV
 from ..errors import CompactDeployError
 from ..resources import cache_dir
 from . import Agent, _free_port
@@ -145,7 +146,7 @@ def emulated_agent(
         EMULATED_ENV: "1",
     }
     if threads:
-        env["TVM_NUM_THREADS"] = str(threads)
+        env[THREADS_ENV] = str(threads)
     cpu = qemu_cpu(mcpu)
     env[EMULATED_CPU_ENV] = cpu
     command = [
