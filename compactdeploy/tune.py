@@ -241,11 +241,6 @@ class _Records:
         by_hash = {_workload_hash_of(line): number for number, line in enumerate(workload_lines)}
         return cls(workload_lines, by_hash, by_workload, ranked)
 
-    @property
-    def best(self) -> dict[int, tuple[float, str]]:
-        """Workload line number -> its fastest record that ran, and its time."""
-        return {index: timed[0] for index, timed in self.ranked.items()}
-
     def of(self, workload_hash: str) -> tuple[str | None, list[str]]:
         """A kernel's workload line (None: never tuned) and record lines."""
         index = self.by_hash.get(workload_hash)
@@ -280,7 +275,7 @@ class _Records:
         rank, line, pick = self.applied(index, picks)
         return {
             "rank": rank,  # among the kernel's fastest as tuned: 0 = the fastest
-            "tuned_us": round(_record_seconds(line) * 1e6, 3),
+            "tuned_us": round(self.ranked[index][rank][0] * 1e6, 3),
             "after_pause_us": pick["us"][rank] if pick else None,  # the second timing's median
             "unscheduled": _is_unscheduled(line),  # compiled with no schedule, measured fastest so
         }

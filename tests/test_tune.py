@@ -323,42 +323,40 @@ def test_a_database_another_build_is_tuning_into_is_refused(capsys, tmp_path):
     assert_nothing_written(out)
 
 
-def test_a_damaged_tuning_database_is_named_in_one_line(capsys, tmp_path):
-    """Builds read the records as text: a line cut short must not come out as an internal error."""
+def build_on_damaged_host_database(capsys, tmp_path, files: dict[str, str]) -> tuple[str, Path]:
+    """The error line of a host build whose tuning database holds ``files`` (name -> text), and the
+    database's path; the build wrote nothing."""
     from compactdeploy.device.agent import fingerprint
     from compactdeploy.tune import database_for
 
     database = database_for(load_target("host"), fingerprint())
     database.path.mkdir(parents=True, exist_ok=True)
     (database.path / "database_workload.json").write_text('["123","abc"]\n')
-    (database.path / "database_tuning_record.json").write_text('[0,[[[],[]],[1e-05,\n')
+    for name, text in files.items():
+        (database.path / name).write_text(text)
     out = tmp_path / "out"
     try:
         message = error_of(capsys, "build", "--model", "mlp-tabular", "--target", "host", "--out", out)
     finally:
         shutil.rmtree(database.path)
-    assert message.startswith(f"error: the tuning database {database.path} is damaged (")
-    assert "move it away and build again" in message
     assert_nothing_written(out)
+    return message, database.path
+
+
+def test_a_damaged_tuning_database_is_named_in_one_line(capsys, tmp_path):
+    """Builds read the records as text: a line cut short must not come out as an internal error."""
+    message, database = build_on_damaged_host_database(
+        capsys, tmp_path, {"database_tuning_record.json": '[0,[[[],[]],[1e-05,\n'})
+    assert message.startswith(f"error: the tuning database {database} is damaged (")
+    assert "move it away and build again" in message
 
 
 def test_damaged_picks_of_the_second_timing_are_named_in_one_line(capsys, tmp_path):
-    from compactdeploy.device.agent import fingerprint
-    from compactdeploy.tune import database_for
-
-    database = database_for(load_target("host"), fingerprint())
-    database.path.mkdir(parents=True, exist_ok=True)
-    (database.path / "database_workload.json").write_text('["123","abc"]\n')
-    (database.path / "database_tuning_record.json").write_text('[0,[[[],[]],[1e-05],{},[]]]\n')
-    (database.path / "picks.json").write_text('{"123": {"top": ')
-    out = tmp_path / "out"
-    try:
-        message = error_of(capsys, "build", "--model", "mlp-tabular", "--target", "host", "--out", out)
-    finally:
-        shutil.rmtree(database.path)
-    assert message.startswith(f"error: the second timing's picks {database.path / 'picks.json'} are damaged (")
+    message, database = build_on_damaged_host_database(
+        capsys, tmp_path, {"database_tuning_record.json": '[0,[[[],[]],[1e-05],{},[]]]\n',
+                           "picks.json": '{"123": {"top": '})
+    assert message.startswith(f"error: the second timing's picks {database / 'picks.json'} are damaged (")
     assert "delete that file and build again" in message
-    assert_nothing_written(out)
 
 
 def test_ctrl_c_during_a_tuned_build_keeps_its_batches_and_the_same_command_resumes(tmp_path):

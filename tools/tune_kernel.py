@@ -144,8 +144,8 @@ def tune_further(task, workload: str | None, lines: list[str], trials: int, buil
     flops, start, batches = _flops(task), time.perf_counter(), []
 
     def best_us() -> float | None:
-        best = _Records.parse(_lines(kernel.workloads), _lines(kernel.records)).best
-        return best[0][0] * 1e6 if best else None
+        timed = _Records.parse(_lines(kernel.workloads), _lines(kernel.records)).ranked.get(0)  # its one workload
+        return timed[0][0] * 1e6 if timed else None
 
     row = {"kernel": task.task_name, "calls": int(task.weight), "flops": flops,
            "records_before": len(lines), "best_us_before": best_us(), "batches": batches}
