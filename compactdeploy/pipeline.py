@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import os
 import shutil
 import time
@@ -445,9 +446,15 @@ def _tuning_database(config: BuildConfig, target: TargetSpec, clock: _StageClock
 
 def _tune(config: BuildConfig, target: TargetSpec, database, onnx_path: Path, linker, clock: _StageClock):
     from .compile import import_onnx
+    from .device.agent import is_busy
     from .tune import local_runner, lower_for_tuning, rpc_runner, tune
 
     lowered = lower_for_tuning(import_onnx(onnx_path, target), target.tvm_target())
+    load = _load_before_tuning(config)
+    busy = f"BUSY ({load['other_busy'] + load['steal']:.0%} other load) · " if is_busy(load) else ""
+
+    def progress(message: str) -> None:
+        clock.progress(busy + message)  # every line says so: records timed now stay for later builds
     if config.device is None:
         runner, pick_runner = local_runner(), lambda: local_runner(after_pause=True)
     else:
@@ -456,10 +463,30 @@ def _tune(config: BuildConfig, target: TargetSpec, database, onnx_path: Path, li
         address = parse_device(config.device)
         runner, pick_runner = rpc_runner(address), lambda: rpc_runner(address, after_pause=True)
     try:
-        return tune(lowered, target, database, config.tune_trials, runner, linker.command, clock.progress,
-                    pick_runner)
+        tuned = tune(lowered, target, database, config.tune_trials, runner, linker.command, progress, pick_runner)
     except KeyboardInterrupt:
         raise CompactDeployError(f"tuning interrupted; {database.resume_hint()}") from None
+    return dataclasses.replace(tuned, machine_load=load)
+
+
+def _load_before_tuning(config: BuildConfig, seconds: float = 1.0) -> dict[str, Any] | None:
+    """What else the machine that times the candidates does, over ``seconds`` before tuning starts.
+
+    Tuning keeps what it measures: records timed on a busy machine are slow and noisy, and later
+    builds apply them. None where that is not known (a stock TVM server, not Linux).
+    """
+    from .device.agent import cpu_times, load_between
+
+    if config.device is None:
+        start = cpu_times()
+        time.sleep(seconds)
+        return load_between(start, cpu_times())
+    from .device import connect, parse_device
+
+    session = connect(parse_device(config.device), config.device_wait_s)
+    session.cpu_load(mark=True)
+    time.sleep(seconds)
+    return session.cpu_load(mark=False)
 
 
 def _tuning_report(database, tuned, compiled) -> dict[str, Any] | None:
@@ -477,6 +504,8 @@ def _tuning_report(database, tuned, compiled) -> dict[str, Any] | None:
             requested_trials=tuned.requested_trials, trials_run=tuned.trials_run,
             trials_reused=tuned.trials_reused, tune_s=tuned.tune_s, kernels=tuned.tasks,
             second_timing=tuned.picked,
+            # other work on the machine that timed the candidates, over a second before tuning
+            machine_load=tuned.machine_load,
         )
     return section
 
@@ -584,6 +613,7 @@ def measure_bundle(
     """
     from .bench import measure
     from .device import connect, local_agent, parse_device
+    from .device.agent import describe_load, is_busy
     from .export import run_onnxruntime
 
     if device is None and not target.is_this_machine():
@@ -630,6 +660,9 @@ def measure_bundle(
         where = f"measured on real hardware: {fingerprint['hostname']} ({fingerprint['cpu']}), {address}"
     if measurement.cut_short:
         where += f"; CUT SHORT: {measurement.cut_short}"
+    if is_busy(measurement.load):
+        where += (f"; BUSY while timing: {describe_load(measurement.load)}; measure again on an idle device "
+                  "(compactdeploy bench), or give TVM fewer threads than the cores left free (--threads)")
     latency = measurement.latency_ms
     return {
         "measurement": measurement,
@@ -657,7 +690,8 @@ def apply_measurement(report: dict[str, Any], measured: dict[str, Any]) -> None:
         "cold_first_run": m.cold_ms,
         "module_load": m.load_ms,
     }
-    report["measured_on"] = {**m.device, "emulated": bool(m.device.get("emulated"))}
+    # load: what else the device did while timing (None: not known), see device.agent.load_between
+    report["measured_on"] = {**m.device, "emulated": bool(m.device.get("emulated")), "load": m.load}
     report["parity"]["onnx_vs_tvm_max_abs"] = measured["onnx_vs_tvm_max_abs"]
     report["parity"]["tvm_on"] = "the device" if m.device.get("cpu") else "the device (stock server)"
     report["memory"]["peak_rss_bytes"] = m.memory["peak_rss_growth_bytes"]

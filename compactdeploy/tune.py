@@ -438,14 +438,21 @@ class TuneResult:
     tasks: list[dict[str, Any]] = field(default_factory=list)
     # the second timing in this run: kernels timed again, how many took another record, seconds
     picked: dict[str, Any] = field(default_factory=dict)
+    # other work on the measuring machine just before tuning (device.agent.load_between), if known
+    machine_load: dict[str, Any] | None = None
 
     def summary(self) -> str:
+        from .device.agent import describe_load, is_busy
+
         tuned = sum(1 for task in self.tasks if task["best_us"] is not None)
         second = (f"; second timing: {self.picked['changed']} of {self.picked['kernels']} kernels took "
                   "another of their fastest records" if self.picked.get("kernels") else "")
+        busy = (f"; BUSY before tuning: {describe_load(self.machine_load)} (later builds apply "
+                "these records: to drop them, delete that database and tune again on an idle machine)"
+                if is_busy(self.machine_load) else "")
         return (
             f"{len(self.tasks)} kernels ({tuned} with records); {self.trials_run} trials run, "
-            f"{self.trials_reused} reused from {self.database}{second}"
+            f"{self.trials_reused} reused from {self.database}{second}{busy}"
         )
 
 

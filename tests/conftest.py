@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -86,3 +92,16 @@ def emulated_build(tmp_path_factory, emulated_pi, lenet5_checkpoint):
         "--prune", "l1:0.5", "--device", str(emulated_pi.address), "--repeat", "30", "--out", out,
     ) == 0
     return out
+
+
+@contextlib.contextmanager
+def every_core_spinning() -> Iterator[None]:
+    """Other work on this machine: one busy process per core, for the length of the block."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    try:
+        time.sleep(0.5)  # running, not starting
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()

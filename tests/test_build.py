@@ -60,6 +60,9 @@ def test_latency_is_a_distribution_over_the_requested_runs(host_build):
     fingerprint = report["measured_on"]
     assert fingerprint["machine"] == platform.machine() and fingerprint["emulated"] is False
     assert fingerprint["tvm_version"] and fingerprint["cores"] >= 1
+    load = fingerprint["load"]  # what else ran while timing, the model's own runs left out
+    assert 0 <= load["other_busy"] <= 1 and 0 <= load["steal"] <= 1
+    assert load["window_s"] >= 0.4  # a small model's runs are short: the agent waits to fill half a second
     # no --threads: TVM (and onnxruntime beside it) on every physical core, not TVM's x86 default of half
     assert fingerprint["threads"] == os.environ.get("TVM_NUM_THREADS", str(default_threads()))
 

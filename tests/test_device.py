@@ -13,10 +13,11 @@ import time
 
 import numpy as np
 import pytest
-from conftest import needs_emulator, read_json, run_cli
+from conftest import every_core_spinning, needs_emulator, read_json, run_cli
 
 from compactdeploy.bench import measure
 from compactdeploy.device import Agent, DeviceAddress, _free_port, connect, local_agent, parse_device
+from compactdeploy.device.agent import cpu_times, describe_load, is_busy, load_between
 from compactdeploy.errors import CompactDeployError
 from compactdeploy.export import run_onnxruntime
 
@@ -124,15 +125,17 @@ def _agent_on_tracker(tracker, key: str) -> Agent:
     return Agent(command, env, "agent", start_timeout_s=120)
 
 
-def test_tracker_hands_out_a_device_by_key_and_a_busy_key_times_out(tracker, host_build, capsys):
+def test_tracker_hands_out_a_device_by_key_and_a_busy_key_times_out(tracker, host_build, tmp_path, capsys):
+    bundle = tmp_path / "bundle"  # a copy: bench rewrites its report
+    shutil.copytree(host_build, bundle)
     with _agent_on_tracker(tracker, "testboard"):
         address = DeviceAddress("127.0.0.1", tracker.port, "testboard")
         deadline = time.monotonic() + 30
         while "testboard" not in tracker_keys(tracker) and time.monotonic() < deadline:
             time.sleep(0.2)
         # a measurement through the tracker, as a lab with many boards would use it
-        assert run_cli("bench", host_build, "--device", str(address), "--repeat", "20") == 0
-        assert read_json(host_build / "report.json")["latency_ms"]["runs"] == 20
+        assert run_cli("bench", bundle, "--device", str(address), "--repeat", "20") == 0
+        assert read_json(bundle / "report.json")["latency_ms"]["runs"] == 20
 
         holder = connect(address, wait_s=10)  # takes the only board
         messages = []
@@ -169,20 +172,55 @@ def test_a_stock_tvm_rpc_server_gives_latency_without_the_agents_extras(host_bui
     assert result.latency_ms["runs"] == 20
     assert result.memory["peak_rss_growth_bytes"] is None and result.per_layer is None
     assert "stock TVM RPC server" in result.onnxruntime["not_measured"]
+    assert result.load is None  # nothing on a stock server can read the device's load
 
 
-def test_bench_updates_the_report_and_keeps_the_manifest_true(host_build, capsys):
+def test_bench_updates_the_report_and_keeps_the_manifest_true(host_build, tmp_path, capsys):
     import json
 
     from compactdeploy.zoo import file_sha256
 
-    assert run_cli("bench", host_build, "--repeat", "25", "--json") == 0
+    bundle = tmp_path / "bundle"  # a copy: the build's own report stays as the build tests expect it
+    shutil.copytree(host_build, bundle)
+    assert run_cli("bench", bundle, "--repeat", "25", "--json") == 0
     printed = json.loads(capsys.readouterr().out)
-    report = read_json(host_build / "report.json")
+    report = read_json(bundle / "report.json")
     assert printed["latency_ms"]["runs"] == report["latency_ms"]["runs"] == 25
-    manifest = read_json(host_build / "manifest.json")
-    assert manifest["files"]["report.json"] == file_sha256(host_build / "report.json")
+    manifest = read_json(bundle / "manifest.json")
+    assert manifest["files"]["report.json"] == file_sha256(bundle / "report.json")
     assert manifest["measured"]["latency_ms"]["runs"] == 25
+
+
+def test_cpu_load_counts_other_processes_and_leaves_out_this_ones():
+    cores = os.cpu_count() or 1
+    with every_core_spinning():
+        start = cpu_times()
+        time.sleep(1.0)
+        others = load_between(start, cpu_times())
+    assert others["other_busy"] > 0.5 and is_busy(others)
+    assert "timings are slower and noisier" in describe_load(others)
+
+    start = cpu_times()
+    deadline = time.process_time() + 1.0
+    while time.process_time() < deadline:  # this process's own work: one core for a second
+        pass
+    end = cpu_times()
+    busy_share = (end[0] - start[0]) / (end[1] - start[1])
+    own = load_between(start, end)
+    # the machine's busy share holds this process's second; the load left over leaves it out
+    assert busy_share - own["other_busy"] > 0.7 / cores
+    assert load_between(None, end) is None
+
+
+def test_bench_on_a_busy_device_says_so_in_the_report(host_build, tmp_path, capsys):
+    copy = tmp_path / "bundle"
+    shutil.copytree(host_build, copy)
+    with every_core_spinning():
+        assert run_cli("bench", copy, "--repeat", "25") == 0
+    report = read_json(copy / "report.json")
+    assert report["measured_on"]["load"]["other_busy"] > 0.3  # the spinners share the cores with the model
+    assert "BUSY while timing: other work used" in report["figures"]["latency"]
+    assert "BUSY while timing" in " ".join(capsys.readouterr().out.split())  # rich wraps long lines
 
 
 def test_bench_refuses_a_tampered_bundle(host_build, tmp_path, capsys):

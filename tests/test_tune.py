@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import tvm_ffi
-from conftest import needs_emulator, read_json, run_cli
+from conftest import every_core_spinning, needs_emulator, read_json, run_cli
 from test_errors import assert_nothing_written, error_of
 
 import compactdeploy.tune
@@ -26,6 +26,7 @@ from compactdeploy.tune import (
     MIN_DEFICIT,
     ROUND_TRIALS,
     TaskState,
+    TuneResult,
     TuningDatabase,
     _tasks,
     _workload_hash,
@@ -84,6 +85,20 @@ def test_rounds_by_measured_time_spend_the_budget_then_stop():
     assert rounds < 1000 // MIN_DEFICIT
 
 
+def test_a_busy_machine_before_tuning_is_measured_and_named_in_the_summary():
+    from compactdeploy.pipeline import BuildConfig, _load_before_tuning
+
+    with every_core_spinning():
+        load = _load_before_tuning(BuildConfig(model="lenet5", target="host", out=Path("unused")))
+    assert load["other_busy"] > 0.5
+    result = TuneResult(database=Path("db"), requested_trials=64, trials_run=64, trials_reused=0, tune_s=1.0,
+                        machine_load=load)
+    assert "BUSY before tuning: other work used" in result.summary()
+    assert "delete that database" in result.summary()
+    idle = dict(load, other_busy=0.02, steal=0.0)
+    assert "BUSY" not in TuneResult(Path("db"), 64, 64, 0, 1.0, machine_load=idle).summary()
+
+
 def test_tuned_build_then_reuse_then_a_pruned_variant_shares_records(tmp_path):
     lenet5 = ("--model", "lenet5", "--target", "host", "--repeat", "30")
     # 9 kernels: 9 trials measure them unscheduled, the rest go to the slowest by measured time
@@ -96,6 +111,7 @@ def test_tuned_build_then_reuse_then_a_pruned_variant_shares_records(tmp_path):
     identity = json.loads((database / "identity.json").read_text())
     # the records of this CPU at the thread count the model was measured with
     assert identity["cpu"] and identity["threads"] == report["measured_on"]["threads"]
+    assert 0 <= first["machine_load"]["other_busy"] <= 1  # sampled before tuning; the summary warns when busy
 
     again = build(tmp_path / "b", *lenet5, "--tune-trials", "32")
     assert again["tuning"]["trials_run"] == 0, "a tuned model must not be tuned again"
@@ -300,6 +316,7 @@ def test_tuning_for_the_pi_measures_on_the_emulated_pi(tmp_path, emulated_pi):
     )
     tuning = report["tuning"]
     assert tuning["device"]["emulated"] is True and tuning["device"]["machine"] == "aarch64"
+    assert 0 <= tuning["machine_load"]["other_busy"] <= 1  # read by the agent, over RPC
     assert tuning["trials_run"] >= 3 and tuning["kernels_scheduled"] == tuning["kernels_tunable"]
     # 3 kernels measured unscheduled, then one searched by measured time; the second timing chose
     # that kernel's record on the device too

@@ -35,6 +35,7 @@ class Measurement:
     device: dict[str, Any]  # the device's fingerprint (emulated or not, CPU, TVM version, ...)
     per_layer: dict[str, Any] | None
     onnxruntime: dict[str, Any]  # baseline on the same device, or {"not_measured": reason}
+    load: dict[str, Any] | None = None  # other work on the device while timing (agent.load_between)
 
 
 def measure(
@@ -84,6 +85,7 @@ def measure(
             vm.time_evaluator("main", dev, number=warmup, repeat=1)(x_device)
 
     times_ms, cut_short = [], None
+    session.cpu_load(mark=True)  # other work while timing, the model's own runs left out
     while len(times_ms) < repeat:
         runs = min(CHUNK_RUNS, repeat - len(times_ms))
         try:
@@ -97,6 +99,7 @@ def measure(
         say(f"timed {len(times_ms)}/{repeat} runs")
     if not times_ms:
         raise CompactDeployError(cut_short)
+    load = session.cpu_load(mark=False) if cut_short is None else None
     latency = latency_stats(times_ms)
 
     memory = {"rss_before_bytes": None, "peak_rss_growth_bytes": None}
@@ -129,6 +132,7 @@ def measure(
         device=fingerprint or {"hostname": session.address.host, "emulated": None},
         per_layer=per_layer,
         onnxruntime=baseline,
+        load=load,
     )
 
 

@@ -64,6 +64,19 @@ class Session:
     def device(self, kind: str):
         return self.remote.cuda(0) if kind == "cuda" else self.remote.cpu(0)
 
+    def cpu_load(self, mark: bool) -> dict[str, Any] | None:
+        """Mark a moment on the device, or read what else it did since the mark (``agent.cpu_load``).
+
+        None where that is not known: a stock TVM server, or an agent from before the function.
+        """
+        if self.fingerprint is None:
+            return None
+        try:
+            with answering(self.address, "reading the device's load"):
+                return self.call("compactdeploy.cpu_load", int(mark))
+        except CompactDeployError:
+            return None
+
 
 @contextlib.contextmanager
 def answering(address: DeviceAddress, doing: str) -> Iterator[None]:

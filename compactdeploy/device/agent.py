@@ -120,6 +120,77 @@ def memory(reset: int) -> str:
     })
 
 
+# Other work's share of the machine's CPU time from which a measurement is called busy. TVM puts a
+# thread on every core, so work that takes one stalls every parallel loop: one spinning process on
+# a 2-core host made a tuned MobileNetV2 15x slower (tools/load_effect.py); 15 % leaves room for daemons
+BUSY_SHARE = 0.15
+
+
+def cpu_times() -> tuple[float, float, float, float] | None:
+    """CPU seconds since boot over all cores (busy, total, stolen by the hypervisor) and this
+    process's own (all its threads); None where there is no /proc/stat (not Linux)."""
+    try:
+        with open("/proc/stat") as stat:
+            # user nice system idle iowait irq softirq steal (guest time is already inside user)
+            ticks = [int(value) for value in stat.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    if len(ticks) < 8:
+        return None
+    tick_s = 1.0 / os.sysconf("SC_CLK_TCK")
+    own = os.times()
+    total = sum(ticks)
+    return ((total - ticks[3] - ticks[4] - ticks[7]) * tick_s, total * tick_s, ticks[7] * tick_s,
+            own.user + own.system)
+
+
+def load_between(start, end) -> dict | None:
+    """What else the machine did between two ``cpu_times``: shares of all cores' time.
+
+    ``other_busy``: CPU time other processes used (this process's own subtracted: the model it
+    times); ``steal``: time the hypervisor gave to other machines (a shared VM). None: not known.
+    """
+    if start is None or end is None or end[1] <= start[1]:
+        return None
+    total = end[1] - start[1]
+    other = max(0.0, (end[0] - start[0]) - (end[3] - start[3]))
+    return {
+        "other_busy": round(min(1.0, other / total), 3),
+        "steal": round((end[2] - start[2]) / total, 3),
+        "window_s": round(total / (os.cpu_count() or 1), 2),
+        "cores": os.cpu_count(),
+    }
+
+
+def is_busy(load: dict | None) -> bool:
+    return load is not None and load["other_busy"] + load["steal"] >= BUSY_SHARE
+
+
+def describe_load(load: dict) -> str:
+    """One phrase for a report or a warning: how busy, and what it does to the figures."""
+    stolen = f" and the hypervisor took {load['steal']:.0%} for other machines" if load["steal"] >= 0.01 else ""
+    return (f"other work used {load['other_busy']:.0%} of the machine's CPU time{stolen}: "
+            "timings are slower and noisier than on an idle machine")
+
+
+# /proc/stat counts in ticks (10 ms at the usual 100 Hz): a shorter window than this reads as noise
+MIN_LOAD_WINDOW_S = 0.5
+
+
+def cpu_load(mark: int) -> str:
+    """``mark=1``: remember this moment; ``mark=0``: other work's share of the CPU since then (JSON,
+    null where unknown). Timed across a measurement, so its own runs are left out; a measurement
+    shorter than ``MIN_LOAD_WINDOW_S`` (a small model's 100 runs) is followed by a wait to fill it."""
+    if mark:
+        _SESSION["cpu_mark"] = (time.monotonic(), cpu_times())
+        return json.dumps(None)
+    if "cpu_mark" not in _SESSION:
+        return json.dumps(None)
+    marked_at, start = _SESSION.pop("cpu_mark")
+    time.sleep(max(0.0, marked_at + MIN_LOAD_WINDOW_S - time.monotonic()))
+    return json.dumps(load_between(start, cpu_times()))
+
+
 def _device(kind: str):
     import tvm
 
@@ -295,6 +366,7 @@ FUNCTIONS = {
     "compactdeploy.time_kernels_in_model": time_kernels_in_model,
     "compactdeploy.onnxruntime_times": onnxruntime_times,
     "compactdeploy.install_bundle": install_bundle,
+    "compactdeploy.cpu_load": cpu_load,
 }
 
 
