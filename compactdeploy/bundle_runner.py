@@ -96,6 +96,7 @@ def write_sums(bundle: Path) -> None:
 
 
 THREADS_ENV = "TVM_NUM_THREADS"  # read by TVM when its thread pool starts (the first parallel kernel)
+BIND_ENV = "TVM_BIND_THREADS"  # read then too: unset or 1, TVM pins each pool thread to a core
 _CPU_SYSFS = Path("/sys/devices/system/cpu")
 
 
@@ -125,9 +126,29 @@ def threads_in_use() -> str:
     return os.environ.get(THREADS_ENV) or str(default_threads())
 
 
+def threads_pinned() -> bool:
+    """Whether TVM pins its pool's threads one per core here: unless ``TVM_BIND_THREADS`` is set to
+    something other than 1 (TVM reads it with atoi)."""
+    value = os.environ.get(BIND_ENV)
+    if value is None:
+        return True
+    try:
+        return int(value.strip()) == 1
+    except ValueError:
+        return False
+
+
 def use_default_threads() -> str:
-    """Make ``threads_in_use()`` TVM's count in this process (and its children); returns it."""
+    """Make ``threads_in_use()`` TVM's count in this process (and its children), its threads not
+    pinned to cores unless the user's ``TVM_BIND_THREADS`` says so; returns the count.
+
+    Unpinned: a pinned thread whose core other work takes stalls every parallel loop until the
+    scheduler gives that core back. One other busy process on a 2-core host made a tuned
+    MobileNetV2 236 ms instead of 7.5 pinned, 13.4 unpinned; idle, pinning gained nothing there
+    (MobileNetV2, ResNet-20, LeNet-5 within 2 %; README "A busy machine is named").
+    """
     os.environ[THREADS_ENV] = threads_in_use()
+    os.environ.setdefault(BIND_ENV, "0")
     return os.environ[THREADS_ENV]
 
 
@@ -193,6 +214,7 @@ class Model:
         return {
             "runs": stats["runs"], **{f"{key}_ms": stats[key] for key in ("median", "p90", "p99", "mean", "min")},
             "machine": platform.machine(), "hostname": platform.node(), "threads": self.threads,
+            "threads_pinned": threads_pinned(),
         }
 
 

@@ -65,6 +65,8 @@ def test_latency_is_a_distribution_over_the_requested_runs(host_build):
     assert load["window_s"] >= 0.4  # a small model's runs are short: the agent waits to fill half a second
     # no --threads: TVM (and onnxruntime beside it) on every physical core, not TVM's x86 default of half
     assert fingerprint["threads"] == os.environ.get("TVM_NUM_THREADS", str(default_threads()))
+    # and not pinned to cores, unless the user's TVM_BIND_THREADS=1 asks for TVM's default
+    assert fingerprint["threads_pinned"] is (os.environ.get("TVM_BIND_THREADS", "0") == "1")
 
 
 def test_per_layer_profile_covers_every_kernel(host_build):

@@ -20,7 +20,17 @@ import numpy as np
 import pytest
 from conftest import needs_emulator, read_json, run_cli
 
-from compactdeploy.bundle_runner import BundleError, Model, default_threads, install_archive, verify
+from compactdeploy.bundle_runner import (
+    BIND_ENV,
+    BundleError,
+    Model,
+    default_threads,
+    install_archive,
+    threads_in_use,
+    threads_pinned,
+    use_default_threads,
+    verify,
+)
 from compactdeploy.export import run_onnxruntime
 
 SSHD = "/usr/sbin/sshd"
@@ -56,6 +66,9 @@ def test_run_matches_onnxruntime_and_benches(bundle, tmp_path, capsys):
     out = capsys.readouterr().out
     assert '"runs": 30' in out
     assert f'"threads": "{os.environ.get("TVM_NUM_THREADS", default_threads())}"' in out
+    # not pinned to cores unless the user asks with TVM_BIND_THREADS=1 (README "A busy machine is named")
+    pinned = os.environ.get("TVM_BIND_THREADS", "0") == "1"
+    assert f'"threads_pinned": {str(pinned).lower()}' in out
 
 
 def _fake_cpus(root: Path, cores: dict[int, tuple[int, int]]) -> Path:
@@ -65,6 +78,19 @@ def _fake_cpus(root: Path, cores: dict[int, tuple[int, int]]) -> Path:
         (topology / "physical_package_id").write_text(f"{package}\n")
         (topology / "core_id").write_text(f"{core}\n")
     return root
+
+
+def test_threads_are_not_pinned_to_cores_unless_the_user_pins_them(monkeypatch):
+    monkeypatch.setenv("TVM_NUM_THREADS", threads_in_use())  # restored after the test, as BIND_ENV is
+    monkeypatch.delenv(BIND_ENV, raising=False)
+    assert threads_pinned()  # TVM's own default
+    use_default_threads()
+    assert os.environ[BIND_ENV] == "0" and not threads_pinned()
+    monkeypatch.setenv(BIND_ENV, "1")
+    use_default_threads()
+    assert os.environ[BIND_ENV] == "1" and threads_pinned()
+    monkeypatch.setenv(BIND_ENV, "yes")  # TVM reads it with atoi: anything but 1 leaves them free
+    assert not threads_pinned()
 
 
 def test_default_threads_count_physical_cores_this_process_may_use(tmp_path, monkeypatch):

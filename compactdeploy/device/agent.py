@@ -43,7 +43,7 @@ def _status_kb(field: str) -> int | None:
 
 def fingerprint() -> dict:
     """What machine this is: enough to tell a Pi 4 from an emulated one or from the build host."""
-    from compactdeploy.bundle_runner import threads_in_use
+    from compactdeploy.bundle_runner import threads_in_use, threads_pinned
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -80,6 +80,7 @@ def fingerprint() -> dict:
         "tvm_version": tvm.__version__,
         "cuda": _cuda_name(),
         "threads": threads_in_use(),
+        "threads_pinned": threads_pinned(),  # one per core (TVM's default) or not (compactdeploy's)
         # qemu-user reports the guest's machine; only its launcher knows the CPU is emulated
         "emulated": os.environ.get(EMULATED_ENV) == "1",
     }
