@@ -455,6 +455,7 @@ def _tune(config: BuildConfig, target: TargetSpec, database, onnx_path: Path, li
 
     def progress(message: str) -> None:
         clock.progress(busy + message)  # every line says so: records timed now stay for later builds
+
     if config.device is None:
         runner, pick_runner = local_runner(), lambda: local_runner(after_pause=True)
     else:

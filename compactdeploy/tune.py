@@ -449,7 +449,7 @@ class TuneResult:
                   "another of their fastest records" if self.picked.get("kernels") else "")
         busy = (f"; BUSY before tuning: {describe_load(self.machine_load)} (later builds apply "
                 "these records: to drop them, delete that database and tune again on an idle machine)"
-                if is_busy(self.machine_load) else "")
+                if is_busy(self.machine_load) and (self.trials_run or self.picked.get("kernels")) else "")
         return (
             f"{len(self.tasks)} kernels ({tuned} with records); {self.trials_run} trials run, "
             f"{self.trials_reused} reused from {self.database}{second}{busy}"

@@ -97,6 +97,8 @@ def test_a_busy_machine_before_tuning_is_measured_and_named_in_the_summary():
     assert "delete that database" in result.summary()
     idle = dict(load, other_busy=0.02, steal=0.0)
     assert "BUSY" not in TuneResult(Path("db"), 64, 64, 0, 1.0, machine_load=idle).summary()
+    # nothing measured (a tuned model built again): nothing to warn about
+    assert "BUSY" not in TuneResult(Path("db"), 64, 0, 64, 1.0, machine_load=load).summary()
 
 
 def test_tuned_build_then_reuse_then_a_pruned_variant_shares_records(tmp_path):

@@ -122,8 +122,9 @@ def memory(reset: int) -> str:
 
 
 # Other work's share of the machine's CPU time from which a measurement is called busy. TVM puts a
-# thread on every core, so work that takes one stalls every parallel loop: one spinning process on
-# a 2-core host made a tuned MobileNetV2 15x slower (tools/load_effect.py); 15 % leaves room for daemons
+# thread on every core and each parallel loop waits for its slowest: one spinning process on a
+# 2-core host took a tuned MobileNetV2 from 8.8 to 12.9 ms (173 ms with TVM's threads pinned;
+# docs/load-effect.json). 15 % leaves room for a device's daemons
 BUSY_SHARE = 0.15
 
 
