@@ -446,12 +446,12 @@ def _tuning_database(config: BuildConfig, target: TargetSpec, clock: _StageClock
 
 def _tune(config: BuildConfig, target: TargetSpec, database, onnx_path: Path, linker, clock: _StageClock):
     from .compile import import_onnx
-    from .device.agent import is_busy
+    from .device.agent import is_busy, taken_share
     from .tune import local_runner, lower_for_tuning, rpc_runner, tune
 
     lowered = lower_for_tuning(import_onnx(onnx_path, target), target.tvm_target())
     load = _load_before_tuning(config)
-    busy = f"BUSY ({load['other_busy'] + load['steal']:.0%} other load) · " if is_busy(load) else ""
+    busy = f"BUSY ({taken_share(load):.0%} other load) · " if is_busy(load) else ""
 
     def progress(message: str) -> None:
         clock.progress(busy + message)  # every line says so: records timed now stay for later builds

@@ -164,8 +164,13 @@ def load_between(start, end) -> dict | None:
     }
 
 
+def taken_share(load: dict) -> float:
+    """The share of the machine's CPU time that was not there for us: other processes and steal."""
+    return load["other_busy"] + load["steal"]
+
+
 def is_busy(load: dict | None) -> bool:
-    return load is not None and load["other_busy"] + load["steal"] >= BUSY_SHARE
+    return load is not None and taken_share(load) >= BUSY_SHARE
 
 
 def describe_load(load: dict) -> str:
