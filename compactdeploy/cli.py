@@ -592,6 +592,75 @@ def models(as_json: bool) -> None:
     _console().print(table)
 
 
+@cli.command()
+@click.option("--remove-stale", is_flag=True,
+              help="Delete the tuning databases no build reads (another TVM version, or no identity).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def cache(remove_stale: bool, as_json: bool) -> None:
+    """List the tuning databases and what else the cache holds."""
+    import time
+
+    from .resources import cache_dir
+    from .tune import remove_database, stored_databases
+
+    root = cache_dir()
+    databases = stored_databases()
+    removed, in_use = [], []
+    if remove_stale:
+        for entry in [entry for entry in databases if entry.stale is not None]:
+            try:
+                remove_database(entry.path)
+                removed.append(entry)
+            except CompactDeployError:  # a build is tuning into it now: left whole
+                in_use.append(entry)
+        databases = [entry for entry in databases if entry not in removed]
+    # the cache's other parts, one line each: what they are for and how much they take
+    others = {
+        part.name: sum(f.stat().st_size for f in part.rglob("*") if f.is_file() and not f.is_symlink())
+        for part in sorted(root.iterdir()) if part.is_dir() and part.name != "tuning"
+    }
+    if as_json:
+        import json
+
+        click.echo(json.dumps({
+            "cache": str(root),
+            "tuning_databases": [entry.as_dict() for entry in databases],
+            "removed": [str(entry.path) for entry in removed],
+            "in_use": [str(entry.path) for entry in in_use],
+            "other_bytes": others,
+        }, indent=2))
+        return
+    from rich.markup import escape
+
+    out = _console()
+    out.print(f"cache: {root} ($COMPACTDEPLOY_CACHE sets it)")
+    for entry in removed:
+        out.print(f"removed {entry.path.name}: {entry.stale}")
+    for entry in in_use:
+        out.print(f"left {entry.path.name}: a build is tuning into it now")
+    for entry in databases:  # two lines each: a table of ten columns does not fit a terminal
+        identity = entry.identity
+        target = identity.get("target") or {}
+        written = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.written))
+        status = "read by builds" if entry.stale is None else f"[bold]stale[/]: {escape(entry.stale)}"
+        out.print(f"[bold]{entry.path.name}[/]  {status}")
+        out.print(
+            "  " + escape(
+                f"{target.get('tag') or target.get('mcpu') or target.get('kind') or '?'}"
+                f" on {identity.get('cpu') or 'an unknown CPU'}{' (emulated)' if identity.get('emulated') else ''}, "
+                f"{identity.get('threads') or '?'} threads, TVM {identity.get('tvm_version') or '?'}; "
+                f"{entry.kernels} kernels, {entry.records} records, {format_size(entry.size_bytes)}, written {written}"
+            )
+        )
+    if not databases:
+        out.print("no tuning databases: builds with --tune-trials make them")
+    stale = sum(entry.stale is not None for entry in databases)
+    if stale:
+        out.print(f"{stale} no build reads: `compactdeploy cache --remove-stale` deletes them")
+    for name, size in others.items():
+        out.print(f"{name}: {format_size(size)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: a CompactDeployError is one line on stderr and exit status 2."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])

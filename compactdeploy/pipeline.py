@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import os
 import shutil
 import time
@@ -446,16 +445,9 @@ def _tuning_database(config: BuildConfig, target: TargetSpec, clock: _StageClock
 
 def _tune(config: BuildConfig, target: TargetSpec, database, onnx_path: Path, linker, clock: _StageClock):
     from .compile import import_onnx
-    from .device.agent import is_busy, taken_share
     from .tune import local_runner, lower_for_tuning, rpc_runner, tune
 
     lowered = lower_for_tuning(import_onnx(onnx_path, target), target.tvm_target())
-    load = _load_before_tuning(config)
-    busy = f"BUSY ({taken_share(load):.0%} other load) · " if is_busy(load) else ""
-
-    def progress(message: str) -> None:
-        clock.progress(busy + message)  # every line says so: records timed now stay for later builds
-
     if config.device is None:
         runner, pick_runner = local_runner(), lambda: local_runner(after_pause=True)
     else:
@@ -464,14 +456,14 @@ def _tune(config: BuildConfig, target: TargetSpec, database, onnx_path: Path, li
         address = parse_device(config.device)
         runner, pick_runner = rpc_runner(address), lambda: rpc_runner(address, after_pause=True)
     try:
-        tuned = tune(lowered, target, database, config.tune_trials, runner, linker.command, progress, pick_runner)
+        return tune(lowered, target, database, config.tune_trials, runner, linker.command, clock.progress,
+                    pick_runner, read_load=lambda: _load_before_tuning(config))
     except KeyboardInterrupt:
         raise CompactDeployError(f"tuning interrupted; {database.resume_hint()}") from None
-    return dataclasses.replace(tuned, machine_load=load)
 
 
 def _load_before_tuning(config: BuildConfig, seconds: float = 1.0) -> dict[str, Any] | None:
-    """What else the machine that times the candidates does, over ``seconds`` before tuning starts.
+    """What else the machine that times the candidates does, over ``seconds`` before it measures.
 
     Tuning keeps what it measures: records timed on a busy machine are slow and noisy, and later
     builds apply them. None where that is not known (a stock TVM server, not Linux).
@@ -505,7 +497,8 @@ def _tuning_report(database, tuned, compiled) -> dict[str, Any] | None:
             requested_trials=tuned.requested_trials, trials_run=tuned.trials_run,
             trials_reused=tuned.trials_reused, tune_s=tuned.tune_s, kernels=tuned.tasks,
             second_timing=tuned.picked,
-            # other work on the machine that timed the candidates, over a second before tuning
+            # other work on the machine that timed the candidates, over a second before the first
+            # measurement; null where this build measured nothing
             machine_load=tuned.machine_load,
         )
     return section

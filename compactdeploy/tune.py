@@ -65,12 +65,12 @@ class TuningDatabase:
     path: Path
     identity: dict[str, Any]
 
-    def read(self) -> _Records:
+    def read(self) -> Records:
         """The records, read as text: a kernel's count and best time without MetaSchedule's reader."""
         # records first: a tuner publishing meanwhile adds a workload before any record naming it
-        record_lines = _lines(self.path / _RECORDS)
+        record_lines = text_lines(self.path / _RECORDS)
         try:
-            return _Records.parse(_lines(self.path / _WORKLOADS), record_lines)
+            return Records.parse(text_lines(self.path / _WORKLOADS), record_lines)
         except (ValueError, IndexError, TypeError) as exc:
             raise CompactDeployError(
                 f"the tuning database {self.path} is damaged ({first_line(exc)}): move it away and build "
@@ -149,7 +149,7 @@ class TuningDatabase:
         identity_file = self.path / "identity.json"
         if not identity_file.exists():  # says what the records were measured on
             write_json(identity_file, self.identity)
-        workloads = _lines(self.path / _WORKLOADS)
+        workloads = text_lines(self.path / _WORKLOADS)
         known = {_workload_hash_of(line): number for number, line in enumerate(workloads)}
         index = known.get(_workload_hash_of(workload_line))
         if index is None:
@@ -205,18 +205,74 @@ def database_for(target: TargetSpec, device: dict[str, Any] | None) -> TuningDat
 
 
 def newest_database(target: TargetSpec) -> TuningDatabase | None:
-    """For a build with no device to ask: the database of ``target`` tuned most recently."""
-    found = [p for p in cache_dir("tuning").glob(f"{target.name}-*") if (p / _RECORDS).exists()]
+    """For a build with no device to ask: the database of ``target`` tuned most recently with this TVM."""
+    found = [
+        entry for entry in stored_databases()
+        if entry.path.name.startswith(f"{target.name}-") and entry.records and entry.stale is None
+    ]
     if not found:
         return None
-    newest = max(found, key=lambda p: (p / _RECORDS).stat().st_mtime)
-    identity_file = newest / "identity.json"
-    identity = json.loads(identity_file.read_text()) if identity_file.exists() else {}
-    return TuningDatabase(newest, identity)
+    newest = max(found, key=lambda entry: entry.written)
+    return TuningDatabase(newest.path, newest.identity)
 
 
 @dataclass(frozen=True)
-class _Records:
+class StoredDatabase:
+    """One tuning database in the cache, as ``compactdeploy cache`` lists it."""
+
+    path: Path
+    identity: dict[str, Any]
+    kernels: int
+    records: int
+    size_bytes: int
+    written: float  # when its records last changed (seconds since the epoch)
+    stale: str | None  # why no build with this TVM reads it; None: builds may
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path), "identity": self.identity, "kernels": self.kernels, "records": self.records,
+            "size_bytes": self.size_bytes, "written": self.written, "stale": self.stale,
+        }
+
+
+def stored_databases() -> list[StoredDatabase]:
+    """Every tuning database under the cache, oldest first."""
+    import tvm
+
+    entries = []
+    for path in cache_dir("tuning").iterdir():
+        if not path.is_dir():
+            continue
+        try:
+            identity = json.loads((path / "identity.json").read_text())
+            stale = (None if identity.get("tvm_version") == tvm.__version__
+                     else f"tuned with TVM {identity.get('tvm_version')}, this is {tvm.__version__}")
+        except (OSError, ValueError, AttributeError):
+            identity, stale = {}, "no readable identity.json (what it was measured on is unknown)"
+        records = path / _RECORDS
+        entries.append(StoredDatabase(
+            path=path,
+            identity=identity,
+            kernels=len(text_lines(path / _WORKLOADS)),
+            records=len(text_lines(records)),
+            size_bytes=sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
+            written=(records if records.exists() else path).stat().st_mtime,
+            stale=stale,
+        ))
+    return sorted(entries, key=lambda entry: entry.written)
+
+
+def remove_database(path: Path) -> None:
+    """Delete one database, unless a build is tuning into it now."""
+    with TuningDatabase(path, {}).locked():
+        # renamed first: a build that opens it meanwhile finds nothing, never half a database
+        doomed = path.with_name(f".removing-{path.name}")
+        os.rename(path, doomed)
+    shutil.rmtree(doomed)
+
+
+@dataclass(frozen=True)
+class Records:
     """MetaSchedule's JSON database as text: a line per workload, ["<structural hash>", "<module>"],
     and a line per record, [<workload line number>, [trace, run_secs, target, args_info]]."""
 
@@ -227,7 +283,7 @@ class _Records:
     ranked: dict[int, list[tuple[float, str]]]
 
     @classmethod
-    def parse(cls, workload_lines: list[str], record_lines: list[str]) -> _Records:
+    def parse(cls, workload_lines: list[str], record_lines: list[str]) -> Records:
         by_workload: dict[int, list[str]] = {}
         ranked: dict[int, list[tuple[float, str]]] = {}
         for line in record_lines:
@@ -281,7 +337,7 @@ class _Records:
         }
 
 
-def _lines(path: Path) -> list[str]:
+def text_lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
@@ -387,7 +443,7 @@ def apply_database(lowered, tvm_target, database: TuningDatabase | None) -> tupl
     import tvm.s_tir.meta_schedule as ms
     from tvm import relax
 
-    tasks = _tasks(lowered, tvm_target)
+    tasks = extract_kernels(lowered, tvm_target)
     view = database.best_view() if database is not None else None
     if view is None:
         return lowered, 0, len(tasks)
@@ -438,7 +494,8 @@ class TuneResult:
     tasks: list[dict[str, Any]] = field(default_factory=list)
     # the second timing in this run: kernels timed again, how many took another record, seconds
     picked: dict[str, Any] = field(default_factory=dict)
-    # other work on the measuring machine just before tuning (device.agent.load_between), if known
+    # other work on the measuring machine just before its first measurement (device.agent.load_between);
+    # None where nothing was measured or it is not known
     machine_load: dict[str, Any] | None = None
 
     def summary(self) -> str:
@@ -503,6 +560,7 @@ def tune(
     linker_command: str | None,
     on_progress: Callable[[str], None] | None = None,
     pick_runner: Callable[[], Any] | None = None,
+    read_load: Callable[[], dict[str, Any] | None] | None = None,
 ) -> TuneResult:
     """Spend up to ``trials`` measurements on ``lowered``'s kernels, resuming from the database.
 
@@ -512,6 +570,8 @@ def tune(
     finished one tunes nothing. Then, where ``pick_runner`` makes a runner that times each call
     after a pause (``local_runner(after_pause=True)``), each kernel's record is chosen among its
     fastest by that second timing (``pick_records``); kernels picked before are not timed again.
+    ``read_load`` samples other work on the measuring machine (``device.agent.load_between``) once,
+    before the first measurement; where it is busy, every progress line after says so.
     """
     import tvm.s_tir.meta_schedule as ms
     import tvm_ffi
@@ -521,19 +581,33 @@ def tune(
     # (a progress callback's, or Ctrl-C where the application, not tune(), owns SIGINT)
     tvm_ffi.register_error("KeyboardInterrupt", KeyboardInterrupt)
     tvm_ffi.register_error(_KernelSearchStopped)
-    say = on_progress or (lambda message: None)
+    report = on_progress or (lambda message: None)
+    machine_load: dict[str, Any] | None = None
+    busy, load_read = "", read_load is None
+
+    def say(message: str) -> None:
+        report(busy + message)  # every line says so: records timed now stay for later builds
+
+    def measuring_starts() -> None:
+        nonlocal machine_load, busy, load_read
+        if not load_read:
+            from .device.agent import is_busy, taken_share
+
+            machine_load, load_read = read_load(), True
+            busy = f"BUSY ({taken_share(machine_load):.0%} other load) · " if is_busy(machine_load) else ""
+
     start = time.perf_counter()
     tvm_target = target.tvm_target()
-    tasks = _tasks(lowered, tvm_target)
+    tasks = extract_kernels(lowered, tvm_target)
     with database.locked():
         records = database.read()
-        flops = [_flops(t) for t in tasks]
+        flops = [kernel_flops(t) for t in tasks]
         # every kernel gets a first measurement, even where half the budget is fewer trials than kernels
         budgets = plan_budgets(flops, [int(t.weight) for t in tasks], max(trials // 2, min(trials, len(tasks))))
         exhausted = database.exhausted()
         states = []
         for t, f, budget in zip(tasks, flops, budgets):
-            workload_hash = _workload_hash(t)
+            workload_hash = kernel_hash(t)
             count = len(records.of(workload_hash)[1])
             states.append(TaskState(t.task_name, f, int(t.weight), budget, count, records.best_us(workload_hash),
                                     workload_hash, workload_hash in exhausted))
@@ -553,6 +627,7 @@ def tune(
                 # every database before 2026-11-30): measured once, so that tiny kernels can keep it
                 unmeasured = [i for i, s in enumerate(states) if s.trials and not records.has_unscheduled(s.workload_hash)]
                 if unmeasured or todo or next_by_measured_time(states, trials) is not None:
+                    measuring_starts()
                     say(f"{len(tasks)} kernels, {trials} trials (half split by FLOPs, half by measured time); "
                         "loading MetaSchedule (30-100 s on a 2-core host)")
                     builder = WarmBuilder(linker_command)
@@ -568,6 +643,7 @@ def tune(
                             records = database.read()  # the second timing chooses among the new records too
                 to_pick = kernels_to_pick(tasks, records, database.picks()) if pick_runner is not None else []
                 if to_pick:
+                    measuring_starts()
                     began = time.perf_counter()
                     say(f"second timing: each kernel's {PICK_AMONG} fastest records, each call after a "
                         f"{PICK_PAUSE_MS} ms pause ({len(to_pick)} kernels)")
@@ -589,10 +665,11 @@ def tune(
         # the records as they stand after this run (the search and the unscheduled step re-read them)
         tasks=[{**s.as_dict(), "applied": records.applied_summary(s.workload_hash, picks)} for s in states],
         picked=picked,
+        machine_load=machine_load,
     )
 
 
-def _tune_kernels(ms, tasks, states: list[TaskState], todo: list[int], trials: int, records: _Records, reused: int,
+def _tune_kernels(ms, tasks, states: list[TaskState], todo: list[int], trials: int, records: Records, reused: int,
                   database: TuningDatabase, builder, runner, say, interrupt: _Interrupt) -> int:
     """The search itself: each kernel of ``todo`` to its budget, then rounds by measured time.
     Returns how many candidates it measured."""
@@ -600,7 +677,7 @@ def _tune_kernels(ms, tasks, states: list[TaskState], todo: list[int], trials: i
     with tempfile.TemporaryDirectory(prefix="compactdeploy-tune-") as work:
         # a kernel's scratch lives across its rounds: it holds every record of the kernel
         scratches = [
-            _KernelScratch(Path(work) / f"kernel{index}", database, *records.of(s.workload_hash))
+            KernelScratch(Path(work) / f"kernel{index}", database, *records.of(s.workload_hash))
             for index, s in enumerate(states)
         ]
         if reused:
@@ -629,7 +706,7 @@ def _tune_kernels(ms, tasks, states: list[TaskState], todo: list[int], trials: i
     return ran
 
 
-def _measure_unscheduled(ms, kernels: list[tuple[Any, TaskState]], records: _Records, database: TuningDatabase,
+def _measure_unscheduled(ms, kernels: list[tuple[Any, TaskState]], records: Records, database: TuningDatabase,
                          builder, runner, say, interrupt: _Interrupt) -> int:
     """Record the unscheduled form of kernels that have records but not that one. Returns how many."""
     say(f"measuring {len(kernels)} kernels as they compile unscheduled (their records lack that candidate)")
@@ -637,7 +714,7 @@ def _measure_unscheduled(ms, kernels: list[tuple[Any, TaskState]], records: _Rec
         for number, (task, state) in enumerate(kernels):
             interrupt.check()
             # a scratch with the workload alone: MetaSchedule reads every record of a database on open
-            scratch = _KernelScratch(Path(work) / f"kernel{number}", database, records.of(state.workload_hash)[0], [])
+            scratch = KernelScratch(Path(work) / f"kernel{number}", database, records.of(state.workload_hash)[0], [])
             db = ms.database.JSONDatabase(str(scratch.workloads), str(scratch.records), allow_missing=True)
             unscheduled_us = _record_unscheduled(ms, task, state, db, scratch, builder, runner)
             shown = f"{unscheduled_us:.1f} us" if unscheduled_us is not None else "failed to build or run"
@@ -645,7 +722,7 @@ def _measure_unscheduled(ms, kernels: list[tuple[Any, TaskState]], records: _Rec
     return len(kernels)
 
 
-def _tune_one(ms, task, state: TaskState, label: str, scratch: _KernelScratch, states, database, builder, runner,
+def _tune_one(ms, task, state: TaskState, label: str, scratch: KernelScratch, states, database, builder, runner,
               cost_model, say, interrupt: _Interrupt) -> int:
     """Tune one kernel up to ``state.budget`` trials in a scratch database holding its records only,
     publishing after every batch. Returns how many it measured.
@@ -663,7 +740,7 @@ def _tune_one(ms, task, state: TaskState, label: str, scratch: _KernelScratch, s
     if remaining <= 0:
         return progress.measured
     say(progress.line())
-    with _metaschedule_logging(), contextlib.suppress(_KernelSearchStopped):
+    with metaschedule_logging(), contextlib.suppress(_KernelSearchStopped):
         context = ms.relax_integration.extracted_tasks_to_tune_contexts([task], str(scratch.path))[0][0]
         ms.tune_tasks(
             tasks=[context],
@@ -682,7 +759,7 @@ def _tune_one(ms, task, state: TaskState, label: str, scratch: _KernelScratch, s
     return progress.measured
 
 
-def warm_cost_model(kernels: list[tuple[Any, _KernelScratch]]):
+def warm_cost_model(kernels: list[tuple[Any, KernelScratch]]):
     """One XGBoost cost model for a whole tuning run, first trained on the records the kernels hold.
 
     MetaSchedule makes a new model for every ``tune_tasks`` call, and that model ranks candidates
@@ -701,7 +778,7 @@ def warm_cost_model(kernels: list[tuple[Any, _KernelScratch]]):
         if not scratch.published:
             continue
         # per kernel: making a tune context sets MetaSchedule's console logging back to DEBUG
-        with _metaschedule_logging():
+        with metaschedule_logging():
             db = ms.database.JSONDatabase(str(scratch.workloads), str(scratch.records), allow_missing=False)
             records = db.get_all_tuning_records()
             context = ms.relax_integration.extracted_tasks_to_tune_contexts([task], str(scratch.path))[0][0]
@@ -780,7 +857,7 @@ def _ignore_interrupts() -> None:
 
 
 @contextlib.contextmanager
-def _metaschedule_logging() -> Iterator[None]:
+def metaschedule_logging() -> Iterator[None]:
     """Keep MetaSchedule's logging configuration from printing or failing.
 
     Every tuning call reconfigures its loggers: it prints a task table per batch to stdout at its
@@ -858,7 +935,7 @@ class _TuneProgress:
         return _Callback()
 
 
-def _record_unscheduled(ms, task, state: TaskState, db, scratch: _KernelScratch, builder, runner) -> float | None:
+def _record_unscheduled(ms, task, state: TaskState, db, scratch: KernelScratch, builder, runner) -> float | None:
     """Measure the kernel as it compiles with no schedule and record that as a candidate: in ``db``
     (the kernel's scratch), published to the persistent database, counted in ``state``.
 
@@ -890,12 +967,12 @@ def _record_unscheduled(ms, task, state: TaskState, db, scratch: _KernelScratch,
     return us
 
 
-def kernels_to_pick(tasks, records: _Records, picks: dict[str, dict[str, Any]]) -> list[tuple[Any, str, list[str]]]:
+def kernels_to_pick(tasks, records: Records, picks: dict[str, dict[str, Any]]) -> list[tuple[Any, str, list[str]]]:
     """The kernels whose record the second timing should choose: two or more that ran, and no pick
     made among the fastest they have now. Each as (task, structural hash, its fastest records)."""
     todo = []
     for task in tasks:
-        workload_hash = _workload_hash(task)
+        workload_hash = kernel_hash(task)
         index = records.by_hash.get(workload_hash)
         top = records.fastest(index, PICK_AMONG) if index is not None else []
         if len(top) >= 2 and not _pick_stands(picks.get(workload_hash), top):
@@ -977,7 +1054,7 @@ def _device_name(device_type: str) -> str:
     return "cpu" if device_type == "llvm" else device_type
 
 
-class _KernelScratch:
+class KernelScratch:
     """One kernel's scratch database: its records from the persistent one, new ones published back."""
 
     def __init__(self, path: Path, database: TuningDatabase, workload_line: str | None, record_lines: list[str]):
@@ -991,30 +1068,30 @@ class _KernelScratch:
 
     def publish(self) -> None:
         """Copy the records MetaSchedule added since the last call into the persistent database."""
-        lines = _lines(self.records)
+        lines = text_lines(self.records)
         new = lines[self.published:]
         if not new:
             return
         if any(_workload_index_of(line) != 0 for line in new):  # the scratch holds one kernel
             raise RuntimeError(f"a record for another kernel in {self.records}")
-        self.database.publish(_lines(self.workloads)[0], new)
+        self.database.publish(text_lines(self.workloads)[0], new)
         self.published = len(lines)
 
 
-def _tasks(lowered, tvm_target) -> list:
+def extract_kernels(lowered, tvm_target) -> list:
     import tvm.s_tir.meta_schedule as ms
 
     return list(ms.relax_integration.extract_tasks(lowered, tvm_target))
 
 
-def _workload_hash(task) -> str:
+def kernel_hash(task) -> str:
     """The kernel's identity across processes (what MetaSchedule's JSON database keys workloads by)."""
     import tvm_ffi
 
     return str(tvm_ffi.structural_hash(task.dispatched[0]))
 
 
-def _flops(task) -> float:
+def kernel_flops(task) -> float:
     from tvm.s_tir.analysis import estimate_tir_flops
 
     try:

@@ -68,7 +68,7 @@ def test_a_layer_probe_compiles_to_the_models_own_kernel(tmp_path):
     from compactdeploy.export import export_onnx
     from compactdeploy.fit.costs import probe_module
     from compactdeploy.targets import load_target
-    from compactdeploy.tune import _tasks, _workload_hash, lower_for_tuning
+    from compactdeploy.tune import extract_kernels, kernel_hash, lower_for_tuning
 
     target = load_target("host")
     model = create_model("lenet5")
@@ -78,8 +78,8 @@ def test_a_layer_probe_compiles_to_the_models_own_kernel(tmp_path):
     exported = export_onnx(model.module.eval(), example, tmp_path / "lenet5.onnx")
 
     def kernels(mod) -> dict[str, str]:
-        tasks = _tasks(lower_for_tuning(mod, target.tvm_target()), target.tvm_target())
-        return {_workload_hash(t): t.task_name for t in tasks}
+        tasks = extract_kernels(lower_for_tuning(mod, target.tvm_target()), target.tvm_target())
+        return {kernel_hash(t): t.task_name for t in tasks}
 
     in_model = kernels(import_onnx(exported.path, target))
     probes = kernels(probe_module(convolutions, builds_channels_last(target)))

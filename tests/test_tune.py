@@ -28,8 +28,8 @@ from compactdeploy.tune import (
     TaskState,
     TuneResult,
     TuningDatabase,
-    _tasks,
-    _workload_hash,
+    extract_kernels,
+    kernel_hash,
     local_runner,
     lower_for_tuning,
     next_by_measured_time,
@@ -120,6 +120,7 @@ def test_tuned_build_then_reuse_then_a_pruned_variant_shares_records(tmp_path):
     assert first["second_timing"]["kernels"] > 0 and again["tuning"]["second_timing"]["kernels"] == 0
     assert again["tuning"]["trials_reused"] == first["trials_run"]
     assert again["timings_s"]["tune"] < 15  # no MetaSchedule start-up when there is nothing to do
+    assert again["tuning"]["machine_load"] is None  # nor a load sample: nothing was measured
 
     plain = build(tmp_path / "c", *lenet5)  # no --tune-trials: the records still apply
     assert plain["tuning"]["kernels_scheduled"] == first["kernels_scheduled"]
@@ -144,7 +145,14 @@ def test_every_kernel_first_records_its_unscheduled_time_and_a_second_timing_pic
     lowered = lower_for_tuning(import_onnx(exported.path, target), target.tvm_target())
     database = TuningDatabase(tmp_path / "db", {"test": "pick"})
     pick_runner = lambda: local_runner(after_pause=True)  # noqa: E731
-    result = tune(lowered, target, database, 24, local_runner(), None, pick_runner=pick_runner)
+    # a busy reading: sampled once, before the first measurement, then named on every progress line
+    busy_load = {"other_busy": 0.6, "steal": 0.0, "window_s": 1.0, "cores": 2}
+    loads_read, lines = [], []
+    read_load = lambda: loads_read.append(1) or busy_load  # noqa: E731
+    result = tune(lowered, target, database, 24, local_runner(), None, lines.append, pick_runner, read_load)
+    assert loads_read == [1] and result.machine_load == busy_load
+    assert lines and all(line.startswith("BUSY (60% other load) · ") for line in lines)
+    assert "BUSY before tuning" in result.summary()
     records = database.read()
     assert len(records.workloads) == len(result.tasks) > 0
     for index in range(len(records.workloads)):  # an empty trace: the unscheduled kernel, measured
@@ -158,7 +166,7 @@ def test_every_kernel_first_records_its_unscheduled_time_and_a_second_timing_pic
         assert pick["us"][pick["rank"]] == min(us for us in pick["us"] if us is not None) > 0
     assert_builds_apply_the_picked_record_of_every_kernel(database.path)
     # the report names, per kernel, the record a build applies
-    by_name = {task.task_name: _workload_hash(task) for task in _tasks(lowered, target.tvm_target())}
+    by_name = {task.task_name: kernel_hash(task) for task in extract_kernels(lowered, target.tvm_target())}
     for kernel in result.tasks:
         pick, applied = picks.get(by_name[kernel["kernel"]]), kernel["applied"]
         assert applied["rank"] == (pick["rank"] if pick else 0)
@@ -166,8 +174,9 @@ def test_every_kernel_first_records_its_unscheduled_time_and_a_second_timing_pic
         assert applied["tuned_us"] >= kernel["best_us"] - 0.01 and kernel["best_us"] > 0
         assert isinstance(applied["unscheduled"], bool)
 
-    again = tune(lowered, target, database, 24, local_runner(), None, pick_runner=pick_runner)
+    again = tune(lowered, target, database, 24, local_runner(), None, pick_runner=pick_runner, read_load=read_load)
     assert again.trials_run == 0 and again.picked["kernels"] == 0  # picked once, kept
+    assert loads_read == [1] and again.machine_load is None  # nothing measured: no second spent sampling
 
     # a new record among a kernel's fastest voids its pick: the build then applies the fastest
     # as tuned, and the next tuning run times that kernel again
@@ -340,6 +349,50 @@ def test_a_database_another_build_is_tuning_into_is_refused(capsys, tmp_path):
         message = error_of(capsys, "build", "--model", "lenet5", "--target", "host", "--tune-trials", "8", "--out", out)
     assert "another build is tuning into" in message and "wait for it to finish" in message
     assert_nothing_written(out)
+
+
+def test_the_cache_command_lists_databases_and_removes_only_those_no_build_reads(capsys, tmp_path, monkeypatch):
+    """Databases of another TVM version, or with no identity, are named stale; a cross build with no
+    device never applies them, and --remove-stale deletes them, but not one a build is tuning into."""
+    import tvm
+
+    from compactdeploy.tune import TuningDatabase, newest_database
+
+    monkeypatch.setenv("COMPACTDEPLOY_CACHE", str(tmp_path))
+    rpi4 = load_target("rpi4")
+
+    def stored(name: str, identity: dict | None, written: float) -> Path:
+        path = tmp_path / "tuning" / name
+        path.mkdir(parents=True)
+        (path / "database_workload.json").write_text('["1","a"]\n["2","b"]\n')
+        (path / "database_tuning_record.json").write_text('[0,[[[],[]],[1e-05],{},[]]]\n' * 3)
+        if identity is not None:
+            (path / "identity.json").write_text(json.dumps(identity))
+        os.utime(path / "database_tuning_record.json", (written, written))
+        return path
+
+    current = stored("rpi4-current", {"tvm_version": tvm.__version__, "cpu": "cortex-a72", "threads": 4}, 1000)
+    older_tvm = stored("rpi4-oldtvm", {"tvm_version": "0.1.0", "threads": 4}, 3000)  # newest, but stale
+    unknown = stored("rpi4-noidentity", None, 2000)
+    assert newest_database(rpi4).path == current
+
+    assert run_cli("cache", "--json") == 0
+    listed = {Path(entry["path"]).name: entry for entry in json.loads(capsys.readouterr().out)["tuning_databases"]}
+    assert listed["rpi4-current"]["stale"] is None
+    assert listed["rpi4-current"]["kernels"] == 2 and listed["rpi4-current"]["records"] == 3
+    assert "TVM 0.1.0" in listed["rpi4-oldtvm"]["stale"] and "identity" in listed["rpi4-noidentity"]["stale"]
+    assert run_cli("cache") == 0
+    assert "2 no build reads: `compactdeploy cache --remove-stale`" in " ".join(capsys.readouterr().out.split())
+
+    with TuningDatabase(unknown, {}).locked():  # a build tuning into it now: left whole
+        assert run_cli("cache", "--remove-stale") == 0
+    said = capsys.readouterr().out
+    assert "removed rpi4-oldtvm" in said and "left rpi4-noidentity: a build is tuning into it now" in said
+    assert current.exists() and unknown.exists() and not older_tvm.exists()
+    assert run_cli("cache", "--remove-stale", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["removed"] == [str(unknown)]
+    assert current.exists() and not unknown.exists()
+    assert not list((tmp_path / "tuning").glob(".removing-*"))
 
 
 def build_on_damaged_host_database(capsys, tmp_path, files: dict[str, str]) -> tuple[str, Path]:

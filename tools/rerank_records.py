@@ -37,7 +37,7 @@ from compactdeploy.compile import KERNELS_NAME, compile_onnx, import_onnx, resol
 from compactdeploy.device.agent import time_each_kernel, time_each_kernel_in_model
 from compactdeploy.resources import cache_dir
 from compactdeploy.targets import load_target
-from compactdeploy.tune import TuningDatabase, _Records, _tasks, _workload_hash, lower_for_tuning
+from compactdeploy.tune import Records, TuningDatabase, extract_kernels, kernel_hash, lower_for_tuning
 
 SUFFIX = "_prepacked"  # a kernel whose schedule repacks its weights is named so in the library
 IN_MODEL_ROUNDS = 10  # interleaved rounds over the rank builds, IN_MODEL_RUNS whole-model runs each
@@ -60,10 +60,10 @@ def main() -> None:
     start = time.perf_counter()
     target = load_target("host")
     records = TuningDatabase(database, {}).read()
-    tasks = _tasks(lower_for_tuning(import_onnx(onnx_path, target), target.tvm_target()), target.tvm_target())
+    tasks = extract_kernels(lower_for_tuning(import_onnx(onnx_path, target), target.tvm_target()), target.tvm_target())
     ranked = {}  # kernel name -> its top record lines, fastest first
     for task in tasks:
-        index = records.by_hash.get(_workload_hash(task))
+        index = records.by_hash.get(kernel_hash(task))
         if index is not None and (fastest := records.fastest(index, args.top)):
             ranked[task.task_name] = fastest
     out = bench / args.model / "rerank"
@@ -115,7 +115,7 @@ def main() -> None:
           + f" --name inmodel-{args.model} --runs 8 --pause 15")
 
 
-def build(label: str, records: _Records, ranked: dict, choice: dict, onnx_path, target, out):
+def build(label: str, records: Records, ranked: dict, choice: dict, onnx_path, target, out):
     """Compile the model applying, for every kernel, its record of rank ``choice[kernel]``."""
     scratch = out / label / "records"
     scratch.mkdir(parents=True, exist_ok=True)

@@ -37,17 +37,17 @@ from compactdeploy.resources import cache_dir
 from compactdeploy.targets import load_target
 from compactdeploy.tune import (
     BATCH,
+    KernelScratch,
+    Records,
     TuningDatabase,
     WarmBuilder,
-    _flops,
-    _KernelScratch,
-    _lines,
-    _metaschedule_logging,
-    _Records,
-    _tasks,
-    _workload_hash,
+    extract_kernels,
+    kernel_flops,
+    kernel_hash,
     local_runner,
     lower_for_tuning,
+    metaschedule_logging,
+    text_lines,
     warm_cost_model,
 )
 from compactdeploy.zoo import create_model
@@ -82,13 +82,13 @@ def main() -> None:
         exported = export_onnx(model.module, torch.randn(model.input_shape), Path(work) / "model.onnx")
         tvm_target = target.tvm_target()
         lowered = lower_for_tuning(import_onnx(exported.path, target), tvm_target, args.layout == "NHWC")
-        tasks = _tasks(lowered, tvm_target)
+        tasks = extract_kernels(lowered, tvm_target)
         records = TuningDatabase(args.database, {}).read()
         for number, task in enumerate(tasks):
-            best = records.best_us(_workload_hash(task))
-            speed = f", {_flops(task) / (best * 1e3):.0f} GFLOP/s" if best else ""
-            print(f"{number:3d} {task.task_name} x{int(task.weight)}: {_flops(task) / 1e6:.2f} MFLOP, "
-                  f"{len(records.of(_workload_hash(task))[1])} records, best {best} us{speed}")
+            best = records.best_us(kernel_hash(task))
+            speed = f", {kernel_flops(task) / (best * 1e3):.0f} GFLOP/s" if best else ""
+            print(f"{number:3d} {task.task_name} x{int(task.weight)}: {kernel_flops(task) / 1e6:.2f} MFLOP, "
+                  f"{len(records.of(kernel_hash(task))[1])} records, best {best} us{speed}")
         numbers = [n for n in args.kernels.split(",") if n]
         if any(not n.isdigit() or int(n) >= len(tasks) for n in numbers):
             raise SystemExit(f"error: --kernels takes numbers from 0 to {len(tasks) - 1} (the listing above)")
@@ -99,14 +99,14 @@ def main() -> None:
         builder = WarmBuilder(None)
         try:
             for task in chosen:
-                workload, lines = (None, []) if args.fresh else records.of(_workload_hash(task))
+                workload, lines = (None, []) if args.fresh else records.of(kernel_hash(task))
                 cost_model = "xgb"
                 if args.cost_model == "records":
                     # trained anew for each chosen kernel, so each starts from the same model (one shared
                     # across them would carry the first kernel's search into the next); every kernel's
                     # records but the chosen one's where it starts --fresh
-                    known = [(t, _KernelScratch(Path(tempfile.mkdtemp(dir=work)) / "kernel", None,
-                                                *records.of(_workload_hash(t))))
+                    known = [(t, KernelScratch(Path(tempfile.mkdtemp(dir=work)) / "kernel", None,
+                                                *records.of(kernel_hash(t))))
                              for t in tasks if not (args.fresh and t is task)]
                     cost_model = warm_cost_model(known)
                 rows.append(tune_further(task, workload, lines, args.trials, builder, Path(tempfile.mkdtemp(dir=work)),
@@ -139,12 +139,13 @@ def tune_further(task, workload: str | None, lines: list[str], trials: int, buil
     from tvm.ir.utils import derived_object
 
     # the tuner's own scratch (never published here: no database to publish to) and record reader
-    kernel = _KernelScratch(scratch / "kernel", None, workload, lines)
+    kernel = KernelScratch(scratch / "kernel", None, workload, lines)
     db = ms.database.JSONDatabase(str(kernel.workloads), str(kernel.records), allow_missing=True)
-    flops, start, batches = _flops(task), time.perf_counter(), []
+    flops, start, batches = kernel_flops(task), time.perf_counter(), []
 
     def best_us() -> float | None:
-        timed = _Records.parse(_lines(kernel.workloads), _lines(kernel.records)).ranked.get(0)  # its one workload
+        # its one workload
+        timed = Records.parse(text_lines(kernel.workloads), text_lines(kernel.records)).ranked.get(0)
         return timed[0][0] * 1e6 if timed else None
 
     row = {"kernel": task.task_name, "calls": int(task.weight), "flops": flops,
@@ -160,7 +161,7 @@ def tune_further(task, workload: str | None, lines: list[str], trials: int, buil
             print(f"  {task.task_name}: {batches[-1]['trials']} trials, best {best:.1f} us "
                   f"({batches[-1]['gflops']} GFLOP/s), {batches[-1]['seconds']:.0f} s", flush=True)
 
-    with _metaschedule_logging():
+    with metaschedule_logging():
         context = ms.relax_integration.extracted_tasks_to_tune_contexts([task], str(kernel.path))[0][0]
         ms.tune_tasks(
             tasks=[context], task_weights=[1.0], work_dir=str(kernel.path), max_trials_global=trials,
