@@ -10,6 +10,11 @@ machine is named"). Each setting runs in a fresh process, since TVM reads them w
 starts. Reads the tuned library tools/bench_tuning.py built (run it first); host only. Usage:
     .venv/bin/python tools/load_effect.py [--model mobilenetv2] [--rounds 6]
 Writes docs/load-effect.json and prints a line per spinner count and setting.
+
+--idle asks only what not pinning costs when nothing else runs: for each model, processes pinned
+and not pinned alternate, one fresh process each per round, each timing about a second of runs;
+writes docs/pinning-idle.json:
+    .venv/bin/python tools/load_effect.py --idle --models mobilenetv2,lenet5 [--rounds 20]
 """
 
 from __future__ import annotations
@@ -41,28 +46,89 @@ library, shape, runs = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
 device = tvm.cpu()
 vm = relax.VirtualMachine(tvm.runtime.load_module(library), device)
 x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(shape).astype("float32"), device)
+if runs == 0:  # about a second of runs: a small model's median needs thousands
+    first = np.median(vm.time_evaluator("main", device, number=1, repeat=10)(x).results)
+    runs = int(min(5000, max(40, 1.0 / first)))
 timer = vm.time_evaluator("main", device, number=1, repeat=runs)
 timer(x)
 before = cpu_times()
 result = timer(x)
 load = load_between(before, cpu_times())
-print(json.dumps({"median_ms": float(np.median(result.results)) * 1e3, "other_busy": load and load["other_busy"]}))
+print(json.dumps({"median_ms": float(np.median(result.results)) * 1e3, "runs": runs,
+                  "other_busy": load and load["other_busy"]}))
 """
+
+
+def tuned_library(model: str):
+    """The tuned library tools/bench_tuning.py built for ``model`` and the model's input shape."""
+    library = cache_dir("bench-tuning") / model / "tuned" / "model.so"
+    if not library.is_file():
+        raise SystemExit(f"error: no tuned {model} at {library.parent}; run tools/bench_tuning.py first")
+    try:
+        return library, list(create_model(model).input_shape)
+    except CompactDeployError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+def time_in_fresh_process(library, shape, runs: int, threads: int, bind: str) -> dict:
+    """Median ms, the runs behind it and other work's share of the CPU meanwhile, from a new process."""
+    env = dict(os.environ, **{THREADS_ENV: str(threads), BIND_ENV: bind})
+    out = subprocess.run([sys.executable, "-c", _TIMER, str(library), json.dumps(shape), str(runs)],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+def idle_pinning(models: list[str], rounds: int, threads: int) -> None:
+    """Pinned vs not pinned on an idle machine: alternating fresh processes, the order swapped each round."""
+    start = time.perf_counter()
+    rows = []
+    for model in models:
+        library, shape = tuned_library(model)
+        timed: dict[str, list[dict]] = {"1": [], "0": []}
+        for round_number in range(rounds):
+            for bind in ("1", "0") if round_number % 2 == 0 else ("0", "1"):
+                timed[bind].append(time_in_fresh_process(library, shape, 0, threads, bind))
+                time.sleep(0.5)  # the last process's threads gone before the next starts
+            print(f"{model}: round {round_number + 1}/{rounds}", flush=True)
+        pinned = [t["median_ms"] for t in timed["1"]]
+        free = [t["median_ms"] for t in timed["0"]]
+        row = {
+            "model": model,
+            "threads": threads,
+            "runs_per_process": int(np.median([t["runs"] for t in timed["1"] + timed["0"]])),
+            "pinned_median_ms": round(float(np.median(pinned)), 4),
+            "not_pinned_median_ms": round(float(np.median(free)), 4),
+            "not_pinned_faster_in": sum(f < p for p, f in zip(pinned, free)),
+            "rounds": rounds,
+            "other_busy_max": round(max(t["other_busy"] or 0.0 for t in timed["1"] + timed["0"]), 3),
+            "pinned_round_ms": [round(m, 4) for m in pinned],
+            "not_pinned_round_ms": [round(m, 4) for m in free],
+        }
+        rows.append(row)
+        print(f"{model}: pinned {row['pinned_median_ms']} ms, not pinned {row['not_pinned_median_ms']} ms "
+              f"(not pinned faster in {row['not_pinned_faster_in']} of {rounds} rounds; "
+              f"{row['runs_per_process']} runs per process; other work at most {row['other_busy_max']:.0%})")
+    info = benchlib.meta("load_effect.py", time.perf_counter() - start, threads=threads, rounds=rounds,
+                         weights="random (seeded); latency does not depend on values",
+                         figures="real measurements on this host, nothing else running; none emulated or estimated")
+    info["command"] += " " + " ".join(sys.argv[1:])
+    benchlib.write_json("pinning-idle", info, rows)
+    print(f"wrote {benchlib.DOCS}/pinning-idle.json")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="mobilenetv2")
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=None, help="default: 6, with --idle 20")
+    parser.add_argument("--idle", action="store_true", help="only pinned vs not pinned, nothing else running")
+    parser.add_argument("--models", default="mobilenetv2,resnet20,lenet5", help="with --idle")
     args = parser.parse_args()
     threads = int(use_default_threads())
-    library = cache_dir("bench-tuning") / args.model / "tuned" / "model.so"
-    if not library.is_file():
-        raise SystemExit(f"error: no tuned {args.model} at {library.parent}; run tools/bench_tuning.py first")
-    try:
-        shape = list(create_model(args.model).input_shape)
-    except CompactDeployError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    if args.idle:
+        idle_pinning(args.models.split(","), args.rounds or 20, threads)
+        return
+    args.rounds = args.rounds or 6
+    library, shape = tuned_library(args.model)
     start = time.perf_counter()
     settings = {  # name: (threads, TVM_BIND_THREADS)
         f"{threads} threads pinned": (threads, "1"),
@@ -78,10 +144,7 @@ def main() -> None:
             try:
                 time.sleep(0.3)  # running, not starting
                 for name, (count, bind) in settings.items():
-                    env = dict(os.environ, **{THREADS_ENV: str(count), BIND_ENV: bind})
-                    out = subprocess.run([sys.executable, "-c", _TIMER, str(library), json.dumps(shape), str(RUNS)],
-                                         env=env, capture_output=True, text=True, check=True).stdout
-                    timed = json.loads(out.splitlines()[-1])
+                    timed = time_in_fresh_process(library, shape, RUNS, count, bind)
                     medians[n, name].append(timed["median_ms"])
                     loads[n, name].append(timed["other_busy"] if timed["other_busy"] is not None else float("nan"))
             finally:
