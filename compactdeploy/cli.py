@@ -614,7 +614,7 @@ def cache(remove_stale: bool, as_json: bool) -> None:
             except CompactDeployError:  # a build is tuning into it now: left whole
                 in_use.append(entry)
         databases = [entry for entry in databases if entry not in removed]
-    # the cache's other parts, one line each: what they are for and how much they take
+    # the cache's other parts (latency tables, fit runs, sysroots, linkers), with the room each takes
     others = {
         part.name: sum(f.stat().st_size for f in part.rglob("*") if f.is_file() and not f.is_symlink())
         for part in sorted(root.iterdir()) if part.is_dir() and part.name != "tuning"
@@ -655,7 +655,7 @@ def cache(remove_stale: bool, as_json: bool) -> None:
     if not databases:
         out.print("no tuning databases: builds with --tune-trials make them")
     stale = sum(entry.stale is not None for entry in databases)
-    if stale:
+    if stale and not remove_stale:  # after --remove-stale, the ones left were named above
         out.print(f"{stale} no build reads: `compactdeploy cache --remove-stale` deletes them")
     for name, size in others.items():
         out.print(f"{name}: {format_size(size)}")
