@@ -600,7 +600,7 @@ def cache(remove_stale: bool, as_json: bool) -> None:
     """List the tuning databases and what else the cache holds."""
     import time
 
-    from .resources import cache_dir
+    from .resources import cache_dir, directory_bytes
     from .tune import remove_database, stored_databases
 
     root = cache_dir()
@@ -616,8 +616,7 @@ def cache(remove_stale: bool, as_json: bool) -> None:
         databases = [entry for entry in databases if entry not in removed]
     # the cache's other parts (latency tables, fit runs, sysroots, linkers), with the room each takes
     others = {
-        part.name: sum(f.stat().st_size for f in part.rglob("*") if f.is_file() and not f.is_symlink())
-        for part in sorted(root.iterdir()) if part.is_dir() and part.name != "tuning"
+        part.name: directory_bytes(part) for part in sorted(root.iterdir()) if part.is_dir() and part.name != "tuning"
     }
     if as_json:
         import json

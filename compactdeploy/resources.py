@@ -24,3 +24,8 @@ def cache_dir(*parts: str) -> Path:
     path = Path(root, *parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def directory_bytes(path: Path) -> int:
+    """What the files under ``path`` take (links not followed: a sysroot's point outside it)."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())

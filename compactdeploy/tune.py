@@ -35,7 +35,7 @@ from typing import Any
 
 from .bundle import write_json
 from .errors import CompactDeployError, first_line
-from .resources import cache_dir
+from .resources import cache_dir, directory_bytes
 from .targets import TargetSpec
 
 BATCH = 32  # candidates built and measured together: MetaSchedule's unit of progress
@@ -206,14 +206,26 @@ def database_for(target: TargetSpec, device: dict[str, Any] | None) -> TuningDat
 
 def newest_database(target: TargetSpec) -> TuningDatabase | None:
     """For a build with no device to ask: the database of ``target`` tuned most recently with this TVM."""
-    found = [
-        entry for entry in stored_databases()
-        if entry.path.name.startswith(f"{target.name}-") and entry.records and entry.stale is None
-    ]
-    if not found:
+    readable = []
+    for path in cache_dir("tuning").glob(f"{target.name}-*"):
+        identity, stale = _identity_of(path)
+        if (path / _RECORDS).exists() and stale is None:
+            readable.append(TuningDatabase(path, identity))
+    if not readable:
         return None
-    newest = max(found, key=lambda entry: entry.written)
-    return TuningDatabase(newest.path, newest.identity)
+    return max(readable, key=lambda database: (database.path / _RECORDS).stat().st_mtime)
+
+
+def _identity_of(path: Path) -> tuple[dict[str, Any], str | None]:
+    """A stored database's identity, and why no build with this TVM reads it (None: builds may)."""
+    import tvm
+
+    try:
+        identity = json.loads((path / "identity.json").read_text())
+        version = identity.get("tvm_version")
+    except (OSError, ValueError, AttributeError):
+        return {}, "no readable identity.json (what it was measured on is unknown)"
+    return identity, None if version == tvm.__version__ else f"tuned with TVM {version}, this is {tvm.__version__}"
 
 
 @dataclass(frozen=True)
@@ -237,25 +249,18 @@ class StoredDatabase:
 
 def stored_databases() -> list[StoredDatabase]:
     """Every tuning database under the cache, oldest first."""
-    import tvm
-
     entries = []
     for path in cache_dir("tuning").iterdir():
         if not path.is_dir():
             continue
-        try:
-            identity = json.loads((path / "identity.json").read_text())
-            stale = (None if identity.get("tvm_version") == tvm.__version__
-                     else f"tuned with TVM {identity.get('tvm_version')}, this is {tvm.__version__}")
-        except (OSError, ValueError, AttributeError):
-            identity, stale = {}, "no readable identity.json (what it was measured on is unknown)"
+        identity, stale = _identity_of(path)
         records = path / _RECORDS
         entries.append(StoredDatabase(
             path=path,
             identity=identity,
             kernels=len(text_lines(path / _WORKLOADS)),
-            records=len(text_lines(records)),
-            size_bytes=sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
+            records=TuningDatabase(path, identity).record_count(),
+            size_bytes=directory_bytes(path),
             written=(records if records.exists() else path).stat().st_mtime,
             stale=stale,
         ))

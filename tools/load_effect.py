@@ -82,8 +82,8 @@ def idle_pinning(models: list[str], rounds: int, threads: int) -> None:
     """Pinned vs not pinned on an idle machine: alternating fresh processes, the order swapped each round."""
     start = time.perf_counter()
     rows = []
-    for model in models:
-        library, shape = tuned_library(model)
+    libraries = {model: tuned_library(model) for model in models}  # a missing one stops it before any timing
+    for model, (library, shape) in libraries.items():
         timed: dict[str, list[dict]] = {"1": [], "0": []}
         for round_number in range(rounds):
             for bind in ("1", "0") if round_number % 2 == 0 else ("0", "1"):
@@ -92,15 +92,16 @@ def idle_pinning(models: list[str], rounds: int, threads: int) -> None:
             print(f"{model}: round {round_number + 1}/{rounds}", flush=True)
         pinned = [t["median_ms"] for t in timed["1"]]
         free = [t["median_ms"] for t in timed["0"]]
+        processes = timed["1"] + timed["0"]
         row = {
             "model": model,
             "threads": threads,
-            "runs_per_process": int(np.median([t["runs"] for t in timed["1"] + timed["0"]])),
+            "runs_per_process": int(np.median([t["runs"] for t in processes])),
             "pinned_median_ms": round(float(np.median(pinned)), 4),
             "not_pinned_median_ms": round(float(np.median(free)), 4),
             "not_pinned_faster_in": sum(f < p for p, f in zip(pinned, free)),
             "rounds": rounds,
-            "other_busy_max": round(max(t["other_busy"] or 0.0 for t in timed["1"] + timed["0"]), 3),
+            "other_busy_max": round(max(t["other_busy"] or 0.0 for t in processes), 3),
             "pinned_round_ms": [round(m, 4) for m in pinned],
             "not_pinned_round_ms": [round(m, 4) for m in free],
         }
