@@ -14,6 +14,7 @@ from typing import Any
 
 from . import bundle_runner
 from .errors import CompactDeployError
+from .resources import check_writable_parent
 from .zoo import file_sha256
 
 MANIFEST_FORMAT = bundle_runner.FORMAT
@@ -22,17 +23,16 @@ RUNNER = "run.py"
 
 
 def check_out_dir(out: Path) -> None:
-    """Refuse, before any work, to replace something that is not an earlier build."""
-    if out.exists() and not out.is_dir():
+    """Refuse, before any work, to replace something that is not an earlier build (a bundle
+    holding nothing it does not list: ``bundle_runner.replaceable``), or to write where it cannot."""
+    if (out.exists() or out.is_symlink()) and not out.is_dir():
         raise CompactDeployError(f"--out {out} is a file; choose a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+    if out.exists() and not bundle_runner.replaceable(out):
         raise CompactDeployError(
-            f"--out {out} holds files that are not a compactdeploy build; choose another directory"
+            f"--out {out} holds files that are not a compactdeploy build (a build is replaced whole); "
+            "choose another directory"
         )
-    parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(parent, os.W_OK):
-        raise CompactDeployError(f"cannot write to {parent}")
+    check_writable_parent(out, "--out")
 
 
 @contextlib.contextmanager

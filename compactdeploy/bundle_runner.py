@@ -15,13 +15,21 @@ the bundle and its hash lists consistently is not detected).
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__" and not getattr(sys.flags, "safe_path", False):
+    # run as ``python run.py``: Python put the bundle's directory first on the import path, so a file
+    # dropped there (hashlib.py) would be imported instead of the standard library's before any check
+    # ran. Nothing of the bundle is meant to be imported: drop it (``python -P`` never adds it).
+    del sys.path[0]
+
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import platform
 import shutil
-import sys
 import tarfile
 import tempfile
 import time
@@ -74,6 +82,16 @@ def verify(bundle: str | Path, check_machine: bool = True) -> dict:
     for name, digest in manifest["files"].items():
         if sums[name] != digest:
             raise BundleError(f"{name}: {MANIFEST} and {SUMS} disagree on its sha256: the bundle was changed")
+    unlisted = sorted(entry.name for entry in bundle.iterdir() if entry.name not in sums and entry.name != SUMS)
+    if unlisted:
+        raise BundleError(
+            f"{bundle} holds {', '.join(unlisted[:3])}{' ...' if len(unlisted) > 3 else ''}, not listed in {SUMS}: "
+            "something was added to the bundle; remove it, or ship the bundle again"
+        )
+    for field in ("library", "sample_input"):
+        name = manifest.get(field)
+        if (name is not None or field == "library") and (not isinstance(name, str) or name not in listed):
+            raise BundleError(f"{manifest_path}: {field!r} must name a file listed in {SUMS} (it is {name!r})")
     if check_machine:
         built_for, here = manifest["target"]["arch"], platform.machine()
         if built_for != here:
@@ -219,46 +237,123 @@ class Model:
         }
 
 
-def _safe_members(archive: tarfile.TarFile):
-    for member in archive.getmembers():
+# An archive is refused before anything is written when it exceeds these: a bundle is a dozen files,
+# and model weights compress little, so far more than MAX_EXPANSION means a decompression bomb.
+MAX_ENTRIES = 1000
+MAX_BUNDLE_BYTES = 16 << 30
+MAX_EXPANSION = 100  # unpacked / archive size, checked once the unpacked size passes EXPANSION_FLOOR
+EXPANSION_FLOOR = 64 << 20
+
+
+def _gib(size: int) -> str:
+    return f"{size / (1 << 30):.2f} GiB" if size >= 1 << 30 else f"{size / (1 << 20):.1f} MiB"
+
+
+def _safe_members(archive: tarfile.TarFile, archive_bytes: int) -> list[tarfile.TarInfo]:
+    """The entries of a bundle archive; BundleError if any would escape the destination or be a link,
+    or if there are too many, or they unpack too large. Checked header by header, so a bomb is
+    refused before its bulk is decompressed."""
+    members, unpacked = [], 0
+    for member in archive:
+        if len(members) == MAX_ENTRIES:
+            raise BundleError(f"the archive holds more than {MAX_ENTRIES} entries (a bundle holds a dozen); refusing it")
         parts = Path(member.name).parts
         if member.name.startswith("/") or ".." in parts:
             raise BundleError(f"archive entry {member.name!r} points outside the destination; refusing the archive")
         if not (member.isfile() or member.isdir()):
             raise BundleError(f"archive entry {member.name!r} is a link or device file; refusing the archive")
-    return archive.getmembers()
+        unpacked += member.size if member.isfile() else 0
+        if unpacked > MAX_BUNDLE_BYTES:
+            raise BundleError(f"the archive unpacks to over {_gib(MAX_BUNDLE_BYTES)}, the cap on a bundle; refusing it")
+        if unpacked > EXPANSION_FLOOR and unpacked > MAX_EXPANSION * archive_bytes:
+            raise BundleError(
+                f"the archive unpacks to over {_gib(unpacked)} from {_gib(archive_bytes)} (more than {MAX_EXPANSION}x; "
+                "model weights compress far less): refusing it as a decompression bomb"
+            )
+        members.append(member)
+    return members
+
+
+def replaceable(directory: Path) -> bool:
+    """Whether ``directory`` may be replaced whole by a bundle: it is empty, or it is a compactdeploy
+    bundle (a manifest of this format) holding nothing its ``SHA256SUMS`` does not list."""
+    if directory.is_symlink() or not directory.is_dir():
+        return False
+    entries = list(directory.iterdir())
+    if not entries:
+        return True
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+        listed = {line.partition("  ")[2] for line in (directory / SUMS).read_text().splitlines()}
+    except (OSError, ValueError):
+        return False
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return False
+    return all(e.name == SUMS or (e.name in listed and e.is_file() and not e.is_symlink()) for e in entries)
+
+
+def install_path(destination: Path, name: str) -> Path:
+    """Where a bundle called ``name`` installs when ``destination`` is asked for.
+
+    ``destination`` itself when it does not exist or is ``replaceable``; otherwise, when it is a
+    directory (a home, a models folder), ``destination/name``, which must itself be absent or
+    replaceable. Nothing else is ever replaced: BundleError says so.
+    """
+    if not (destination.exists() or destination.is_symlink()) or replaceable(destination):
+        return destination
+    if destination.is_symlink() or not destination.is_dir():
+        raise BundleError(f"{destination} exists and is not a directory; choose another destination")
+    inside = destination / name
+    if (inside.exists() or inside.is_symlink()) and not replaceable(inside):
+        raise BundleError(
+            f"{inside} exists and is not a compactdeploy bundle (or holds files the bundle does not list); "
+            "it is left as it is: choose another destination"
+        )
+    return inside
 
 
 def install_archive(archive_path: str | Path, destination: str | Path) -> dict:
-    """Unpack a bundle archive to ``destination``: into a temporary sibling, verify, then rename.
+    """Unpack a bundle archive at ``install_path(destination)``: into a temporary sibling, verify,
+    then rename. Returns where it went, and whether a bundle there was replaced.
 
-    Entries with absolute paths, ``..``, links or device files refuse the whole archive; an
-    earlier bundle at ``destination`` is replaced only once the new one is verified.
+    Refuses the whole archive, writing nothing, for entries with absolute paths, ``..``, links or
+    device files, and past the caps on entries and size; an earlier bundle is replaced only once
+    the new one is verified.
     """
     destination = Path(destination).absolute()
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
     try:
-        try:
-            with tarfile.open(archive_path, "r:gz") as archive:
-                members = _safe_members(archive)
-                tops = {Path(m.name).parts[0] for m in members if Path(m.name).parts}
-                if len(tops) != 1:
-                    raise BundleError(f"{archive_path} must hold one bundle directory (it holds {len(tops)} entries)")
+        archive_bytes = os.path.getsize(archive_path)
+        with tarfile.open(archive_path, "r:gz") as archive:
+            members = _safe_members(archive, archive_bytes)
+            tops = {Path(m.name).parts[0] for m in members if Path(m.name).parts}
+            if len(tops) != 1:
+                raise BundleError(f"{archive_path} must hold one bundle directory (it holds {len(tops)} entries)")
+            name = tops.pop()
+            target = install_path(destination, name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            unpacked_bytes = sum(member.size for member in members)
+            free = shutil.disk_usage(target.parent).free
+            if unpacked_bytes > free:
+                raise BundleError(f"the bundle needs {_gib(unpacked_bytes)} and {target.parent} has {_gib(free)} free")
+            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+            try:
                 # the entry checks above are the guard; tarfile's own filter (Python >= 3.11.4; Debian
                 # bookworm and Raspberry Pi OS ship 3.11.2) is added where it exists
                 extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
                 archive.extractall(staging, members=members, **extra)
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            raise BundleError(f"{archive_path} is not a readable bundle archive ({exc})") from None
-        unpacked = staging / tops.pop()
-        manifest = verify(unpacked, check_machine=False)
-        if destination.exists():
-            os.replace(destination, staging / ".previous")
-        os.replace(unpacked, destination)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return {"path": str(destination), "model": manifest["model"]["name"], "target": manifest["target"]["name"]}
+                manifest = verify(staging / name, check_machine=False)
+                replaced = target.exists()
+                if replaced:
+                    os.replace(target, staging / ".previous")
+                os.replace(staging / name, target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    except (tarfile.TarError, EOFError) as exc:
+        raise BundleError(f"{archive_path} is not a readable bundle archive ({exc})") from None
+    except OSError as exc:
+        raise BundleError(f"cannot install {archive_path} at {destination}: {exc.strerror or exc}") from None
+    return {"path": str(target), "model": manifest["model"]["name"], "target": manifest["target"]["name"],
+            "replaced": replaced}
 
 
 def execute(bundle: str | Path, input_path=None, output_path=None, bench: int | None = None, verify_only=False) -> str:
@@ -266,6 +361,8 @@ def execute(bundle: str | Path, input_path=None, output_path=None, bench: int | 
     if verify_only:
         manifest = verify(bundle)
         return f"ok: {manifest['model']['name']} for {manifest['target']['name']}, {len(manifest['files'])} files verified"
+    if bench is not None and bench < 1:
+        raise BundleError(f"--bench takes the number of runs to time, at least 1 (got {bench})")
     model = Model(bundle)
     if bench:
         return json.dumps(model.bench(bench))
@@ -277,11 +374,22 @@ def execute(bundle: str | Path, input_path=None, output_path=None, bench: int | 
         x = np.load(input_path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise BundleError(f"cannot read {input_path} as an .npy array ({exc})") from None
+    if not isinstance(x, np.ndarray):  # np.load opens an .npz as an archive of arrays
+        x.close()
+        raise BundleError(f"{input_path} is an .npz archive; give one array saved with np.save (.npy)")
     start = time.perf_counter()
     y = model(x)
     elapsed = (time.perf_counter() - start) * 1e3
     if output_path:
-        np.save(output_path, y)
+        output_path = Path(output_path)
+        tmp = output_path.with_name(f".{output_path.name}.tmp-{os.getpid()}.npy")
+        try:  # written whole or not at all
+            np.save(tmp, y)
+            os.replace(tmp, output_path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise BundleError(f"cannot write --output {output_path}: {exc.strerror or exc}") from None
         return f"wrote {output_path}: shape {tuple(y.shape)}, {elapsed:.2f} ms"
     return np.array2string(y, threshold=50)
 

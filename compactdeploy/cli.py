@@ -5,7 +5,9 @@ Heavy libraries (torch, TVM) are imported inside the commands, so ``--help`` is 
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -66,11 +68,11 @@ _model_and_pruning = _options(
     click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE", help="Model option, repeatable."),
     click.option("--input-shape", callback=_parse_shape, help="One sample's shape, e.g. 3,32,32 (batch is 1)."),
     click.option("--exclude", multiple=True, metavar="LAYER", help="Layer name not to prune, repeatable."),
-    click.option("--finetune-epochs", default=0, show_default=True, help="Train this many epochs after pruning (needs --data)."),
+    click.option("--finetune-epochs", default=0, show_default=True, type=click.IntRange(min=0), help="Train this many epochs after pruning (needs --data)."),
     click.option("--distill", is_flag=True, help="Fine-tune with distillation from the unpruned model."),
-    click.option("--noise-outputs", default=0, show_default=True, help="NoiseOut: K noise outputs trained before pruning."),
-    click.option("--noise-epochs", default=3, show_default=True, help="Epochs of that training."),
-    click.option("--calibration-samples", default=256, show_default=True, help="Training samples the data-driven methods see."),
+    click.option("--noise-outputs", default=0, show_default=True, type=click.IntRange(min=0), help="NoiseOut: K noise outputs trained before pruning."),
+    click.option("--noise-epochs", default=3, show_default=True, type=click.IntRange(min=1), help="Epochs of that training."),
+    click.option("--calibration-samples", default=256, show_default=True, type=click.IntRange(min=1), help="Training samples the data-driven methods see."),
     click.option("--seed", default=0, show_default=True, help="Seed of training and of the random example input."),
 )
 
@@ -106,11 +108,12 @@ def _config(options: dict, **extra):
 @_model_and_pruning
 @click.option("--target", required=True, help="Target name (see 'compactdeploy targets') or path/to/target.toml.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory (replaced whole).")
-@click.option("--repeat", default=100, show_default=True, help="Timed runs when benchmarking.")
-@click.option("--warmup", default=10, show_default=True, help="Untimed runs before timing.")
+@click.option("--repeat", default=100, show_default=True, type=click.IntRange(min=1), help="Timed runs when benchmarking.")
+@click.option("--warmup", default=10, show_default=True, type=click.IntRange(min=0), help="Untimed runs before timing.")
 @click.option("--threads", type=click.IntRange(min=1), help="Threads for TVM and onnxruntime (default: one per physical core).")
 @click.option("--device", help="Measure on this device: rpc://HOST:PORT (a server) or rpc://HOST:PORT/KEY (a tracker).")
-@click.option("--device-wait", default=60.0, show_default=True, help="Seconds to wait for a busy tracker key.")
+@click.option("--device-wait", default=60.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds to wait for a busy tracker key.")
 @click.option(
     "--tune-trials", default=0, show_default=True,
     help="Tune the kernels with this many MetaSchedule measurements on the device; records in the "
@@ -321,9 +324,9 @@ def _ms(value) -> str:
 @cli.command()
 @click.option("--model", required=True, help="Zoo name or path/to/file.py:factory.")
 @click.option("--data", required=True, help="digits, wine, breast-cancer, mnist1d or a .npz (x, y).")
-@click.option("--epochs", default=10, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True)
-@click.option("--batch-size", default=64, show_default=True)
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE", help="Model option, repeatable.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--learn-arch", type=click.Choice(["gates", "gdropout", "sparse"]),
@@ -343,8 +346,9 @@ def train(model, data, epochs, lr, batch_size, model_args, seed, learn_arch, arc
     from .train import train as run_train
     from .zoo import load_model, parse_model_args
 
-    if epochs < 1:
-        raise CompactDeployError(f"--epochs must be at least 1 (got {epochs})")
+    from .resources import check_writable_parent
+
+    check_writable_parent(out, "--out")  # before training, not after
     dataset = load_dataset(data)
     loaded = load_model(model, dataset, model_args=parse_model_args(model_args))
     learner = None
@@ -396,10 +400,11 @@ def train(model, data, epochs, lr, batch_size, model_args, seed, learn_arch, arc
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--device", help="rpc://HOST:PORT or rpc://HOST:PORT/KEY; default: this machine, if the bundle is for it.")
-@click.option("--repeat", default=100, show_default=True, help="Timed runs.")
-@click.option("--warmup", default=10, show_default=True, help="Untimed runs before timing.")
+@click.option("--repeat", default=100, show_default=True, type=click.IntRange(min=1), help="Timed runs.")
+@click.option("--warmup", default=10, show_default=True, type=click.IntRange(min=0), help="Untimed runs before timing.")
 @click.option("--threads", type=click.IntRange(min=1), help="Threads on this machine (a remote device uses its own setting).")
-@click.option("--device-wait", default=60.0, show_default=True, help="Seconds to wait for a busy tracker key.")
+@click.option("--device-wait", default=60.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds to wait for a busy tracker key.")
 @click.option("--json", "as_json", is_flag=True, help="Print the updated report.json.")
 def bench(bundle, device, repeat, warmup, threads, device_wait, as_json) -> None:
     """Measure a build on a device and update its report.json."""
@@ -423,7 +428,7 @@ def bench(bundle, device, repeat, warmup, threads, device_wait, as_json) -> None
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--input", "input_path", type=click.Path(path_type=Path), help="An .npy file with one input.")
 @click.option("--output", type=click.Path(path_type=Path), help="Write the output here (.npy).")
-@click.option("--bench", type=int, metavar="RUNS", help="Time RUNS inferences on the bundled sample input.")
+@click.option("--bench", type=click.IntRange(min=1), metavar="RUNS", help="Time RUNS inferences on the bundled sample input.")
 @click.option("--verify", "verify_only", is_flag=True, help="Only verify the bundle.")
 def run(bundle, input_path, output, bench, verify_only) -> None:
     """Verify a bundle, then run it on this machine (needs only numpy and the TVM runtime)."""
@@ -446,25 +451,36 @@ def pack(bundle, out) -> None:
 @click.argument("archive", type=click.Path(path_type=Path))
 @click.argument("destination", type=click.Path(path_type=Path))
 def unpack(archive, destination) -> None:
-    """Unpack a bundle archive safely (no path escapes, no links), verify it, then put it in place."""
+    """Unpack a bundle archive safely (no path escapes, no links, size caps), verify it, then put it in place.
+
+    DESTINATION is replaced only if it is empty or an earlier bundle; any other directory gets the
+    bundle inside it, as DESTINATION/NAME.
+    """
     from .bundle_runner import install_archive
 
     result = install_archive(archive, destination)
-    click.echo(f"installed {result['model']} for {result['target']} at {result['path']}")
+    replaced = " (replacing the bundle that was there)" if result["replaced"] else ""
+    click.echo(f"installed {result['model']} for {result['target']} at {result['path']}{replaced}")
 
 
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--to", "to", required=True, help="ssh://[USER@]HOST[:PORT]:/PATH or rpc://HOST:PORT[/KEY].")
-@click.option("--dest", help="Path on an rpc:// device (default ~/compactdeploy/bundles/NAME).")
+@click.option("--dest", help="Path on an rpc:// device; relative to the agent's home (default ~/compactdeploy/bundles/NAME).")
 @click.option("--ssh-config", type=click.Path(path_type=Path), help="An ssh_config file (default: your own).")
-@click.option("--device-wait", default=60.0, show_default=True, help="Seconds to wait for a busy tracker key.")
+@click.option("--device-wait", default=60.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds to wait for a busy tracker key.")
 def ship(bundle, to, dest, ssh_config, device_wait) -> None:
-    """Send a bundle to a device; it is verified there before it replaces anything."""
+    """Send a bundle to a device; it is verified there before it replaces anything.
+
+    The path is replaced only if it is empty or an earlier bundle; any other directory (a home) gets
+    the bundle inside it, as PATH/NAME.
+    """
     from .ship import ship as ship_bundle
 
     result = ship_bundle(bundle, to, dest, ssh_config, device_wait)
-    click.echo(f"shipped {bundle} to {result['to']} ({result['path']}, verified)")
+    replaced = ", replacing the bundle that was there" if result.get("replaced") else ""
+    click.echo(f"shipped {bundle} to {result['to']} ({result['path']}, verified{replaced})")
 
 
 @cli.group()
@@ -482,26 +498,35 @@ def device() -> None:
 def serve(host, port, tracker, key, emulate_target, threads) -> None:
     """Run a TVM RPC server with compactdeploy's measuring functions, until interrupted.
 
-    A TVM RPC server runs any code its clients send: serve only on a trusted network.
+    Clients must give its access token: $COMPACTDEPLOY_DEVICE_TOKEN if set, else a new one, printed
+    once. It runs any code such a client sends: serve only on a trusted network.
     """
+    from .device import agent
+    from .device.listener import ListenerDied
+
     if tracker and not key:
         raise CompactDeployError("--tracker needs --key (the kind of device, e.g. rpi4)")
     err = _console(stderr=True)
     if host not in ("127.0.0.1", "localhost", "::1"):
-        err.print(f"[yellow]warning[/]: serving on {host}: anyone who can reach it can run code here")
+        err.print(f"[yellow]warning[/]: serving on {host}: anyone who can reach it and has the token can run code here")
     where = f"tracker {tracker} as '{key}'" if tracker else "directly"
+    token, made = agent.token_from_environment()
 
     def ready(bound: int, what: str = "this machine") -> None:
-        err.print(f"serving {what} on rpc://{host}:{bound} ({where}); Ctrl-C stops")
+        # plain lines (rich would wrap them, and a wrapped token cannot be copied)
+        click.echo(f"serving {what} on rpc://{host}:{bound} ({where}); Ctrl-C stops", err=True)
+        if made:  # printed once; a supervisor that restarts the agent should set the variable instead
+            click.echo(f"access token: {token} (clients: rpc://{token}@{host}:{bound}, or {agent.TOKEN_ENV}={token})", err=True)
 
     if emulate_target is None:
         import os
 
-        from .device import agent
-
         if threads:
             os.environ[THREADS_ENV] = str(threads)
-        agent.serve(host, port, port + 100, tracker, key, on_ready=ready)
+        try:
+            agent.serve(host, port, port + 100, tracker, key, token, on_ready=ready)
+        except (ListenerDied, OSError) as exc:
+            raise _ServeFailed(f"the agent stopped serving: {exc}") from None
         return
     from .device.emulate import emulated_agent
     from .targets import load_target
@@ -510,12 +535,19 @@ def serve(host, port, tracker, key, emulate_target, threads) -> None:
     if target.arch != "aarch64":
         raise CompactDeployError(f"only aarch64 boards can be emulated; {target.name} is {target.arch}")
     mcpu = (target.tvm_target_dict().get("host") or target.tvm_target_dict()).get("mcpu")
-    with emulated_agent(mcpu, port, host, tracker, key, threads, progress=lambda m: err.print(m)) as emulated:
+    with emulated_agent(mcpu, port, host, tracker, key, threads, token=token,
+                        progress=lambda m: err.print(m)) as emulated:
         ready(emulated.port, f"an EMULATED {target.name} ({mcpu}, qemu-user: not the board's speed)")
         try:
-            emulated.process.wait()
-        except KeyboardInterrupt:
-            pass
+            status = emulated.process.wait()
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (main turns it into one): leaving stops the agent
+            return
+    if status != 0:
+        raise _ServeFailed(f"the emulated agent stopped serving (exit status {status})")
+
+
+class _ServeFailed(CompactDeployError):
+    """The agent's listener died: exit 1, so that a supervisor restarts it."""
 
 
 @cli.command()
@@ -663,8 +695,12 @@ def cache(remove_stale: bool, as_json: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: a CompactDeployError is one line on stderr and exit status 2."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    previous = _sigterm_as_interrupt()
     try:
         cli.main(args=argv, prog_name="compactdeploy", standalone_mode=False)
+    except _ServeFailed as exc:
+        click.echo(f"error: {exc}", err=True)
+        return 1
     except (CompactDeployError, BundleError) as exc:
         if debug:
             raise
@@ -676,6 +712,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("interrupted: nothing was written", err=True)
         return 130
+    except click.UsageError as exc:  # a bad option: one line, as every other error
+        command = exc.ctx.command_path if exc.ctx else "compactdeploy"
+        click.echo(f"error: {exc.format_message()} (see '{command} --help')", err=True)
+        return 2
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
@@ -686,7 +726,22 @@ def main(argv: list[str] | None = None) -> int:
             raise
         click.echo(f"internal error: {type(exc).__name__}: {first_line(exc)} (rerun with --debug for the traceback)", err=True)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _sigterm_as_interrupt():
+    """SIGTERM cleans up as Ctrl-C does (staging directories removed, agents stopped); the handler
+    it replaces, or None off the main thread (where signals cannot be handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import numpy as np
 from .errors import CompactDeployError
 
 SPLIT_SEED = 0
+MAX_CLASSES = 100_000  # the output layer gets y.max() + 1 units: a stray huge label would exhaust memory
 
 
 @dataclass(frozen=True)
@@ -100,10 +101,21 @@ def _npz(path: Path) -> Dataset:
             x, y = archive["x"], archive["y"]
     except (OSError, ValueError) as exc:
         raise CompactDeployError(f"cannot read {path}: {exc}") from None
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) or np.issubdtype(x.dtype, np.complexfloating):
+        raise CompactDeployError(f"{path}: x must hold real numbers (it holds {x.dtype})")
+    if x.ndim not in (2, 3, 4):
+        raise CompactDeployError(
+            f"{path}: x has shape {x.shape}; give (N, FEATURES) vectors, (N, H, W) or (N, C, H, W) images"
+        )
+    if y.ndim != 1:
+        raise CompactDeployError(f"{path}: y has shape {y.shape}; give one class index per sample, shape (N,)")
     if len(x) != len(y) or len(x) < 5:
         raise CompactDeployError(f"{path}: x and y need the same length, at least 5 samples")
-    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
-        raise CompactDeployError(f"{path}: y must hold class indices 0..K-1")
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x)).reshape(len(x), -1).any(axis=1).sum())
+        raise CompactDeployError(f"{path}: x holds NaN or infinite values in {bad} samples; clean or drop them")
+    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= MAX_CLASSES:
+        raise CompactDeployError(f"{path}: y must hold class indices 0..K-1, with K at most {MAX_CLASSES}")
     kind = "vector" if x.ndim == 2 else "image"
     return _split(path.stem, x, y, kind, {})
 

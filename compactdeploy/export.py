@@ -85,8 +85,35 @@ def export_onnx(module, example_input, path: str | Path) -> ExportResult:
         inputs=tuple(_tensor_infos(model.graph.input, exclude={i.name for i in model.graph.initializer})),
         outputs=tuple(_tensor_infos(model.graph.output)),
         params_bytes=sum(_initializer_bytes(init) for init in model.graph.initializer),
-        torch_vs_onnx_max_abs=float(np.abs(expected - actual).max()),
+        torch_vs_onnx_max_abs=check_parity("torch vs onnxruntime", expected, actual),
     )
+
+
+# Outputs may differ by float32 rounding (other summation orders): at most this fraction of the
+# output's scale, max(1, max |reference|), or the build fails.
+PARITY_TOLERANCE = 1e-4
+
+
+def check_parity(what: str, reference: np.ndarray, actual: np.ndarray) -> float:
+    """max |actual - reference| (``what``: "A vs B", B the one checked); CompactDeployError when an
+    output is not finite or the difference is over ``PARITY_TOLERANCE`` of the output's scale."""
+    reference, actual = np.asarray(reference), np.asarray(actual)
+    checked = what.split(" vs ")[-1]
+    if not (np.isfinite(reference).all() and np.isfinite(actual).all()):
+        raise CompactDeployError(
+            f"parity {what}: the model's output is not finite (NaN or inf) for the example input; check the "
+            "weights (--weights) and the data (--data)"
+        )
+    if reference.shape != actual.shape:
+        raise CompactDeployError(f"parity {what}: {checked} gives shape {actual.shape}, expected {reference.shape}")
+    max_abs = float(np.abs(actual - reference).max()) if reference.size else 0.0
+    scale = max(1.0, float(np.abs(reference).max())) if reference.size else 1.0
+    if max_abs > PARITY_TOLERANCE * scale:
+        raise CompactDeployError(
+            f"parity {what}: outputs differ by {max_abs:.2e}, over the tolerance ({PARITY_TOLERANCE:g} x {scale:.3g}): "
+            f"{checked} computes something else; nothing was written (rerun with --debug and report it)"
+        )
+    return max_abs
 
 
 def onnxruntime_session(path: str | Path, threads: int | None = None):

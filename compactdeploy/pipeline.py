@@ -22,9 +22,9 @@ import numpy as np
 from . import __version__
 from .bundle_runner import THREADS_ENV
 from .errors import CompactDeployError
+from .export import PARITY_TOLERANCE
 from .targets import TargetSpec, load_target
 
-PARITY_TOLERANCE = 1e-4
 SAMPLE_INPUT = "sample_input.npy"  # the input the bundle was checked with: reused by bench and run
 
 
@@ -115,11 +115,13 @@ class _StageClock:
 def _check_inputs(config: BuildConfig):
     """The checks build and prune share, none of them heavy: (target, prune spec or None)."""
     from .prune import parse_prune_spec
-    from .zoo import get_spec
+    from .zoo import check_input_size, get_spec
 
     target = load_target(config.target)
     if ".py:" not in config.model:
         get_spec(config.model)  # an unknown name fails here, listing the zoo
+    if config.input_shape is not None:
+        check_input_size(config.input_shape, "--input-shape")
     if _fitting(config):
         from .fit import check_fit_options
 
@@ -141,8 +143,8 @@ def build(config: BuildConfig, observer: Observer | None = None) -> BuildResult:
 
     # --- checks that need no heavy work: fail before any stage runs ---
     target, prune_spec = _check_inputs(config)
-    if config.repeat < 1:
-        raise CompactDeployError(f"--repeat must be at least 1 (got {config.repeat})")
+    if config.repeat < 1 or config.warmup < 0:
+        raise CompactDeployError(f"--repeat must be at least 1 and --warmup at least 0 (got {config.repeat}, {config.warmup})")
     check_tunable(target, config.tune_trials)
     if config.tune_trials and config.device is None and not target.is_this_machine():
         raise CompactDeployError(
@@ -319,8 +321,11 @@ def prune_to_checkpoint(config: BuildConfig, observer: Observer | None = None) -
     """``compactdeploy prune``: load and prune only, and write a checkpoint that ``build`` replays."""
     from .train import save_pruned_checkpoint
 
+    from .resources import check_writable_parent
+
     if not config.prune:
         raise CompactDeployError("prune needs --prune METHOD[:RATIO]")
+    check_writable_parent(config.out, "--out")
     pruned = prune_and_finetune(config, observer)
     summary = {
         "model": pruned.model.name,
@@ -554,6 +559,7 @@ def _report(
             "torch_vs_onnx_max_abs": exported.torch_vs_onnx_max_abs,
             "onnx_vs_tvm_max_abs": None,
             "tolerance": PARITY_TOLERANCE,
+            "tolerance_of": "max(1, max |reference output|): a build over it fails",
             "input": "first test sample" if data is not None else f"random normal, seed {config.seed}",
         },
         "target": {
@@ -608,7 +614,7 @@ def measure_bundle(
     from .bench import measure
     from .device import connect, local_agent, parse_device
     from .device.agent import describe_load, is_busy
-    from .export import run_onnxruntime
+    from .export import check_parity, run_onnxruntime
 
     if device is None and not target.is_this_machine():
         reason = (
@@ -661,7 +667,7 @@ def measure_bundle(
     return {
         "measurement": measurement,
         "where": where,
-        "onnx_vs_tvm_max_abs": float(np.abs(measurement.output - reference).max()),
+        "onnx_vs_tvm_max_abs": check_parity("onnxruntime vs TVM", reference, measurement.output),
         "summary": f"median {latency['median']:.3f} ms over {latency['runs']} runs"
         + (" (emulated)" if fingerprint.get("emulated") else ""),
     }

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
+
+from .errors import CompactDeployError
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -29,3 +32,17 @@ def cache_dir(*parts: str) -> Path:
 def directory_bytes(path: Path) -> int:
     """What the files under ``path`` take (links not followed: a sysroot's point outside it)."""
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def check_writable_parent(path: Path, option: str) -> None:
+    """Create ``path``'s directory and prove something can be written there, before any work; one
+    line naming ``option`` otherwise (``os.access`` says yes to root, even under /proc)."""
+    parent = Path(path).resolve().parent
+    blocker = next((p for p in (parent, *parent.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise CompactDeployError(f"{option} {path}: {blocker} is a file, not a directory; choose another place")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        Path(tempfile.mkdtemp(prefix=f".{Path(path).name}.probe-", dir=parent)).rmdir()
+    except OSError as exc:
+        raise CompactDeployError(f"{option} {path}: cannot write in {parent} ({exc.strerror or exc})") from None

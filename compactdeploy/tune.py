@@ -1189,18 +1189,13 @@ def rpc_runner(address, after_pause: bool = False):
     from tvm.s_tir.meta_schedule.runner import RPCConfig, RPCRunner
 
     evaluator = _remote_pause_evaluator if after_pause else None
-    if address.key:
-        config = RPCConfig(tracker_host=address.host, tracker_port=address.port, tracker_key=address.key,
-                           session_timeout_sec=120)
-        return _named_device_runner(RPCRunner(rpc_config=config, evaluator_config=_evaluator(),
-                                              f_run_evaluator=evaluator))
-    host, port = address.host, address.port
 
     def connect_server(_config):
-        from tvm import rpc
+        from .device import open_remote
 
-        return rpc.connect(host, port, session_timeout=120)
+        return open_remote(address, session_timeout=120)  # through the tracker when it has a key
 
+    # the tracker fields are unused: connect_server opens every session, presenting the token
     config = RPCConfig(tracker_host="unused", tracker_port=1, tracker_key="unused", session_timeout_sec=120)
     runner = RPCRunner(rpc_config=config, evaluator_config=_evaluator(), f_create_session=connect_server,
                        f_run_evaluator=evaluator)

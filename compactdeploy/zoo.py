@@ -151,15 +151,32 @@ def create_model(name: str, args: dict[str, Any] | None = None) -> LoadedModel:
         )
     import torch
 
+    shape = (1, *spec.input_shape(args))
+    check_input_size(shape[1:], f"model {name} with {args}")
     try:
         with torch.random.fork_rng():  # the same initial weights every time, global RNG untouched
             torch.manual_seed(INIT_SEED)
             module = spec.factory(**args)
-    except (TypeError, ValueError) as exc:
-        raise CompactDeployError(f"cannot build model {name} with {args}: {exc}") from None
-    shape = (1, *spec.input_shape(args))
-    _calibrate_batchnorm(module, shape)
+        _calibrate_batchnorm(module, shape)
+    except (TypeError, ValueError, RuntimeError) as exc:  # torch rejects impossible layer sizes with these
+        raise CompactDeployError(f"cannot build model {name} with {args}: {first_line(exc, 200)}") from None
     return LoadedModel(name, module.eval(), shape, args, {"source": "random-init"})
+
+
+# One sample's elements, at most: 256 MiB of float32, far past any board's model input.
+MAX_INPUT_ELEMENTS = 1 << 26
+
+
+def check_input_size(shape: tuple[int, ...], what: str) -> None:
+    """Refuse an input shape that could not even be allocated, before anything allocates it."""
+    elements = 1
+    for dim in shape:
+        elements *= int(dim)
+    if elements > MAX_INPUT_ELEMENTS:
+        raise CompactDeployError(
+            f"{what}: an input of shape {tuple(shape)} has {elements:,} elements, more than the {MAX_INPUT_ELEMENTS:,} "
+            "compactdeploy takes; check --input-shape or the model's input_size"
+        )
 
 
 def _calibrate_batchnorm(module, input_shape: tuple[int, ...], batch: int = 8) -> None:
@@ -210,6 +227,7 @@ def _create_user_model(ref: str, args: dict[str, Any]) -> LoadedModel:
         raise CompactDeployError(
             f"{ref}: the input shape is unknown; pass --input-shape C,H,W (or define INPUT_SHAPE in {file})"
         )
+    check_input_size(tuple(shape), ref)
     return LoadedModel(ref, model.eval(), (1, *tuple(shape)), args, {"source": "random-init"})
 
 
@@ -223,16 +241,34 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or unsafe file
-        kind = "it holds objects other than tensors" if "weights_only" in str(exc) else first_line(exc, 120)
         raise CompactDeployError(
-            f"cannot load weights {path}: {kind}; compactdeploy loads only plain state_dicts "
-            "(torch.save(model.state_dict(), path)) or 'compactdeploy train' checkpoints"
+            f"cannot load weights {path}: {_unreadable_weights(path, exc)}; compactdeploy loads plain state_dicts "
+            "(torch.save(model.state_dict(), path)) and 'compactdeploy train' checkpoints"
         ) from None
     if isinstance(data, dict) and data.get("format") == CHECKPOINT_FORMAT:
+        if not isinstance(data.get("state_dict"), dict):
+            raise CompactDeployError(f"weights file {path} is a compactdeploy checkpoint without its state_dict: write it again")
         return data
     if isinstance(data, dict) and all(isinstance(v, torch.Tensor) for v in data.values()):
         return {"state_dict": data}
     raise CompactDeployError(f"weights file {path} holds no state_dict")
+
+
+def _unreadable_weights(path: Path, exc: Exception) -> str:
+    """Why torch could not read ``path``, in words: garbage, a damaged file, or unsafe contents."""
+    import zipfile
+
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if zipfile.is_zipfile(path):  # torch.save's format: a zip archive
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            return "it holds objects other than tensors"
+        return "the file is damaged (torch cannot read its archive)"
+    if head.startswith(b"PK"):
+        return "the file is truncated or damaged (an incomplete zip archive)"
+    if head[:1] == b"\x80":  # a legacy (pre-1.6) pickle
+        return "it is an old-format or damaged pickle that cannot be loaded safely"
+    return "it is not a PyTorch weights file (neither torch.save's zip archive nor a pickle)"
 
 
 def load_weights(model: LoadedModel, path: str | Path, checkpoint: dict[str, Any] | None = None) -> None:
@@ -332,4 +368,6 @@ def check_input(module, example_input):
         ) from None
     if not isinstance(out, torch.Tensor):
         raise CompactDeployError(f"the model returns {type(out).__name__}; compactdeploy needs a single tensor output")
+    if out.numel() == 0:
+        raise CompactDeployError(f"the model's output is empty (shape {tuple(out.shape)}): check its --model-arg values")
     return out.numpy()  # an ndarray: the reference output for parity checks

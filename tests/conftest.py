@@ -89,7 +89,7 @@ def emulated_build(tmp_path_factory, emulated_pi, lenet5_checkpoint):
     out = tmp_path_factory.mktemp("builds") / "lenet5-rpi4-emulated"
     assert run_cli(
         "build", "--model", "lenet5", "--weights", lenet5_checkpoint, "--data", "digits", "--target", "rpi4",
-        "--prune", "l1:0.5", "--device", str(emulated_pi.address), "--repeat", "30", "--out", out,
+        "--prune", "l1:0.5", "--device", emulated_pi.address.url(), "--repeat", "30", "--out", out,
     ) == 0
     return out
 

@@ -58,7 +58,7 @@ def test_aarch64_code_on_the_emulated_pi_matches_onnxruntime_on_the_host(emulate
 
 @needs_emulator
 def test_x86_library_is_refused_by_the_aarch64_device_before_upload(host_build, emulated_pi, capsys):
-    status = run_cli("bench", host_build, "--device", str(emulated_pi.address))
+    status = run_cli("bench", host_build, "--device", emulated_pi.address.url())
     err = capsys.readouterr().err
     assert status == 2
     assert "built for x86_64" in err and "is aarch64" in err
@@ -84,6 +84,9 @@ def test_malformed_device_addresses_are_refused(text):
 def test_device_addresses_parse():
     assert parse_device("rpc://192.168.1.10:9190/rpi4") == DeviceAddress("192.168.1.10", 9190, "rpi4")
     assert str(parse_device("rpc://pi.local:9090")) == "rpc://pi.local:9090"
+    with_token = parse_device("rpc://s3cr-et_1@pi.local:9190/rpi4")
+    assert with_token.token == "s3cr-et_1" and str(with_token) == "rpc://pi.local:9190/rpi4"  # never shown
+    assert parse_device(with_token.url()).token == "s3cr-et_1"
 
 
 def test_a_device_that_drops_mid_benchmark_keeps_the_finished_runs(host_build):
@@ -128,13 +131,13 @@ def _agent_on_tracker(tracker, key: str) -> Agent:
 def test_tracker_hands_out_a_device_by_key_and_a_busy_key_times_out(tracker, host_build, tmp_path, capsys):
     bundle = tmp_path / "bundle"  # a copy: bench rewrites its report
     shutil.copytree(host_build, bundle)
-    with _agent_on_tracker(tracker, "testboard"):
-        address = DeviceAddress("127.0.0.1", tracker.port, "testboard")
+    with _agent_on_tracker(tracker, "testboard") as board:
+        address = DeviceAddress("127.0.0.1", tracker.port, "testboard", token=board.token)
         deadline = time.monotonic() + 30
         while "testboard" not in tracker_keys(tracker) and time.monotonic() < deadline:
             time.sleep(0.2)
         # a measurement through the tracker, as a lab with many boards would use it
-        assert run_cli("bench", bundle, "--device", str(address), "--repeat", "20") == 0
+        assert run_cli("bench", bundle, "--device", address.url(), "--repeat", "20") == 0
         assert read_json(bundle / "report.json")["latency_ms"]["runs"] == 20
 
         holder = connect(address, wait_s=10)  # takes the only board
@@ -238,11 +241,12 @@ def test_device_serve_command_serves_on_loopback_and_answers():
     process = subprocess.Popen(
         [sys.executable, "-m", "compactdeploy.cli", "device", "serve", "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "COMPACTDEPLOY_DEVICE_TOKEN": "lab-token"},  # a token of the user's own
     )
     try:
         line = process.stdout.readline()
         assert line.startswith("compactdeploy-agent-port")
-        session = connect(DeviceAddress("127.0.0.1", int(line.split()[1])))
+        session = connect(DeviceAddress("127.0.0.1", int(line.split()[1]), token="lab-token"))
         assert session.fingerprint["emulated"] is False and session.fingerprint["tvm_version"]
     finally:
         os.killpg(process.pid, 15)

@@ -386,7 +386,7 @@ def test_search_runs_against_the_emulated_pi(tmp_path, emulated_pi, lenet5_check
     # faster), so the search may need several rounds to correct itself; three once ran out in CI
     assert run_cli(
         "build", "--model", "lenet5", "--weights", lenet5_checkpoint, "--target", "rpi4",
-        "--device", str(emulated_pi.address), "--latency-budget", "70%", "--fit-points", "4",
+        "--device", emulated_pi.address.url(), "--latency-budget", "70%", "--fit-points", "4",
         "--repeat", "20", "--out", out,
     ) == 0
     fit = read_json(out / "report.json")["fit"]

@@ -322,7 +322,7 @@ def test_negative_trials_are_refused(capsys, tmp_path):
 @needs_emulator
 def test_tuning_for_the_pi_measures_on_the_emulated_pi(tmp_path, emulated_pi):
     report = build(
-        tmp_path / "pi", "--model", "mlp-tabular", "--target", "rpi4", "--device", str(emulated_pi.address),
+        tmp_path / "pi", "--model", "mlp-tabular", "--target", "rpi4", "--device", emulated_pi.address.url(),
         "--tune-trials", "12", "--repeat", "10",
     )
     tuning = report["tuning"]

@@ -11,22 +11,29 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import selectors
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..bundle_runner import THREADS_ENV
 from ..errors import CompactDeployError, first_line
-from .agent import EMULATED_ENV, PORT_LINE
+from .agent import EMULATED_ENV, PORT_LINE, TOKEN_ENV
 
 CONNECT_TIMEOUT_S = 10.0
-_ADDRESS = re.compile(r"^rpc://(?P<host>\[[^\]]+\]|[^:/]+):(?P<port>\d+)(?:/(?P<key>[\w.-]+))?/?$")
+# a session is served one at a time: a client waits while another holds the device
+SESSION_WAIT_S = 60.0
+_ADDRESS = re.compile(
+    r"^rpc://(?:(?P<token>[\w.~-]+)@)?(?P<host>\[[^\]]+\]|[^:/@]+):(?P<port>\d+)(?:/(?P<key>[\w.-]+))?/?$"
+)
 
 
 @dataclass(frozen=True)
@@ -34,18 +41,57 @@ class DeviceAddress:
     host: str
     port: int
     key: str | None = None  # set: host:port is a tracker, and key names the kind of device
+    token: str | None = field(default=None, repr=False, compare=False)  # the agent's access token
 
     def __str__(self) -> str:
+        """The address without its token: safe in messages, reports and logs."""
         return f"rpc://{self.host}:{self.port}" + (f"/{self.key}" if self.key else "")
+
+    def url(self) -> str:
+        """The address with its token, for another compactdeploy command (``--device``)."""
+        token = f"{self.token}@" if self.token else ""
+        return f"rpc://{token}{self.host}:{self.port}" + (f"/{self.key}" if self.key else "")
 
 
 def parse_device(text: str) -> DeviceAddress:
+    """``rpc://[TOKEN@]HOST:PORT[/KEY]``; without a token in it, ``$COMPACTDEPLOY_DEVICE_TOKEN``'s."""
     match = _ADDRESS.match(text.strip())
     if not match or not 0 < int(match["port"]) < 65536:
         raise CompactDeployError(
-            f"device address {text!r} is not rpc://HOST:PORT (a server) or rpc://HOST:PORT/KEY (a tracker and a device key)"
+            f"device address {_without_token(text)!r} is not rpc://[TOKEN@]HOST:PORT (a server) or "
+            "rpc://[TOKEN@]HOST:PORT/KEY (a tracker and a device key)"
         )
-    return DeviceAddress(match["host"].strip("[]"), int(match["port"]), match["key"])
+    token = match["token"] or os.environ.get(TOKEN_ENV, "").strip() or None
+    return DeviceAddress(match["host"].strip("[]"), int(match["port"]), match["key"], token)
+
+
+def _without_token(text: str) -> str:
+    return re.sub(r"^rpc://[^@/]*@", "rpc://", text.strip())
+
+
+def open_remote(address: DeviceAddress, session_timeout: float = 0):
+    """A TVM RPC session with the device at ``address`` (through its tracker when it has a key),
+    presenting the access token; raises what TVM raises (``connect`` turns it into one line)."""
+    from tvm import rpc
+
+    from .listener import client_key
+
+    if address.key is None:
+        return rpc.connect(address.host, address.port, client_key("", address.token), session_timeout=session_timeout)
+    from tvm.rpc import base
+
+    # TrackerSession.request, but presenting the token to the server the tracker names
+    with socket.create_connection((address.host, address.port), timeout=CONNECT_TIMEOUT_S) as tracker:
+        tracker.settimeout(None)
+        tracker.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
+        if struct.unpack("<i", base.recvall(tracker, 4))[0] != base.RPC_TRACKER_MAGIC:
+            raise RuntimeError(f"{address.host}:{address.port} is not a TVM tracker")
+        base.sendjson(tracker, [base.TrackerCode.REQUEST, address.key, "", 1])
+        answer = base.recvjson(tracker)
+    if answer[0] != base.TrackerCode.SUCCESS:
+        raise RuntimeError(f"the tracker answered {answer!r}")
+    host, port, matchkey = answer[1]
+    return rpc.connect(host, port, client_key(matchkey, address.token), session_timeout=session_timeout)
 
 
 class Session:
@@ -112,14 +158,9 @@ def connect(
     on_wait: Callable[[str], None] | None = None,
 ) -> Session:
     """Open a session; through a tracker, wait up to ``wait_s`` for a free device of the key."""
-    from tvm import rpc
-
     if address.key is None:
         _check_reachable(address, CONNECT_TIMEOUT_S, "device")
-        try:
-            remote = rpc.connect(address.host, address.port, session_timeout=0)
-        except Exception as exc:  # TVM raises its own error types for a refused or foreign peer
-            raise CompactDeployError(f"{address} did not accept a TVM RPC session: {first_line(exc)}") from None
+        remote = _accepted(address, lambda: open_remote(address), max(wait_s, SESSION_WAIT_S), on_wait)
     else:
         remote = _request_from_tracker(address, wait_s, on_wait)
     try:
@@ -143,10 +184,10 @@ def _request_from_tracker(address: DeviceAddress, wait_s: float, on_wait):
         free = int(queue.get("free", 0))
         if free > 0:
             try:
-                return tracker.request(address.key, priority=1, session_timeout=0, max_retry=2)
-            except Exception as exc:  # another client took the device between summary and request
-                if time.monotonic() >= deadline:
-                    raise CompactDeployError(f"tracker gave no {address.key} device: {first_line(exc)}") from None
+                return _accepted(address, lambda: open_remote(address), SESSION_WAIT_S, on_wait)
+            except CompactDeployError as exc:  # another client took the device between summary and request
+                if time.monotonic() >= deadline or "access token" in str(exc):
+                    raise
         left = deadline - time.monotonic()
         if left <= 0:
             state = "every one registered is busy" if queue else "none is registered with that key"
@@ -160,20 +201,59 @@ def _request_from_tracker(address: DeviceAddress, wait_s: float, on_wait):
         time.sleep(min(1.0, max(0.05, left)))
 
 
-class Agent:
-    """A device agent process on this machine (native or under qemu), serving on 127.0.0.1."""
+def _accepted(address: DeviceAddress, open_session: Callable[[], Any], wait_s: float, on_wait):
+    """``open_session()``, saying what it waits for: a device serves one session at a time, so the
+    handshake waits while another client holds it. One line on a refusal or after ``wait_s``."""
+    done: dict[str, Any] = {}
 
-    def __init__(self, command: list[str], env: dict[str, str], description: str, start_timeout_s: float):
+    def attempt() -> None:
+        try:
+            done["remote"] = open_session()
+        except Exception as exc:  # TVM raises its own error types for a refused or foreign peer
+            done["error"] = exc
+
+    worker = threading.Thread(target=attempt, daemon=True)  # TVM's handshake cannot be cancelled
+    worker.start()
+    started = time.monotonic()
+    while worker.is_alive():
+        worker.join(timeout=2.0)
+        waited = time.monotonic() - started
+        if worker.is_alive() and waited >= wait_s:
+            raise CompactDeployError(
+                f"{address} accepted the connection but started no session within {wait_s:.0f} s: another client "
+                "holds it (a device serves one session at a time), or it is not a TVM RPC server"
+            )
+        if worker.is_alive() and on_wait:
+            on_wait(f"waiting for {address} to start a session (it serves one client at a time; {waited:.0f} s)")
+    if "error" in done:
+        if "mismatch" in str(done["error"]).lower() or "key" in str(done["error"]).lower():
+            hint = "no access token given" if address.token is None else "the access token given is not this device's"
+            raise CompactDeployError(
+                f"{address} refused the session ({hint}): give the token that 'compactdeploy device serve' printed, "
+                f"as rpc://TOKEN@HOST:PORT or in ${TOKEN_ENV}"
+            ) from None
+        raise CompactDeployError(f"{address} did not accept a TVM RPC session: {first_line(done['error'])}") from None
+    return done["remote"]
+
+
+class Agent:
+    """A device agent process on this machine (native or under qemu), serving on 127.0.0.1 and
+    requiring a fresh random access token, which ``address`` carries."""
+
+    def __init__(self, command: list[str], env: dict[str, str], description: str, start_timeout_s: float,
+                 token: str | None = None):
         self.description = description
+        self.token = token or secrets.token_urlsafe(18)
         self.process = subprocess.Popen(
-            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+            command, env={**env, TOKEN_ENV: self.token}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,
         )
         try:
             self.port = self._read_port(start_timeout_s)
         except BaseException:
             self.stop()
             raise
-        self.address = DeviceAddress("127.0.0.1", self.port)
+        self.address = DeviceAddress("127.0.0.1", self.port, token=self.token)
 
     def _read_port(self, timeout_s: float) -> int:
         selector = selectors.DefaultSelector()

@@ -7,8 +7,9 @@ left off the device. Started by ``compactdeploy device serve``; imports nothing 
 The stock TVM RPC server runs every session in a forked child, so the functions registered here
 exist in the process that loads and runs the model, and the memory they read is that process's.
 
-SECURITY: a TVM RPC server runs whatever code its clients send. Serve only on a trusted network;
-the default address is 127.0.0.1.
+SECURITY: a TVM RPC server runs whatever code its clients send. This one serves only clients that
+present its access token (``listener``); the token travels in clear text, so serve only on a
+trusted network (or over an SSH tunnel). The default address is 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import secrets
 import socket
 import sys
 import time
@@ -25,6 +27,8 @@ EMULATED_ENV = "COMPACTDEPLOY_EMULATED"
 EMULATED_CPU_ENV = "COMPACTDEPLOY_EMULATED_CPU"
 # one line on stdout tells a parent process which port the server bound
 PORT_LINE = "compactdeploy-agent-port"
+# the access token: how a launcher gives it to the agent, and how a user gives it to clients
+TOKEN_ENV = "COMPACTDEPLOY_DEVICE_TOKEN"
 
 # The model loaded by first_run, kept for the session's later calls (one model per session).
 _SESSION: dict = {}
@@ -334,11 +338,18 @@ def onnxruntime_times(onnx_name: str, input_name: str, repeat: int, warmup: int)
 
 
 def install_bundle(archive_name: str, destination: str) -> str:
-    """Unpack a shipped bundle archive to ``destination`` (verified, then renamed into place)."""
+    """Unpack a shipped bundle archive to ``destination`` (verified, then renamed into place).
+
+    A relative ``destination`` is under the agent's home directory: the session's own working
+    directory is deleted when the session ends.
+    """
     from compactdeploy.bundle_runner import BundleError, install_archive
 
+    path = os.path.expanduser(destination)
+    if not os.path.isabs(path):
+        path = os.path.join(os.path.expanduser("~"), path)
     try:
-        return json.dumps(install_archive(_workpath(archive_name), os.path.expanduser(destination)))
+        return json.dumps(install_archive(_workpath(archive_name), path))
     except BundleError as exc:
         return json.dumps({"error": str(exc)})
     except Exception as exc:  # report anything else in one line too, rather than as an RPC failure
@@ -377,32 +388,47 @@ FUNCTIONS = {
 }
 
 
-def serve(host: str, port: int, port_end: int, tracker: str | None, key: str, on_ready=None) -> None:
-    """Register the functions and serve until killed; ``on_ready(port)`` is called once bound."""
+def serve(host: str, port: int, port_end: int, tracker: str | None, key: str, token: str | None,
+          on_ready=None) -> None:
+    """Register the functions and serve until SIGTERM or Ctrl-C; ``on_ready(port)`` once bound.
+
+    ``token``: clients must present it (``listener.client_key``); None serves anyone who reaches
+    the port. Raises ``listener.ListenerDied`` when serving cannot go on.
+    """
     import tvm_ffi
-    from tvm.rpc import server as rpc_server
+    from tvm.rpc import server as _session_environment  # noqa: F401 (loads what sessions load: see below)
 
     from compactdeploy.bundle_runner import use_default_threads
+
+    from .listener import bind, listen
 
     use_default_threads()  # before any model runs; onnxruntime_times takes the same count
     for name, function in FUNCTIONS.items():
         tvm_ffi.register_global_func(name, function, override=True)
+    # only where no loaded TVM library has it (the runtime-only one): registering it before the
+    # compiler library loads makes that library's own registration abort the process
     if tvm_ffi.get_global_func("tvm.contrib.random.random_fill_for_measure", allow_missing=True) is None:
         tvm_ffi.register_global_func("tvm.contrib.random.random_fill_for_measure", random_fill_for_measure)
     tracker_addr = None
     if tracker:
         tracker_host, _, tracker_port = tracker.rpartition(":")
         tracker_addr = (tracker_host, int(tracker_port))
-    # in-process: the stock Server re-executes Python in a worker, which fails under qemu-user
-    bound = rpc_server._popen_start_rpc_server(
-        host, port, port_end, tracker_addr=tracker_addr, key=key, silent=True
-    )
+    # our own listener, in this process: the stock one dies on one bad client, and its worker
+    # re-executes Python, which fails under qemu-user
+    sock = bind(host, port, port_end)
+    bound = sock.getsockname()[1]
     print(f"{PORT_LINE} {bound}", flush=True)
     if on_ready:
         on_ready(bound)
-    # no Python SIGTERM handler: the session processes sit in TVM's C++ loop, where a Python handler
-    # would never run; the default action ends them at once
-    rpc_server.PopenRPCServerState.current.thread.join()
+    listen(sock, key, token, tracker_addr)
+
+
+def token_from_environment() -> tuple[str, bool]:
+    """The access token clients must give: ``$COMPACTDEPLOY_DEVICE_TOKEN``, else a new random one
+    (True: made here, so the user has not seen it yet). Removed from the environment: the code
+    that sessions load has no business reading it."""
+    given = os.environ.pop(TOKEN_ENV, "").strip()
+    return (given, False) if given else (secrets.token_urlsafe(18), True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -415,10 +441,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.tracker and not args.key:
         parser.error("--tracker needs --key")
+    from .listener import ListenerDied
+
+    token, made = token_from_environment()
+    if made:
+        print(f"access token: {token} (clients: rpc://TOKEN@HOST:PORT, or {TOKEN_ENV}=TOKEN)", file=sys.stderr, flush=True)
     try:
-        serve(args.host, args.port, args.port_end or args.port + 100, args.tracker, args.key)
-    except KeyboardInterrupt:
-        return 0
+        serve(args.host, args.port, args.port_end or args.port + 100, args.tracker, args.key, token)
+    except (ListenerDied, OSError) as exc:
+        print(f"error: the agent stopped serving: {exc}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -133,8 +133,11 @@ def emulated_agent(
     key: str = "",
     threads: int | None = None,
     progress: Progress | None = None,
+    token: str | None = None,
 ) -> Agent:
-    """Start the device agent under qemu-aarch64; ``mcpu`` picks the emulated CPU (cortex-a72 for rpi4)."""
+    """Start the device agent under qemu-aarch64; ``mcpu`` picks the emulated CPU (cortex-a72 for rpi4).
+
+    ``token``: the access token it requires (default: a new random one, in ``agent.address``)."""
     root = ensure_sysroot(progress)
     port = port or _free_port()
     env = {
@@ -157,7 +160,7 @@ def emulated_agent(
         command += ["--tracker", tracker, "--key", key]
     if progress:
         progress("starting the emulated device (qemu-aarch64)")
-    return Agent(command, env, "emulated device (qemu-aarch64)", start_timeout_s=180)
+    return Agent(command, env, "emulated device (qemu-aarch64)", start_timeout_s=180, token=token)
 
 
 if __name__ == "__main__":
