@@ -161,10 +161,8 @@ def use_default_threads() -> str:
     pinned to cores unless the user's ``TVM_BIND_THREADS`` says so; returns the count.
 
     Unpinned: a pinned thread whose core other work takes stalls every parallel loop until the
-    scheduler gives that core back. With one other busy process on a 2-core host a tuned
-    MobileNetV2 took 173 ms pinned, 12.9 not pinned (8.4-8.8 idle; docs/load-effect.json); idle,
-    pinning gained nothing there (MobileNetV2, ResNet-20, LeNet-5 within 2 %; README "A busy
-    machine is named").
+    scheduler gives that core back; on an idle machine pinning gained nothing measurable (figures:
+    docs/load-effect.json, docs/pinning-idle.json).
     """
     os.environ[THREADS_ENV] = threads_in_use()
     os.environ.setdefault(BIND_ENV, "0")

@@ -422,10 +422,9 @@ def to_channels_last(mod):
     """Convolutions in NHWC (``CONV_LAYOUT``), the layout carried through the operators between them.
 
     Channels innermost: MetaSchedule vectorizes over channels (multiples of 8 or 16) instead of the
-    image width (7 or 14 late in a network). Measured on this 2-core AVX-512 host, MobileNetV2's
-    kernels tuned 64 trials each in NHWC against 37-74 in NCHW: 1x1 conv 24->144 115 vs 291 us, stem
-    154 vs 376 us, stride-2 depthwise 175 vs 433 us (one-off script; README "Tuning"). Where TVM's layout pass cannot handle a model
-    (an operator it has no layout rule for), the model keeps its layout, with a warning: correct, slower.
+    image width (7 or 14 late in a network), which tuned 2-3x faster (README "Tuning"). Where TVM's
+    layout pass cannot handle a model (an operator it has no layout rule for), the model keeps its
+    layout, with a warning: correct, slower.
     """
     import warnings
 
@@ -628,8 +627,8 @@ def tune(
         builder = None
         try:
             with _interrupt_between_batches(database) as interrupt:
-                # kernels tuned before their unscheduled form was measured on this device (on host,
-                # every database before 2026-11-30): measured once, so that tiny kernels can keep it
+                # kernels tuned before their unscheduled form was measured on this device (databases
+                # of older versions): measured once, so that tiny kernels can keep it
                 unmeasured = [i for i, s in enumerate(states) if s.trials and not records.has_unscheduled(s.workload_hash)]
                 if unmeasured or todo or next_by_measured_time(states, trials) is not None:
                     measuring_starts()
@@ -1055,7 +1054,7 @@ def _device_type(target) -> str:
 
 def _device_name(device_type: str) -> str:
     """"cpu" for the target kind "llvm": TVM 0.27's runtime and RPC sessions know device names only
-    ("Unknown device: llvm"); until 2026-11-30 every unscheduled candidate of a host build failed so, unseen."""
+    ("Unknown device: llvm")."""
     return "cpu" if device_type == "llvm" else device_type
 
 
@@ -1190,8 +1189,8 @@ def rpc_runner(address, after_pause: bool = False):
 
     evaluator = _remote_pause_evaluator if after_pause else None
 
-    def connect_server(_config):
-        from .device import open_remote
+    def connect_server(_config):  # runs in MetaSchedule's worker process: an absolute import
+        from compactdeploy.device import open_remote
 
         return open_remote(address, session_timeout=120)  # through the tracker when it has a key
 

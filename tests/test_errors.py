@@ -227,3 +227,111 @@ def test_a_thread_count_under_one_is_refused_before_anything_runs(capsys, out, c
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and "--threads" in err[-1] and ">=1" in err[-1], err
     assert_nothing_written(out)
+
+
+# --- user mistakes that once ended as "internal error", each now one line and exit 2 ----------
+
+def _npz(path: Path, x, y) -> Path:
+    import numpy as np
+
+    np.savez(path, x=x, y=y)
+    return path
+
+
+def _bad_datasets(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    import numpy as np
+
+    labels = np.arange(20) % 2
+    nan = np.random.default_rng(0).random((20, 8, 8)).astype(np.float32)
+    nan[3, 1, 1] = np.nan
+    return {
+        "strings": (_npz(tmp_path / "s.npz", np.array(["a"] * 20), labels), "must hold real numbers"),
+        "1-D": (_npz(tmp_path / "a.npz", np.zeros(20, np.float32), labels), "give (N, FEATURES)"),
+        "5-D": (_npz(tmp_path / "b.npz", np.zeros((20, 1, 2, 2, 2), np.float32), labels), "give (N, FEATURES)"),
+        "scalar": (_npz(tmp_path / "c.npz", np.float32(1), labels), "give (N, FEATURES)"),
+        "huge label": (_npz(tmp_path / "d.npz", np.zeros((20, 4), np.float32), labels * 10**9), "class indices 0..K-1"),
+        "NaN": (_npz(tmp_path / "e.npz", nan, labels), "NaN or infinite values in 1 samples"),
+    }
+
+
+@pytest.mark.parametrize("case", ["strings", "1-D", "5-D", "scalar", "huge label", "NaN"])
+def test_a_dataset_file_the_model_cannot_use_is_refused(capsys, out, tmp_path, case):
+    path, expected = _bad_datasets(tmp_path)[case]
+    message = error_of(capsys, "build", "--model", "lenet5", "--target", "host", "--data", path, "--out", out)
+    assert expected in message and str(path.name) in message
+    assert_nothing_written(out)
+
+
+def _weights(tmp_path: Path, kind: str) -> Path:
+    path = tmp_path / f"{kind}.pt"
+    if kind == "no-state-dict":
+        from compactdeploy.zoo import CHECKPOINT_FORMAT
+
+        torch.save({"format": CHECKPOINT_FORMAT, "model": "lenet5"}, path)
+    else:
+        good = tmp_path / "good.pt"
+        torch.save(create_model("lenet5").module.state_dict(), good)
+        data = good.read_bytes()
+        path.write_bytes(data[: len(data) // 3] if kind == "truncated" else bytes(range(256)) * 40)
+    return path
+
+
+@pytest.mark.parametrize("kind,expected", [
+    ("no-state-dict", "without its state_dict"),
+    ("truncated", "truncated or damaged"),
+    ("garbage", "not a PyTorch weights file"),
+])
+def test_weights_that_are_garbage_truncated_or_incomplete_say_so(capsys, out, tmp_path, kind, expected):
+    message = error_of(capsys, "build", "--model", "lenet5", "--target", "host", "--weights", _weights(tmp_path, kind), "--out", out)
+    assert expected in message and "Errno" not in message
+    assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--input-shape", "3,100000,100000"], "more than the"),
+    (["--model-arg", "input_size=100000"], "more than the"),
+    (["--model-arg", "num_classes=0"], "output is empty"),
+    (["--warmup", "-1"], "--warmup"),
+    (["--calibration-samples", "0", "--prune", "apoz:0.5", "--data", "digits"], "--calibration-samples"),
+    (["--finetune-epochs", "-1"], "--finetune-epochs"),
+    (["--device-wait", "-1"], "--device-wait"),
+])
+def test_impossible_option_values_are_refused_before_any_work(capsys, out, args, expected):
+    message = error_of(capsys, "build", "--model", "lenet5", "--target", "host", *args, "--out", out)
+    assert expected in message
+    assert_nothing_written(out)
+
+
+def test_out_under_a_file_or_where_nothing_can_be_written(capsys, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    message = error_of(capsys, "build", "--model", "lenet5", "--target", "host", "--out", afile / "o")
+    assert "is a file, not a directory" in message and afile.read_text() == "mine"
+    message = error_of(capsys, "train", "--model", "lenet5", "--data", "digits", "--out", afile / "x.pt")
+    assert "is a file, not a directory" in message
+    if Path("/proc/self").is_dir():  # a directory nothing can be created in, even by root
+        message = error_of(capsys, "build", "--model", "lenet5", "--target", "host", "--out", "/proc/compactdeploy-o")
+        assert "cannot write in /proc" in message
+
+
+@pytest.mark.parametrize("args,expected", [(["--lr", "-1"], "--lr"), (["--batch-size", "0"], "--batch-size")])
+def test_training_options_out_of_range_are_refused(capsys, tmp_path, args, expected):
+    message = error_of(capsys, "train", "--model", "lenet5", "--data", "digits", *args, "--out", tmp_path / "t.pt")
+    assert expected in message and not (tmp_path / "t.pt").exists()
+
+
+def test_run_refuses_an_npz_input_a_negative_bench_and_an_output_under_a_file(capsys, host_build, tmp_path):
+    import numpy as np
+
+    from compactdeploy.bundle_runner import main as run_py
+
+    x = np.load(host_build / "sample_input.npy")
+    np.savez(tmp_path / "x.npz", x=x)
+    assert "is an .npz archive" in error_of(capsys, "run", host_build, "--input", tmp_path / "x.npz")
+    assert "--bench" in error_of(capsys, "run", host_build, "--bench", "-5")
+    assert run_py([str(host_build), "--bench", "-5"]) == 2  # the bundle's own run.py, too
+    assert "at least 1" in capsys.readouterr().err
+    np.save(tmp_path / "x.npy", x)
+    (tmp_path / "afile").write_text("mine")
+    message = error_of(capsys, "run", host_build, "--input", tmp_path / "x.npy", "--output", tmp_path / "afile" / "y.npy")
+    assert "cannot write --output" in message and (tmp_path / "afile").read_text() == "mine"

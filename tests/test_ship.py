@@ -286,3 +286,26 @@ def test_ship_over_rpc_to_the_emulated_pi_and_run_there_matches_onnxruntime(emul
     on_pi = np.load(tmp_path / "y.npy")
     assert np.abs(on_pi - run_onnxruntime(destination / "model.onnx", x)).max() <= 1e-4
     assert read_json(destination / "manifest.json")["target"]["arch"] == "aarch64"
+
+
+def test_ship_over_ssh_into_a_home_directory_installs_inside_it(bundle, sshd, tmp_path, capsys):
+    home = tmp_path / "device" / "home" / "pi"
+    home.mkdir(parents=True)
+    (home / "thesis.tex").write_text("years of work")
+    assert run_cli("ship", bundle, "--to", f"ssh://device:{home}", "--ssh-config", sshd) == 0
+    assert (home / "thesis.tex").read_text() == "years of work"
+    verify(home / "lenet5")
+    assert str(home / "lenet5") in capsys.readouterr().out
+    # a second ship replaces that bundle, and only it
+    assert run_cli("ship", bundle, "--to", f"ssh://device:{home}", "--ssh-config", sshd) == 0
+    assert "replacing the bundle that was there" in capsys.readouterr().out
+    assert sorted(p.name for p in home.iterdir()) == ["lenet5", "thesis.tex"]
+    # a directory of the bundle's name holding other files is refused, untouched
+    (home / "lenet5" / "notes.txt").write_text("mine")
+    other = tmp_path / "device" / "home" / "other"
+    (other / "lenet5").mkdir(parents=True)
+    (other / "lenet5" / "data.csv").write_text("1,2")
+    assert run_cli("ship", bundle, "--to", f"ssh://device:{other}", "--ssh-config", sshd) == 2
+    assert "is not a compactdeploy bundle" in capsys.readouterr().err
+    assert sorted(p.name for p in (other / "lenet5").iterdir()) == ["data.csv"]
+    assert sorted(p.name for p in other.iterdir()) == ["lenet5"]  # no staging left behind

@@ -58,8 +58,8 @@ def parse_device(text: str) -> DeviceAddress:
     match = _ADDRESS.match(text.strip())
     if not match or not 0 < int(match["port"]) < 65536:
         raise CompactDeployError(
-            f"device address {_without_token(text)!r} is not rpc://[TOKEN@]HOST:PORT (a server) or "
-            "rpc://[TOKEN@]HOST:PORT/KEY (a tracker and a device key)"
+            f"device address {_without_token(text)!r} is not rpc://HOST:PORT (a server) or rpc://HOST:PORT/KEY "
+            "(a tracker and a device key), with TOKEN@ before HOST to give the device's access token"
         )
     token = match["token"] or os.environ.get(TOKEN_ENV, "").strip() or None
     return DeviceAddress(match["host"].strip("[]"), int(match["port"]), match["key"], token)
@@ -226,7 +226,7 @@ def _accepted(address: DeviceAddress, open_session: Callable[[], Any], wait_s: f
         if worker.is_alive() and on_wait:
             on_wait(f"waiting for {address} to start a session (it serves one client at a time; {waited:.0f} s)")
     if "error" in done:
-        if "mismatch" in str(done["error"]).lower() or "key" in str(done["error"]).lower():
+        if "matches key" in str(done["error"]):  # TVM's words for the server's refusal of the handshake
             hint = "no access token given" if address.token is None else "the access token given is not this device's"
             raise CompactDeployError(
                 f"{address} refused the session ({hint}): give the token that 'compactdeploy device serve' printed, "

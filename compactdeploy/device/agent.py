@@ -126,9 +126,8 @@ def memory(reset: int) -> str:
 
 
 # Other work's share of the machine's CPU time from which a measurement is called busy. TVM puts a
-# thread on every core and each parallel loop waits for its slowest: one spinning process on a
-# 2-core host took a tuned MobileNetV2 from 8.8 to 12.9 ms (173 ms with TVM's threads pinned;
-# docs/load-effect.json). 15 % leaves room for a device's daemons
+# thread on every core and each parallel loop waits for its slowest, so a little other work slows
+# a model a lot (docs/load-effect.json); 15 % leaves room for a device's daemons
 BUSY_SHARE = 0.15
 
 

@@ -173,7 +173,7 @@ def serve_session(conn: socket.socket, address, options: dict[str, float]) -> in
         while status is None:
             done, raw = os.waitpid(pid, os.WNOHANG)
             if done:
-                status = os.waitstatus_to_exitcode(raw)
+                status = os.WEXITSTATUS(raw) if os.WIFEXITED(raw) else -os.WTERMSIG(raw)  # Python 3.8 too
                 break
             if deadline is not None and time.monotonic() > deadline:
                 log(f"session from {address[0]} ran past its {timeout:.0f} s timeout; ended")
