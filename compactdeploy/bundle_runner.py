@@ -162,7 +162,7 @@ def use_default_threads() -> str:
 
     Unpinned: a pinned thread whose core other work takes stalls every parallel loop until the
     scheduler gives that core back; on an idle machine pinning gained nothing measurable (figures:
-    docs/load-effect.json, docs/pinning-idle.json).
+    docs/benchmarks/load-effect.json, docs/benchmarks/pinning-idle.json).
     """
     os.environ[THREADS_ENV] = threads_in_use()
     os.environ.setdefault(BIND_ENV, "0")

@@ -4,7 +4,7 @@ The records go into one database per (target, device, TVM version) under the cac
 Every build applies what that database holds, so a second build of a model tunes nothing and a
 pruned variant reuses the record of every kernel shape it shares with models tuned before.
 
-Two things make MetaSchedule usable on a 2-core machine (see docs/tuning-benchmark.md):
+Two things make MetaSchedule usable on a 2-core machine (see docs/benchmarks/tuning-benchmark.md):
 its stock builder starts a fresh process pool for every batch and each worker imports
 ``tvm.s_tir.tensor_intrin`` (about 25 s here) before its first build; ours keeps two warm workers
 for the whole run and builds without that import (float32 CPU schedules use no tensor intrinsics).
@@ -422,7 +422,7 @@ def to_channels_last(mod):
     """Convolutions in NHWC (``CONV_LAYOUT``), the layout carried through the operators between them.
 
     Channels innermost: MetaSchedule vectorizes over channels (multiples of 8 or 16) instead of the
-    image width (7 or 14 late in a network), which tuned 2-3x faster (README "Tuning"). Where TVM's
+    image width (7 or 14 late in a network), which tuned 2-3x faster (docs/tuning.md). Where TVM's
     layout pass cannot handle a model (an operator it has no layout rule for), the model keeps its
     layout, with a warning: correct, slower.
     """
@@ -989,7 +989,7 @@ def pick_records(todo, database: TuningDatabase, builder, runner, say, interrupt
 
     Tuning times a candidate warm, back to back, and keeps the fastest of thousands of noisy
     timings; a kernel inside the model runs once, after other kernels, its weights partly out of
-    the caches. MobileNetV2 on the 2-core AMD host (tools/rerank_records.py, README "Tuning"): each
+    the caches. MobileNetV2 on the 2-core AMD host (tools/rerank_records.py, docs/tuning.md): each
     kernel's second-fastest record made a faster model than the fastest (8 of 8 runs), and picking
     among the four fastest by time after a pause took it from 1.11 to 1.03x onnxruntime. Each
     kernel's pick is saved as it is made, so an interrupted build keeps the picks done.

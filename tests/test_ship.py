@@ -66,7 +66,7 @@ def test_run_matches_onnxruntime_and_benches(bundle, tmp_path, capsys):
     out = capsys.readouterr().out
     assert '"runs": 30' in out
     assert f'"threads": "{os.environ.get("TVM_NUM_THREADS", default_threads())}"' in out
-    # not pinned to cores unless the user asks with TVM_BIND_THREADS=1 (README "A busy machine is named")
+    # not pinned to cores unless the user asks with TVM_BIND_THREADS=1 (docs/tuning.md, "A busy machine is named")
     pinned = os.environ.get("TVM_BIND_THREADS", "0") == "1"
     assert f'"threads_pinned": {str(pinned).lower()}' in out
 

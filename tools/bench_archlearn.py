@@ -8,7 +8,7 @@ number of training epochs as the three-point ``gates`` sweep. Every resulting mo
 this host with compactdeploy (ONNX, TVM), so accuracy, parameters, the gzip-compressed ONNX size and
 TVM latency (median of 100 runs, measured on this host) come from the same pipeline.
 
-Writes docs/archlearn-benchmark.md, .json and .png. Usage: .venv/bin/python tools/bench_archlearn.py
+Writes docs/benchmarks/archlearn-benchmark.md, .json and .png. Usage: .venv/bin/python tools/bench_archlearn.py
 (about ten minutes on 2 cores).
 """
 
@@ -37,7 +37,7 @@ SETUPS = [
     ("LeNet-300-100 on MNIST-1D", "lenet300", {}, "mnist1d", {"hidden1": 300, "hidden2": 100}),
 ]
 # strengths from where they start to act up to just before the network collapses (0.01 closes every
-# gate of both networks: see the README)
+# gate of both networks: see docs/methods.md)
 RUNS = [("gates", 0.001), ("gates", 0.002), ("gates", 0.003), ("gdropout", 1.0), ("gdropout", 3.0),
         ("sparse", 1e-4), ("sparse", 1e-3)]
 BO_TRIALS = 3  # x EPOCHS each = the budget of the three gates runs

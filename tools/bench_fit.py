@@ -8,7 +8,7 @@ fine-tuned the same number of epochs:
 - flops:   the same greedy allocation and importance as the loop, but paying in MACs instead of
            measured milliseconds; the largest model on that trajectory measuring within the budget.
 Every latency is a whole-model median measured on this host (TVM, untuned unless the tuning
-database holds records). Writes docs/fit-benchmark.{md,json,png}; progress goes to stderr.
+database holds records). Writes docs/benchmarks/fit-benchmark.{md,json,png}; progress goes to stderr.
 """
 
 from __future__ import annotations

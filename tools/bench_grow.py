@@ -8,7 +8,7 @@ measured on this host), all given the same extra training epochs:
 - uniform: every growable group widened by the same factor, the largest whose build measures
            within the budget (bisection), then fine-tuned the same way.
 Every latency is a whole-model median measured on this host (TVM, no tuning records); accuracies
-are on digits' fixed 20 % test split. Writes docs/grow-benchmark.{md,json,png}; progress on stderr.
+are on digits' fixed 20 % test split. Writes docs/benchmarks/grow-benchmark.{md,json,png}; progress on stderr.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ random. Here: the same network on scikit-learn's digits (8x8, upsampled to 28x28
 360 test images), and LeNet-300-100 on MNIST-1D (generated locally) for its 300-neuron layer; every
 method of compactdeploy at each count, without fine-tuning and after a short fine-tune.
 
-Writes docs/pruning-benchmark.md, .json and .png. Usage: .venv/bin/python tools/bench_pruning.py
+Writes docs/benchmarks/pruning-benchmark.md, .json and .png. Usage: .venv/bin/python tools/bench_pruning.py
 (about a minute on 2 cores; --quick for a smoke run).
 """
 

@@ -8,7 +8,7 @@ is timed in one process, interleaved round by round, all with the same thread co
 random (seeded): latency does not depend on their values. Also: compile and tuning time per model,
 and what a warm database saves when a pruned variant of LeNet-5 is tuned (when lenet5 is among --models).
 
-Writes docs/tuning-benchmark.md, .json and .png. Usage:
+Writes docs/benchmarks/tuning-benchmark.md, .json and .png. Usage:
     .venv/bin/python tools/bench_tuning.py [--trials-per-kernel 32] [--models lenet5,resnet20]
         [--trials resnet20=2000,mobilenetv2=2000]
 The database lives under the cache (bench-tuning/): a rerun resumes the tuning, and reports the

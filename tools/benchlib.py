@@ -9,7 +9,7 @@ from pathlib import Path
 
 from compactdeploy.bundle import write_json as write_json_atomically
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
 
 
 def meta(script: str, seconds: float, **settings) -> dict:
@@ -37,7 +37,7 @@ def cpu_description() -> str:
 
 
 def write_json(name: str, info: dict, rows: list[dict], **extra) -> None:
-    """``docs/NAME.json``: ``meta``, ``rows`` and any ``extra`` sections (e.g. every run behind the rows)."""
+    """``docs/benchmarks/NAME.json``: ``meta``, ``rows`` and any ``extra`` sections (e.g. every run behind the rows)."""
     DOCS.mkdir(exist_ok=True)
     # atomic: an interrupted write leaves the previous results whole
     write_json_atomically(DOCS / f"{name}.json", {"meta": info, "rows": rows, **extra})
@@ -81,7 +81,7 @@ def pyplot():
 
 
 def save_figure(figure, axes, name: str) -> None:
-    """Label every panel's accuracy axis, put the legend on the first, write docs/NAME.png."""
+    """Label every panel's accuracy axis, put the legend on the first, write docs/benchmarks/NAME.png."""
     for ax in axes.flat:
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
@@ -92,7 +92,7 @@ def save_figure(figure, axes, name: str) -> None:
 
 def plot_accuracy_at_latency(rows: list[dict], markers: dict[str, str], ylabel: str, name: str) -> None:
     """One panel per model: each strategy's accuracy against its measured latency, the budgets dashed;
-    writes docs/NAME.png. Rows carry model, strategy, measured_ms, accuracy (0-1) and budget_ms."""
+    writes docs/benchmarks/NAME.png. Rows carry model, strategy, measured_ms, accuracy (0-1) and budget_ms."""
     plt = pyplot()
     models = sorted({r["model"] for r in rows})
     figure, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)

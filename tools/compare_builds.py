@@ -13,7 +13,7 @@ runs minutes apart on a 2-core VM), so ``--runs N`` repeats the whole comparison
 in one process, and the rows summarise the runs: each build's ratio to onnxruntime per run, their
 median and range, and in how many runs its kernels inside the model summed lowest.
 
-Writes docs/compare-builds-NAME.json (``rows``: the summary, ``runs``: every run's rows) after every
+Writes docs/benchmarks/compare-builds-NAME.json (``rows``: the summary, ``runs``: every run's rows) after every
 run, atomically, so an interrupted comparison keeps the runs it finished; prints a line per build and run.
 """
 
@@ -41,7 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--onnx", type=Path, required=True, help="the model, for onnxruntime and its input shape")
     parser.add_argument("--builds", required=True, metavar="LABEL=MODEL.so,...")
-    parser.add_argument("--name", required=True, help="results go to docs/compare-builds-NAME.json")
+    parser.add_argument("--name", required=True, help="results go to docs/benchmarks/compare-builds-NAME.json")
     parser.add_argument("--runs", type=int, default=1, help="repeat the whole comparison this many times (default 1)")
     parser.add_argument("--pause", type=float, default=60.0, help="seconds between runs (default 60)")
     args = parser.parse_args()

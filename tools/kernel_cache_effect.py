@@ -7,7 +7,7 @@ how much of that gap the caches, the thread split and the machine's other work e
 
 Reads the tuned libraries tools/bench_tuning.py built (run it first); host only. Usage:
     .venv/bin/python tools/kernel_cache_effect.py [--models resnet20,mobilenetv2]
-Writes docs/kernel-cache-effect.json and prints a line per model and the kernels most affected.
+Writes docs/benchmarks/kernel-cache-effect.json and prints a line per model and the kernels most affected.
 """
 
 from __future__ import annotations

@@ -5,15 +5,15 @@
 share of the CPU that other work took (compactdeploy.device.agent.load_between, as reports give it).
 
 Why it matters: tuning keeps the times it measures and builds apply them later, and the benchmark's
-figure is the report's; a device that shares its cores runs the model the same way (README "A busy
-machine is named"). Each setting runs in a fresh process, since TVM reads them when its thread pool
+figure is the report's; a device that shares its cores runs the model the same way (docs/tuning.md, "A
+busy machine is named"). Each setting runs in a fresh process, since TVM reads them when its thread pool
 starts. Reads the tuned library tools/bench_tuning.py built (run it first); host only. Usage:
     .venv/bin/python tools/load_effect.py [--model mobilenetv2] [--rounds 6]
-Writes docs/load-effect.json and prints a line per spinner count and setting.
+Writes docs/benchmarks/load-effect.json and prints a line per spinner count and setting.
 
 --idle asks only what not pinning costs when nothing else runs: for each model, processes pinned
 and not pinned alternate, one fresh process each per round, each timing about a second of runs;
-writes docs/pinning-idle.json:
+writes docs/benchmarks/pinning-idle.json:
     .venv/bin/python tools/load_effect.py --idle --models mobilenetv2,lenet5 [--rounds 20]
 """
 

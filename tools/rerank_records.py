@@ -18,7 +18,7 @@ model the benchmark tuned (tools/bench_tuning.py: its ONNX file and database), t
 
 Compare them end to end with tools/compare_builds.py (the command is printed). Host only. Usage:
     .venv/bin/python tools/rerank_records.py --model mobilenetv2 [--top 4]
-Writes docs/rerank-records-MODEL.json (each kernel's times per rank and the rank picked) and the
+Writes docs/benchmarks/rerank-records-MODEL.json (each kernel's times per rank and the rank picked) and the
 builds under ~/.cache/compactdeploy/bench-tuning/MODEL/rerank/.
 """
 

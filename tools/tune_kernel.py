@@ -15,7 +15,7 @@ database's records of all the model's kernels. Host only; the figures are this m
     .venv/bin/python tools/tune_kernel.py --model resnet20 --kernels 0 --fresh --layout NCHW --trials 64
     .venv/bin/python tools/tune_kernel.py --model mobilenetv2 --kernels 5 --trials 64 --cost-model fresh
 
-Writes docs/kernel-tuning.json (every batch of every kernel tuned, and the command).
+Writes docs/benchmarks/kernel-tuning.json (every batch of every kernel tuned, and the command).
 """
 
 from __future__ import annotations

@@ -127,7 +127,7 @@ def memory(reset: int) -> str:
 
 # Other work's share of the machine's CPU time from which a measurement is called busy. TVM puts a
 # thread on every core and each parallel loop waits for its slowest, so a little other work slows
-# a model a lot (docs/load-effect.json); 15 % leaves room for a device's daemons
+# a model a lot (docs/benchmarks/load-effect.json); 15 % leaves room for a device's daemons
 BUSY_SHARE = 0.15
 
 
