@@ -299,7 +299,7 @@ def install_path(destination: Path, name: str) -> Path:
     """
     if not (destination.exists() or destination.is_symlink()) or replaceable(destination):
         return destination
-    if destination.is_symlink() or not destination.is_dir():
+    if not destination.is_dir():  # a link to a directory is a directory to install in, never replaced
         raise BundleError(f"{destination} exists and is not a directory; choose another destination")
     inside = destination / name
     if (inside.exists() or inside.is_symlink()) and not replaceable(inside):
@@ -340,8 +340,8 @@ def install_archive(archive_path: str | Path, destination: str | Path) -> dict:
                 extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
                 archive.extractall(staging, members=members, **extra)
                 manifest = verify(staging / name, check_machine=False)
-                replaced = target.exists()
-                if replaced:
+                replaced = target.exists() and any(target.iterdir())  # not just an empty directory
+                if target.exists():
                     os.replace(target, staging / ".previous")
                 os.replace(staging / name, target)
             finally:

@@ -115,7 +115,7 @@ replaceable() {  # empty, or a compactdeploy bundle holding only files its SHA25
 }
 dest=$1
 if { [ -e "$dest" ] || [ -L "$dest" ]; } && ! replaceable "$dest"; then
-    if [ -L "$dest" ] || [ ! -d "$dest" ]; then
+    if [ ! -d "$dest" ]; then  # a link to a directory is a directory to install in, never replaced
         echo "refused: $dest exists and is not a directory; choose another destination" >&2; exit 3
     fi
     dest=$dest/$2
@@ -133,7 +133,10 @@ trap 'exit 1' HUP INT TERM
 tar -xzf - -C "$staging" --no-same-owner
 (cd -- "$staging/$2" && sha256sum -c --quiet SHA256SUMS)
 replaced=no
-if [ -e "$dest" ]; then mv -- "$dest" "$staging/.previous"; replaced=yes; fi
+if [ -e "$dest" ]; then
+    [ -n "$(ls -A "$dest")" ] && replaced=yes
+    mv -- "$dest" "$staging/.previous"
+fi
 mv -- "$staging/$2" "$dest"
 echo "$replaced $dest"
 """

@@ -821,6 +821,8 @@ def _interrupt_between_batches(database: TuningDatabase) -> Iterator[_Interrupt]
     seconds into a search, and two Ctrl-C before then arrive as one. Signal numbers written to a
     wakeup pipe by the C-level handler, read by a thread, count every press as it happens.
     Only the main thread can own SIGINT, and an application's own handler is left alone.
+    SIGTERM (a supervisor, ``kill``) counts as a Ctrl-C here too: raised as an exception mid-search
+    it would meet the same C++ frames.
     """
     interrupt = _Interrupt()
     owned = threading.current_thread() is threading.main_thread() and \
@@ -834,7 +836,7 @@ def _interrupt_between_batches(database: TuningDatabase) -> Iterator[_Interrupt]
 
     def watch() -> None:
         while data := os.read(read_end, 64):  # empty once tuning is over and the pipe closed
-            for _ in range(data.count(signal.SIGINT)):
+            for _ in range(data.count(signal.SIGINT) + data.count(signal.SIGTERM)):
                 if interrupt.requested:
                     os.write(2, f"\nerror: tuning stopped at once; {database.resume_hint()}\n".encode())
                     os._exit(2)  # nothing published is lost; the kernel releases the database lock
@@ -842,6 +844,7 @@ def _interrupt_between_batches(database: TuningDatabase) -> Iterator[_Interrupt]
                 os.write(2, b"\ninterrupted: finishing the batch in flight, then stopping (Ctrl-C again to stop at once)\n")
 
     signal.signal(signal.SIGINT, lambda signum, frame: None)  # the C-level handler feeds the pipe
+    previous_sigterm = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     previous_wakeup = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
     watcher = threading.Thread(target=watch, name="compactdeploy-ctrl-c", daemon=True)
     watcher.start()
@@ -850,6 +853,7 @@ def _interrupt_between_batches(database: TuningDatabase) -> Iterator[_Interrupt]
     finally:
         signal.set_wakeup_fd(previous_wakeup)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, previous_sigterm)
         os.close(write_end)
         watcher.join()
         os.close(read_end)

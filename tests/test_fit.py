@@ -357,7 +357,7 @@ def test_a_device_lost_mid_search_keeps_the_measurements_and_resumes(tmp_path, l
     def config(device, resume):
         return BuildConfig(
             model="lenet5", weights=lenet5_checkpoint, data="digits", target="host", out=tmp_path / "fit",
-            latency_budget="75%", repeat=20, device=str(device), resume=resume, seed=1,
+            latency_budget="75%", repeat=20, device=device.url(), resume=resume, seed=1,
         )
 
     with local_agent() as agent:

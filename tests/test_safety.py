@@ -80,6 +80,13 @@ def test_unpack_replaces_an_empty_directory_or_a_bundle_but_nothing_else(archive
     assert err.count("\n") == 0 and "is not a compactdeploy bundle" in err and "choose another destination" in err
     assert (other / "lenet5" / "data.csv").read_text() == "1,2,3"
     assert sorted(p.name for p in (other / "lenet5").iterdir()) == ["data.csv"]
+    # a link to a directory (a models folder on another disk) is installed in, never replaced
+    real = tmp_path / "disk" / "models"
+    real.mkdir(parents=True)
+    (tmp_path / "models").symlink_to(real, target_is_directory=True)
+    assert install_archive(archive, tmp_path / "models")["path"] == str(tmp_path / "models" / "lenet5")
+    assert (tmp_path / "models").is_symlink()
+    verify(real / "lenet5")
     # a file is never replaced
     afile = tmp_path / "afile"
     afile.write_text("x")

@@ -431,8 +431,10 @@ def test_damaged_picks_of_the_second_timing_are_named_in_one_line(capsys, tmp_pa
     assert "delete that file and build again" in message
 
 
-def test_ctrl_c_during_a_tuned_build_keeps_its_batches_and_the_same_command_resumes(tmp_path):
-    """As a user's Ctrl-C: SIGINT to the build's whole process group (builder workers included)."""
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_ctrl_c_during_a_tuned_build_keeps_its_batches_and_the_same_command_resumes(tmp_path, how):
+    """As a user's Ctrl-C: SIGINT to the build's whole process group (builder workers included);
+    or as ``kill``: SIGTERM to the build's process, handled the same way."""
     cache, out = tmp_path / "cache", tmp_path / "out"
     env = {**os.environ, "COMPACTDEPLOY_CACHE": str(cache), "PYTHONWARNINGS": "ignore"}
     command = [
@@ -450,7 +452,10 @@ def test_ctrl_c_during_a_tuned_build_keeps_its_batches_and_the_same_command_resu
     while records() < 2 and build.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)  # until the first kernel's search batch is published
     assert build.poll() is None, "the build ended before it could be interrupted"
-    os.killpg(build.pid, signal.SIGINT)
+    if how == "ctrl-c":
+        os.killpg(build.pid, signal.SIGINT)
+    else:
+        os.kill(build.pid, signal.SIGTERM)
     _, stderr = build.communicate(timeout=120)
     assert build.returncode == 2, stderr[-2000:]
     assert "interrupted: finishing the batch in flight, then stopping (Ctrl-C again to stop at once)" in stderr
