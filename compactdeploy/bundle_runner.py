@@ -58,12 +58,7 @@ def verify(bundle: str | Path, check_machine: bool = True) -> dict:
     sums_path, manifest_path = bundle / SUMS, bundle / MANIFEST
     if not manifest_path.is_file() or not sums_path.is_file():
         raise BundleError(f"{bundle} is not a compactdeploy bundle (no {MANIFEST} or {SUMS})")
-    sums = {}
-    for line in sums_path.read_text().splitlines():
-        digest, _, name = line.partition("  ")
-        if not name or "/" in name or name.startswith("."):
-            raise BundleError(f"{sums_path} has a malformed line: {line[:80]!r}")
-        sums[name] = digest
+    sums = read_sums(sums_path)
     for name, digest in sums.items():
         path = bundle / name
         if not path.is_file() or path.is_symlink():
@@ -99,6 +94,18 @@ def verify(bundle: str | Path, check_machine: bool = True) -> dict:
                 f"{bundle} is built for {built_for} (target {manifest['target']['name']}); this machine is {here}"
             )
     return manifest
+
+
+def read_sums(sums_path: Path) -> dict[str, str]:
+    """``SHA256SUMS`` as {file name: sha256}; BundleError on a line that is not ``DIGEST  NAME``
+    with a plain name (no directory, not hidden)."""
+    sums = {}
+    for line in sums_path.read_text().splitlines():
+        digest, _, name = line.partition("  ")
+        if not name or "/" in name or name.startswith("."):
+            raise BundleError(f"{sums_path} has a malformed line: {line[:80]!r}")
+        sums[name] = digest
+    return sums
 
 
 def write_sums(bundle: Path) -> None:
@@ -282,8 +289,8 @@ def replaceable(directory: Path) -> bool:
         return True
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
-        listed = {line.partition("  ")[2] for line in (directory / SUMS).read_text().splitlines()}
-    except (OSError, ValueError):
+        listed = read_sums(directory / SUMS)
+    except (OSError, ValueError, BundleError):
         return False
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         return False

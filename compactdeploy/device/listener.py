@@ -171,11 +171,13 @@ def serve_session(conn: socket.socket, address, options: dict[str, float]) -> in
     status = None
     try:
         while status is None:
-            done, raw = os.waitpid(pid, os.WNOHANG)
+            # blocking where there is no deadline: no wake-ups while the session times a model (a
+            # signal still interrupts the wait: its handler raises)
+            done, raw = os.waitpid(pid, 0 if deadline is None else os.WNOHANG)
             if done:
                 status = os.WEXITSTATUS(raw) if os.WIFEXITED(raw) else -os.WTERMSIG(raw)  # Python 3.8 too
                 break
-            if deadline is not None and time.monotonic() > deadline:
+            if time.monotonic() > deadline:
                 log(f"session from {address[0]} ran past its {timeout:.0f} s timeout; ended")
                 with contextlib.suppress(Exception):
                     from tvm.rpc import _ffi_api
@@ -184,7 +186,7 @@ def serve_session(conn: socket.socket, address, options: dict[str, float]) -> in
                 _end(pid)
                 status = -signal.SIGKILL
                 break
-            time.sleep(0.05)
+            time.sleep(0.2)
     finally:
         if status is None:  # interrupted (SIGTERM): the session ends with the agent
             _end(pid)
