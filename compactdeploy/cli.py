@@ -516,7 +516,7 @@ def serve(host, port, tracker, key, emulate_target, threads) -> None:
         # plain lines (rich would wrap them, and a wrapped token cannot be copied)
         click.echo(f"serving {what} on rpc://{host}:{bound} ({where}); Ctrl-C stops", err=True)
         if made:  # printed once; a supervisor that restarts the agent should set the variable instead
-            click.echo(f"access token: {token} (clients: rpc://{token}@{host}:{bound}, or {agent.TOKEN_ENV}={token})", err=True)
+            click.echo(agent.token_line(token, host, bound), err=True)
 
     if emulate_target is None:
         import os

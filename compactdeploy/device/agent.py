@@ -430,6 +430,11 @@ def token_from_environment() -> tuple[str, bool]:
     return (given, False) if given else (secrets.token_urlsafe(18), True)
 
 
+def token_line(token: str, host: str, port: int) -> str:
+    """How a token the agent made is shown, once: with the address a client gives it in."""
+    return f"access token: {token} (clients: rpc://{token}@{host}:{port}, or {TOKEN_ENV}={token})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="compactdeploy device agent (a TVM RPC server)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -443,10 +448,13 @@ def main(argv: list[str] | None = None) -> int:
     from .listener import ListenerDied
 
     token, made = token_from_environment()
-    if made:
-        print(f"access token: {token} (clients: rpc://TOKEN@HOST:PORT, or {TOKEN_ENV}=TOKEN)", file=sys.stderr, flush=True)
+
+    def ready(bound: int) -> None:
+        if made:
+            print(token_line(token, args.host, bound), file=sys.stderr, flush=True)
+
     try:
-        serve(args.host, args.port, args.port_end or args.port + 100, args.tracker, args.key, token)
+        serve(args.host, args.port, args.port_end or args.port + 100, args.tracker, args.key, token, on_ready=ready)
     except (ListenerDied, OSError) as exc:
         print(f"error: the agent stopped serving: {exc}", file=sys.stderr, flush=True)
         return 1
