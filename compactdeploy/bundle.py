@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tarfile
@@ -12,22 +11,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import bundle_runner
+from . import runtime
 from .errors import CompactDeployError
-from .resources import check_writable_parent
-from .zoo import file_sha256
+from .resources import check_writable_parent, write_json
 
-MANIFEST_FORMAT = bundle_runner.FORMAT
-MANIFEST = bundle_runner.MANIFEST
+MANIFEST_FORMAT = runtime.FORMAT
+MANIFEST = runtime.MANIFEST
 RUNNER = "run.py"
+SAMPLE_INPUT = "sample_input.npy"  # the input the bundle was checked with: reused by bench and run
 
 
 def check_out_dir(out: Path) -> None:
     """Refuse, before any work, to replace something that is not an earlier build (a bundle
-    holding nothing it does not list: ``bundle_runner.replaceable``), or to write where it cannot."""
+    holding nothing it does not list: ``runtime.replaceable``), or to write where it cannot."""
     if (out.exists() or out.is_symlink()) and not out.is_dir():
         raise CompactDeployError(f"--out {out} is a file; choose a directory")
-    if out.exists() and not bundle_runner.replaceable(out):
+    if out.exists() and not runtime.replaceable(out):
         raise CompactDeployError(
             f"--out {out} holds files that are not a compactdeploy build (a build is replaced whole); "
             "choose another directory"
@@ -74,35 +73,21 @@ def discard(staging: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
-    os.replace(tmp, path)
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
-
-
 def add_runner(directory: Path) -> None:
     """Put the standalone runner in the bundle, so a device needs only numpy and the TVM runtime."""
-    shutil.copyfile(Path(bundle_runner.__file__), directory / RUNNER)
+    shutil.copyfile(Path(runtime.run.__file__), directory / RUNNER)
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Write ``manifest.json`` with the sha256 of every other file, then ``SHA256SUMS`` over all."""
     files = {
-        path.name: file_sha256(path)
+        path.name: runtime.sha256(path)
         for path in sorted(directory.iterdir())
-        if path.is_file() and path.name not in (MANIFEST, bundle_runner.SUMS) and not path.name.startswith(".")
+        if path.is_file() and path.name not in (MANIFEST, runtime.SUMS) and not path.name.startswith(".")
     }
     manifest = {"format": MANIFEST_FORMAT, **manifest, "files": files}
     write_json(directory / MANIFEST, manifest)
-    bundle_runner.write_sums(directory)
+    runtime.write_sums(directory)
     return manifest
 
 
@@ -110,8 +95,8 @@ def pack(directory: Path, archive: Path | None = None) -> Path:
     """A verified bundle as ``NAME.tar.gz`` (one top directory, regular files only), atomically."""
     directory = Path(directory)
     try:
-        bundle_runner.verify(directory, check_machine=False)
-    except bundle_runner.BundleError as exc:
+        runtime.verify(directory, check_machine=False)
+    except runtime.BundleError as exc:
         raise CompactDeployError(str(exc)) from None
     archive = Path(archive) if archive else directory.with_name(directory.name + ".tar.gz")
     tmp = archive.with_name(f".{archive.name}.tmp-{os.getpid()}")

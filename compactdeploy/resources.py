@@ -1,10 +1,13 @@
-"""Where the user-editable data (the model zoo, the target files) and the cache live."""
+"""Where the user-editable data (the model zoo, the target files) and the cache live, and how
+files are written there: whole or not at all."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from .errors import CompactDeployError
 
@@ -46,3 +49,25 @@ def check_writable_parent(path: Path, option: str) -> None:
         Path(tempfile.mkdtemp(prefix=f".{Path(path).name}.probe-", dir=parent)).rmdir()
     except OSError as exc:
         raise CompactDeployError(f"{option} {path}: cannot write in {parent} ({exc.strerror or exc})") from None
+
+
+def write_json(path: Path, data: Any) -> None:
+    """``data`` as JSON at ``path``, replacing it atomically (a reader never sees half a file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def cache_parts() -> dict[str, int]:
+    """The cache's parts other than the tuning databases (latency tables, fit runs, sysroots,
+    linkers), with the room each takes."""
+    root = cache_dir()
+    return {part.name: directory_bytes(part) for part in sorted(root.iterdir()) if part.is_dir() and part.name != "tuning"}

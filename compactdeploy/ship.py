@@ -9,7 +9,7 @@ Either way the bundle lands in a temporary directory beside where it goes, is ve
 (sha256 of every file) and only then renamed into place, so a cut transfer never leaves a
 half-installed bundle where the old one was. What is at the destination is replaced only when it
 is empty or an earlier bundle holding nothing it does not list; any other directory (a home) gets
-the bundle inside it, as DEST/NAME (``bundle_runner.install_path``; ``_INSTALL`` is the same rule
+the bundle inside it, as DEST/NAME (``runtime.install_path``; ``_INSTALL`` is the same rule
 in POSIX shell, for devices reached over SSH).
 """
 
@@ -68,7 +68,7 @@ def ship(bundle: Path, to: str, dest: str | None = None, ssh_config: Path | None
         return _ship_rpc(archive, address, dest or f"~/compactdeploy/bundles/{Path(bundle).name}", wait_s)
 
 
-def _ssh_command(target: SshDestination, ssh_config: Path | None) -> list[str]:
+def ssh_command(target: SshDestination, ssh_config: Path | None) -> list[str]:
     """``ssh [options] HOST``: append the remote command."""
     if shutil.which("ssh") is None:
         raise CompactDeployError("ssh not found: install OpenSSH's client (apt-get install openssh-client)")
@@ -97,7 +97,7 @@ def _run(command: list[str], what: str, timeout: float = 600, stdin=None) -> str
 
 # The device side of an SSH install, in POSIX shell: $1 the destination asked for, $2 the bundle's
 # name, $3 a random suffix for the staging directory; the archive comes on standard input. It applies
-# bundle_runner.install_path's rule, then unpacks beside the final place, verifies, and renames.
+# runtime.install_path's rule, then unpacks beside the final place, verifies, and renames.
 _INSTALL = r"""
 set -eu
 replaceable() {  # empty, or a compactdeploy bundle holding only files its SHA256SUMS lists
@@ -143,7 +143,7 @@ echo "$replaced $dest"
 
 
 def _ship_ssh(archive: Path, name: str, target: SshDestination, ssh_config: Path | None) -> dict:
-    ssh = _ssh_command(target, ssh_config)
+    ssh = ssh_command(target, ssh_config)
     q = shlex.quote
     remote = f"sh -c {q(_INSTALL)} compactdeploy-install {q(target.path)} {q(name)} {secrets.token_hex(4)}"
     # streamed through ssh itself: no dependence on the device's sftp or legacy scp

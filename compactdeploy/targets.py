@@ -156,3 +156,16 @@ def _memory_mb() -> int:
     except OSError:
         pass
     return 0
+
+
+def listing() -> list[dict[str, Any]]:
+    """Every target, as ``compactdeploy targets`` lists it."""
+    rows = []
+    for name in available_targets():
+        spec = load_target(name)
+        rows.append({
+            "name": spec.name, "tvm_target": spec.tvm_target_dict(), "arch": spec.arch, "cores": spec.cores,
+            "memory_mb": spec.memory_mb, "channel_multiple": spec.channel_multiple,
+            "cross_compiler": spec.cross_compiler, "rpc_key": spec.rpc_key, "description": spec.description,
+        })
+    return rows

@@ -185,3 +185,55 @@ def _write_checkpoint(model: LoadedModel, path: str | Path, **extra: Any) -> Non
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(payload, tmp)
     os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class TrainedCheckpoint:
+    """What ``compactdeploy train`` did: the model, its data, the result, and what architecture
+    learning chose (None without ``--learn-arch``)."""
+
+    model: LoadedModel
+    data: Dataset
+    result: TrainResult
+    learned: dict[str, Any] | None  # ArchLearner.summary(), with the method and test accuracy
+    merged: list[tuple[str, str]]  # linear layers folded into the next
+
+
+def train_to_checkpoint(
+    model_name: str, data_name: str, out: Path, epochs: int, lr: float = 1e-3, batch_size: int = 64,
+    model_args: dict[str, Any] | None = None, seed: int = 0, learn_arch: str | None = None,
+    arch_strength: float = 0.01, arch_k: float = 0.3, prior: str = "0.05,0.5",
+    on_epoch: EpochCallback | None = None, on_start: Callable[[LoadedModel, Dataset], None] | None = None,
+) -> TrainedCheckpoint:
+    """Train a zoo model on a local dataset (learning its architecture with ``learn_arch``) and write
+    a checkpoint ``build --weights`` loads. ``on_start`` is told the model and data before epoch 1."""
+    from .data import load_dataset
+    from .resources import check_writable_parent
+    from .zoo import load_model
+
+    check_writable_parent(out, "--out")  # before training, not after
+    dataset = load_dataset(data_name)
+    loaded = load_model(model_name, dataset, model_args=model_args or {})
+    learner = None
+    if learn_arch:
+        import torch
+
+        from .learn import ArchConfig, ArchLearner
+
+        try:
+            alpha, beta = (float(v) for v in prior.split(","))
+        except ValueError:
+            raise CompactDeployError(f"--prior {prior!r} is not ALPHA,BETA (e.g. 0.05,0.5)") from None
+        example = torch.from_numpy(fit_to_model(dataset, dataset.x_train[:1], loaded.input_shape[1:]))
+        learner = ArchLearner(loaded.module, example, ArchConfig(learn_arch, strength=arch_strength, k=arch_k,
+                                                                 alpha=alpha, beta=beta))
+    if on_start is not None:
+        on_start(loaded, dataset)
+    result = train(loaded, dataset, epochs, lr=lr, batch_size=batch_size, seed=seed, on_epoch=on_epoch, learner=learner)
+    if learner is None:
+        save_checkpoint(loaded, dataset, result, out)
+        return TrainedCheckpoint(loaded, dataset, result, None, [])
+    summary = {"method": learn_arch, **learner.summary(), "test_accuracy": result.test_accuracy}
+    plan = learner.finalize()
+    save_pruned_checkpoint(loaded, plan, summary, out, learner.linearized, learner.merged)
+    return TrainedCheckpoint(loaded, dataset, result, summary, list(learner.merged))

@@ -18,6 +18,7 @@ from typing import Any
 
 from .errors import CompactDeployError, first_line
 from .resources import data_dir
+from .runtime import sha256 as file_sha256
 
 CHECKPOINT_FORMAT = "compactdeploy-checkpoint/1"
 INIT_SEED = 0  # zoo models start from the same random weights on every run
@@ -299,14 +300,6 @@ def load_weights(model: LoadedModel, path: str | Path, checkpoint: dict[str, Any
             model.weights[key] = checkpoint[key]
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_model(
     ref: str,
     data=None,
@@ -371,3 +364,12 @@ def check_input(module, example_input):
     if out.numel() == 0:
         raise CompactDeployError(f"the model's output is empty (shape {tuple(out.shape)}): check its --model-arg values")
     return out.numpy()  # an ndarray: the reference output for parity checks
+
+
+def listing() -> list[dict[str, Any]]:
+    """Every zoo model, as ``compactdeploy models`` lists it."""
+    return [
+        {"name": spec.name, "input_shape": list(spec.input_shape()), "default_data": spec.default_data,
+         "args": spec.arguments(), "description": spec.description}
+        for spec in zoo().values()
+    ]

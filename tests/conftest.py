@@ -1,4 +1,12 @@
-"""Shared builds: each is made once per test session and inspected by many tests."""
+"""Shared builds (each made once per test session and inspected by many tests), shared helpers,
+and the test tiers.
+
+Tiers, as pytest markers: ``unit`` (pure functions: parsers, budgets, records, the package's
+shape; about a minute), ``integration`` (builds and agents on this machine: the default), ``slow``
+(tuning, the emulated Pi, ssh). ``make test`` and CI run all three; ``pytest -m unit`` runs one.
+``serial`` marks the tests whose outcome rests on this machine's timings: ``make test`` runs
+them alone, after the others have run in parallel.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -17,15 +26,43 @@ import pytest
 from compactdeploy.cli import main
 
 
+TIERS = ("unit", "integration", "slow")
+# a test using one of these is slow: qemu-user runs the Pi, sshd receives bundles
+SLOW_FIXTURES = {"emulated_pi", "emulated_build", "sshd"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if {"emulated_pi", "emulated_build"} & set(item.fixturenames):
+            # one worker starts the emulated Pi (pytest -n): its sysroot and agent are built once
+            item.add_marker(pytest.mark.xdist_group("emulated-pi"))
+        if any(item.get_closest_marker(tier) for tier in TIERS):
+            continue
+        item.add_marker("slow" if SLOW_FIXTURES & set(item.fixturenames) else "integration")
+
+
 def run_cli(*args: str) -> int:
     return main([str(a) for a in args])
+
+
+def error_of(capsys, *args) -> str:
+    """Run the CLI, expect exit status 2, return its single stderr line."""
+    status = run_cli(*args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2, f"exit status {status}, stderr {err}"
+    assert err and err[-1].startswith("error: "), err
+    assert "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+def assert_nothing_written(out: Path) -> None:
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     # the tests must not read or write the user's cache
-    import os
-
     os.environ["COMPACTDEPLOY_CACHE"] = str(tmp_path_factory.mktemp("cache"))
 
 
@@ -105,3 +142,17 @@ def every_core_spinning() -> Iterator[None]:
         for spinner in spinners:
             spinner.kill()
             spinner.wait()
+
+
+def default_sigint() -> None:
+    """For a child process (``preexec_fn``): Ctrl-C as a terminal delivers it. A test run started
+    in the background of a script inherits SIGINT ignored, and a child would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def ctrl_c_reaches_this_process() -> Iterator[None]:
+    """This process handles SIGINT as Python does by default (see ``default_sigint``)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import read_json
 
-from compactdeploy.bundle_runner import default_threads
+from compactdeploy.runtime import default_threads
 from compactdeploy.data import fit_to_model, load_dataset
 from compactdeploy.export import run_onnxruntime
 from compactdeploy.prune import replay
@@ -153,7 +153,7 @@ def test_onnxruntime_baseline_runs_on_the_same_device(host_build):
 
 
 def test_build_slower_than_onnxruntime_says_what_to_do(host_build):
-    from compactdeploy.cli import slower_than_onnxruntime_advice
+    from compactdeploy.report import slower_than_onnxruntime_advice
 
     report = read_json(host_build / "report.json")
     report["onnxruntime_on_device"]["tvm_over_onnxruntime"] = 0.9
@@ -277,3 +277,18 @@ def test_finetuning_after_pruning_recovers_accuracy(tmp_path):
     assert accuracy["finetune_epochs"] == 3
     assert accuracy["after"] > max(accuracy["after_pruning"], 0.8)  # random init, then 3 epochs on digits
     assert report["parity"]["onnx_vs_tvm_max_abs"] <= 1e-4
+
+
+def test_threads_reach_the_device_and_the_database_not_this_process(tmp_path):
+    """--threads is resolved once (the deployment) and given to the processes that run models: the
+    agent measures with it and the tuning database is the one for that count, while the build's
+    own environment is left as it was."""
+    from compactdeploy.config import BuildConfig, MeasureConfig, ModelConfig
+    from compactdeploy.pipeline import build
+
+    before = {key: os.environ.get(key) for key in ("TVM_NUM_THREADS", "TVM_BIND_THREADS")}
+    config = BuildConfig(ModelConfig("mlp-tabular"), "host", tmp_path / "out", measure=MeasureConfig(repeat=5, threads=1))
+    report = build(config).report
+    assert {key: os.environ.get(key) for key in before} == before
+    assert report["measured_on"]["threads"] == "1"
+    assert report["tuning"]["device"]["threads"] == "1"

@@ -30,6 +30,7 @@ def test_builtin_datasets_need_no_download(name, kind, classes, sample_shape):
     assert np.array_equal(load_dataset(name).y_test, data.y_test)
 
 
+@pytest.mark.unit
 def test_digits_are_resized_and_repeated_for_rgb_cnns():
     data = load_dataset("digits")
     x = fit_to_model(data, data.x_test[:3], (3, 32, 32))
@@ -37,6 +38,7 @@ def test_digits_are_resized_and_repeated_for_rgb_cnns():
     assert np.array_equal(x[:, 0], x[:, 2])
 
 
+@pytest.mark.unit
 def test_users_npz_dataset(tmp_path):
     rng = np.random.default_rng(0)
     path = tmp_path / "mine.npz"
@@ -47,6 +49,7 @@ def test_users_npz_dataset(tmp_path):
     assert model.input_shape == (1, 6)
 
 
+@pytest.mark.unit
 def test_npz_without_x_and_y_is_refused(tmp_path):
     path = tmp_path / "bad.npz"
     np.savez(path, features=np.zeros((10, 2)))
@@ -54,6 +57,7 @@ def test_npz_without_x_and_y_is_refused(tmp_path):
         load_dataset(str(path))
 
 
+@pytest.mark.unit
 def test_vector_models_are_sized_to_the_data():
     model = load_model("lenet300", load_dataset("mnist1d"))
     assert model.input_shape == (1, 40)

@@ -17,7 +17,7 @@ from conftest import every_core_spinning, needs_emulator, read_json, run_cli
 
 from compactdeploy.bench import measure
 from compactdeploy.device import Agent, DeviceAddress, _free_port, connect, local_agent, parse_device
-from compactdeploy.device.agent import cpu_times, describe_load, is_busy, load_between
+from compactdeploy.runtime.load import cpu_times, describe_load, is_busy, load_between
 from compactdeploy.errors import CompactDeployError
 from compactdeploy.export import run_onnxruntime
 
@@ -75,12 +75,14 @@ def test_unreachable_device_fails_before_any_stage(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("text", ["rpc://pi", "http://pi:9090", "rpc://pi:99999", "pi:9090"])
 def test_malformed_device_addresses_are_refused(text):
     with pytest.raises(CompactDeployError, match="rpc://HOST:PORT"):
         parse_device(text)
 
 
+@pytest.mark.unit
 def test_device_addresses_parse():
     assert parse_device("rpc://192.168.1.10:9190/rpi4") == DeviceAddress("192.168.1.10", 9190, "rpi4")
     assert str(parse_device("rpc://pi.local:9090")) == "rpc://pi.local:9090"
@@ -101,7 +103,7 @@ def test_a_device_that_drops_mid_benchmark_keeps_the_finished_runs(host_build):
         x = np.load(host_build / "sample_input.npy")
         result = measure(
             session, host_build / "model.so", x, arch=session.fingerprint["machine"], repeat=1000,
-            warmup=0, on_progress=drop_after_two_chunks,
+            warmup=0, progress=drop_after_two_chunks,
         )
     finally:
         agent.stop()
@@ -142,10 +144,8 @@ def test_tracker_hands_out_a_device_by_key_and_a_busy_key_times_out(tracker, hos
 
         holder = connect(address, wait_s=10)  # takes the only board
         messages = []
-        started = time.monotonic()
         with pytest.raises(CompactDeployError, match="no free 'testboard' device .*every one registered is busy"):
-            connect(address, wait_s=2, on_wait=messages.append)
-        assert 1.5 < time.monotonic() - started < 15
+            connect(address, wait_s=2, progress=messages.append)
         assert messages and "waiting for a free 'testboard' device" in messages[0]
         del holder
     with pytest.raises(CompactDeployError, match="none is registered with that key"):

@@ -9,29 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import assert_nothing_written, error_of, run_cli
 
 from compactdeploy.zoo import create_model
-
-
-def error_of(capsys, *args) -> str:
-    """Run the CLI, expect exit status 2, return its single stderr line."""
-    status = run_cli(*args)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert status == 2, f"exit status {status}, stderr {err}"
-    assert err and err[-1].startswith("error: "), err
-    assert "Traceback" not in "\n".join(err)
-    return err[-1]
 
 
 @pytest.fixture
 def out(tmp_path) -> Path:
     return tmp_path / "out"
-
-
-def assert_nothing_written(out: Path) -> None:
-    assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
 
 
 def test_unknown_model_lists_the_zoo(capsys, out):
@@ -323,7 +308,7 @@ def test_training_options_out_of_range_are_refused(capsys, tmp_path, args, expec
 def test_run_refuses_an_npz_input_a_negative_bench_and_an_output_under_a_file(capsys, host_build, tmp_path):
     import numpy as np
 
-    from compactdeploy.bundle_runner import main as run_py
+    from compactdeploy.runtime.run import main as run_py
 
     x = np.load(host_build / "sample_input.npy")
     np.savez(tmp_path / "x.npz", x=x)

@@ -20,6 +20,7 @@ from compactdeploy.zoo import create_model
 from conftest import needs_emulator, read_json, run_cli
 
 
+@pytest.mark.unit
 def test_budgets_parse_and_bad_ones_are_refused():
     assert parse_latency_budget("8ms").value == 8.0
     assert parse_latency_budget("800us").value == pytest.approx(0.8)
@@ -39,6 +40,7 @@ def test_budgets_parse_and_bad_ones_are_refused():
         parse_memory_budget("40 parsecs")
 
 
+@pytest.mark.unit
 def test_candidate_widths_are_multiples_and_include_the_full_width():
     assert candidate_widths(16, 8, 8) == [8, 16]
     assert candidate_widths(6, 8, 8) == [6]
@@ -68,7 +70,8 @@ def test_a_layer_probe_compiles_to_the_models_own_kernel(tmp_path):
     from compactdeploy.export import export_onnx
     from compactdeploy.fit.costs import probe_module
     from compactdeploy.targets import load_target
-    from compactdeploy.tune import extract_kernels, kernel_hash, lower_for_tuning
+    from compactdeploy.compile import extract_kernels, lower_for_tuning
+    from compactdeploy.tune.adapters import kernel_hash
 
     target = load_target("host")
     model = create_model("lenet5")
@@ -138,6 +141,7 @@ def test_grown_models_compute_the_same_function_and_match_the_width_space(name, 
         assert torch.equal(fresh(x), after)
 
 
+@pytest.mark.unit
 def test_widening_copies_are_split_unevenly():
     """Net2WiderNet's equal halves would keep the copies identical under training; the split is random."""
     from compactdeploy.prune.core import prunable_groups
@@ -193,6 +197,7 @@ def test_widths_above_a_layer_need_allow_grow_and_a_grown_checkpoint_rebuilds(tm
     assert report["accuracy"]["before"] == summary["accuracy"]["before"]
 
 
+@pytest.mark.serial
 def test_search_meets_a_latency_budget_on_this_host(tmp_path, lenet5_checkpoint):
     """The loop against this machine as the device: real measurements, a small model, 60 % of its latency."""
     out = tmp_path / "fit"
@@ -246,6 +251,7 @@ def test_search_meets_a_latency_budget_on_this_host(tmp_path, lenet5_checkpoint)
     assert second["chosen"] == fit["chosen"] and second["status"] == fit["status"]
 
 
+@pytest.mark.serial
 def test_a_budget_above_the_model_grows_it_with_allow_grow(tmp_path, lenet5_checkpoint, capsys):
     """With room under the budget, --allow-grow widens where the table says width is cheapest; the
     widened model is measured within the budget and fine-tuned."""
@@ -306,10 +312,10 @@ def test_rounds_spent_before_the_budget_is_met_say_resume_with_more(tmp_path, le
     real_build, models = pipeline.build, []
     busy_rounds = {2}  # the first run's one round: the device was busy and timed the model 1.6x slower
 
-    def build_timed_by_macs(config, listener):
-        result = real_build(config, listener)
+    def build_timed_by_macs(config, *args):
+        result = real_build(config, *args)
         if "candidates" in config.out.parts:  # a model the search measures, not the final build
-            models.append(config.widths)
+            models.append(config.prune.widths)
             slow = 1.6 if len(models) in busy_rounds else 1.0
             result.report["latency_ms"]["median"] = result.report["model"]["macs"] / 1e6 * slow
         return result
@@ -336,9 +342,11 @@ def test_rounds_spent_before_the_budget_is_met_say_resume_with_more(tmp_path, le
     assert fit["chosen"]["measured_ms"] <= fit["budget"]["latency_ms"]
 
 
+@pytest.mark.serial
 def test_a_device_lost_mid_search_keeps_the_measurements_and_resumes(tmp_path, lenet5_checkpoint):
     from compactdeploy.device import local_agent
-    from compactdeploy.pipeline import BuildConfig, build
+    from compactdeploy.config import BuildConfig, FitConfig, MeasureConfig, ModelConfig
+    from compactdeploy.pipeline import build
 
     class KillOnSecondModel:
         def __init__(self, agent):
@@ -356,8 +364,9 @@ def test_a_device_lost_mid_search_keeps_the_measurements_and_resumes(tmp_path, l
 
     def config(device, resume):
         return BuildConfig(
-            model="lenet5", weights=lenet5_checkpoint, data="digits", target="host", out=tmp_path / "fit",
-            latency_budget="75%", repeat=20, device=device.url(), resume=resume, seed=1,
+            model=ModelConfig("lenet5", weights=lenet5_checkpoint, data="digits", seed=1), target="host",
+            out=tmp_path / "fit", fit=FitConfig(latency_budget="75%", resume=resume),
+            measure=MeasureConfig(repeat=20, device=device.url()),
         )
 
     with local_agent() as agent:
@@ -378,6 +387,7 @@ def test_a_device_lost_mid_search_keeps_the_measurements_and_resumes(tmp_path, l
     assert fit["latency_table"]["measured_this_run"] < fit["latency_table"]["entries"]
 
 
+@pytest.mark.serial
 @needs_emulator
 def test_search_runs_against_the_emulated_pi(tmp_path, emulated_pi, lenet5_checkpoint):
     out = tmp_path / "fit-pi"

@@ -19,6 +19,9 @@ SMALL_ARGS = {
 }
 
 
+pytestmark = pytest.mark.unit  # torch only: no compiler, no device
+
+
 @pytest.mark.parametrize("name", sorted(SMALL_ARGS))
 @pytest.mark.parametrize("method", ["l1", "random"])
 def test_every_zoo_model_gets_narrower_runs_and_replays(name, method):

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from conftest import needs_emulator, read_json, run_cli
 
-from compactdeploy.bundle_runner import (
+from compactdeploy.runtime import (
     BIND_ENV,
     BundleError,
     Model,
@@ -80,6 +80,7 @@ def _fake_cpus(root: Path, cores: dict[int, tuple[int, int]]) -> Path:
     return root
 
 
+@pytest.mark.unit
 def test_threads_are_not_pinned_to_cores_unless_the_user_pins_them(monkeypatch):
     monkeypatch.setenv("TVM_NUM_THREADS", threads_in_use())  # restored after the test, as BIND_ENV is
     monkeypatch.delenv(BIND_ENV, raising=False)
@@ -93,6 +94,7 @@ def test_threads_are_not_pinned_to_cores_unless_the_user_pins_them(monkeypatch):
     assert not threads_pinned()
 
 
+@pytest.mark.unit
 def test_default_threads_count_physical_cores_this_process_may_use(tmp_path, monkeypatch):
     # two cores with two hyperthreads each (Linux numbers the siblings 0,2 and 1,3)
     sysfs = _fake_cpus(tmp_path / "smt", {0: (0, 0), 1: (0, 1), 2: (0, 0), 3: (0, 1)})
@@ -159,6 +161,7 @@ def _archive(path: Path, entries: list[tarfile.TarInfo], payload: bytes = b"x") 
             archive.addfile(info, io.BytesIO(payload) if info.isfile() else None)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink", "hardlink"])
 def test_crafted_archives_are_refused_and_write_nothing(tmp_path, kind):
     entry = tarfile.TarInfo({"dotdot": "bundle/../../escaped.txt", "absolute": "/tmp/escaped-abs.txt"}.get(kind, "bundle/link"))

@@ -14,30 +14,45 @@ from pathlib import Path
 import pytest
 import torch
 import tvm_ffi
-from conftest import every_core_spinning, needs_emulator, read_json, run_cli
-from test_errors import assert_nothing_written, error_of
+from conftest import (
+    assert_nothing_written,
+    default_sigint,
+    error_of,
+    every_core_spinning,
+    needs_emulator,
+    read_json,
+    run_cli,
+)
 
-import compactdeploy.tune
-from compactdeploy.compile import import_onnx
+import compactdeploy.tune.search
+from compactdeploy.compile import extract_kernels, import_onnx, lower_for_tuning
 from compactdeploy.export import export_onnx
 from compactdeploy.targets import load_target
-from compactdeploy.tune import (
-    BATCH,
-    MIN_DEFICIT,
-    ROUND_TRIALS,
-    TaskState,
-    TuneResult,
-    TuningDatabase,
-    extract_kernels,
-    kernel_hash,
-    local_runner,
-    lower_for_tuning,
-    next_by_measured_time,
-    plan_budgets,
-    tune,
-    warm_cost_model,
-)
+from compactdeploy.tune import PICK_AMONG, TaskState, TuneResult, TuningDatabase, local_runner, tune
+from compactdeploy.tune.adapters import kernel_hash
+from compactdeploy.tune.budget import BATCH, MIN_DEFICIT, ROUND_TRIALS, next_by_measured_time, plan_budgets
+from compactdeploy.tune.search import warm_cost_model
 from compactdeploy.zoo import create_model
+
+
+@pytest.fixture(scope="module")
+def tuned_mlp(tmp_path_factory):
+    """mlp-tabular tuned with 24 trials into a database (no second timing): (lowered module, the
+    database's directory). Tests copy the database, so each starts from the same records."""
+    work = tmp_path_factory.mktemp("tuned-mlp")
+    target = load_target("host")
+    model = create_model("mlp-tabular")
+    exported = export_onnx(model.module, torch.randn(model.input_shape), work / "m.onnx")
+    lowered = lower_for_tuning(import_onnx(exported.path, target), target.tvm_target())
+    database = TuningDatabase(work / "db", {"test": "tuned"})
+    result = tune(lowered, target, database, 24, local_runner(), None)
+    assert result.trials_run == database.record_count() > 0 and not database.picks()
+    return lowered, database.path
+
+
+def copied_database(tuned_mlp, tmp_path: Path, identity: dict) -> TuningDatabase:
+    shutil.copytree(tuned_mlp[1], tmp_path / "db")
+    return TuningDatabase(tmp_path / "db", identity)
 
 
 def build(out: Path, *args: str) -> dict:
@@ -45,6 +60,7 @@ def build(out: Path, *args: str) -> dict:
     return read_json(out / "report.json")
 
 
+@pytest.mark.unit
 def test_budget_split_follows_the_work_and_keeps_a_floor():
     budgets = plan_budgets([1e6, 1e4, 1.0], [3, 1, 1], 120)
     assert sum(budgets) <= 120
@@ -56,6 +72,7 @@ def kernel(best_us: float | None, calls: int = 1, trials: int = 16, exhausted: b
     return TaskState("k", 1e6, calls, trials, trials, best_us, "hash", exhausted)
 
 
+@pytest.mark.unit
 def test_the_rest_of_the_budget_goes_where_the_measured_time_is():
     kernels = [kernel(10.0), kernel(100.0, calls=2), kernel(5.0)]
     assert next_by_measured_time(kernels, 400) == (1, ROUND_TRIALS)  # 200 us of the model's 215
@@ -70,6 +87,7 @@ def test_the_rest_of_the_budget_goes_where_the_measured_time_is():
     assert next_by_measured_time([kernel(10.0, trials=390)], 400) == (0, 10)  # no more than is left
 
 
+@pytest.mark.unit
 def test_rounds_by_measured_time_spend_the_budget_then_stop():
     """Kernels whose time falls as they get trials: the slow one ends with most, the budget is spent."""
     start_us = [400.0, 40.0, 4.0]
@@ -86,10 +104,11 @@ def test_rounds_by_measured_time_spend_the_budget_then_stop():
 
 
 def test_a_busy_machine_before_tuning_is_measured_and_named_in_the_summary():
-    from compactdeploy.pipeline import BuildConfig, _load_before_tuning
+    from compactdeploy.deployment import resolve
 
+    deployment = resolve(load_target("host"), None, with_database=False)
     with every_core_spinning():
-        load = _load_before_tuning(BuildConfig(model="lenet5", target="host", out=Path("unused")))
+        load = deployment.machine_load()
     assert load["other_busy"] > 0.5
     result = TuneResult(database=Path("db"), requested_trials=64, trials_run=64, trials_reused=0, tune_s=1.0,
                         machine_load=load)
@@ -101,6 +120,7 @@ def test_a_busy_machine_before_tuning_is_measured_and_named_in_the_summary():
     assert "BUSY" not in TuneResult(Path("db"), 64, 0, 64, 1.0, machine_load=load).summary()
 
 
+@pytest.mark.slow
 def test_tuned_build_then_reuse_then_a_pruned_variant_shares_records(tmp_path):
     lenet5 = ("--model", "lenet5", "--target", "host", "--repeat", "30")
     # 9 kernels: 9 trials measure them unscheduled, the rest go to the slowest by measured time
@@ -119,8 +139,7 @@ def test_tuned_build_then_reuse_then_a_pruned_variant_shares_records(tmp_path):
     assert again["tuning"]["trials_run"] == 0, "a tuned model must not be tuned again"
     assert first["second_timing"]["kernels"] > 0 and again["tuning"]["second_timing"]["kernels"] == 0
     assert again["tuning"]["trials_reused"] == first["trials_run"]
-    assert again["timings_s"]["tune"] < 15  # no MetaSchedule start-up when there is nothing to do
-    assert again["tuning"]["machine_load"] is None  # nor a load sample: nothing was measured
+    assert again["tuning"]["machine_load"] is None  # no load sample, no MetaSchedule start-up: nothing was measured
 
     plain = build(tmp_path / "c", *lenet5)  # no --tune-trials: the records still apply
     assert plain["tuning"]["kernels_scheduled"] == first["kernels_scheduled"]
@@ -135,20 +154,20 @@ def test_tuned_build_then_reuse_then_a_pruned_variant_shares_records(tmp_path):
     assert_builds_apply_the_picked_record_of_every_kernel(database)
 
 
-def test_every_kernel_first_records_its_unscheduled_time_and_a_second_timing_picks_among_the_fastest(tmp_path):
+@pytest.mark.slow
+def test_every_kernel_first_records_its_unscheduled_time_and_a_second_timing_picks_among_the_fastest(tuned_mlp, tmp_path):
     """Each kernel's first record is the kernel as it compiles with no schedule (tiny kernels run
     fastest so); after the search, each kernel with two or more records is timed again, each call
     after a pause, and keeps its pick until its fastest records change."""
     target = load_target("host")
-    model = create_model("mlp-tabular")
-    exported = export_onnx(model.module, torch.randn(model.input_shape), tmp_path / "m.onnx")
-    lowered = lower_for_tuning(import_onnx(exported.path, target), target.tvm_target())
-    database = TuningDatabase(tmp_path / "db", {"test": "pick"})
+    lowered = tuned_mlp[0]
+    database = copied_database(tuned_mlp, tmp_path, {"test": "pick"})
     pick_runner = lambda: local_runner(after_pause=True)  # noqa: E731
     # a busy reading: sampled once, before the first measurement, then named on every progress line
     busy_load = {"other_busy": 0.6, "steal": 0.0, "window_s": 1.0, "cores": 2}
     loads_read, lines = [], []
     read_load = lambda: loads_read.append(1) or busy_load  # noqa: E731
+    # the search is done (the fixture's): this run times each kernel's fastest records again
     result = tune(lowered, target, database, 24, local_runner(), None, lines.append, pick_runner, read_load)
     assert loads_read == [1] and result.machine_load == busy_load
     assert lines and all(line.startswith("BUSY (60% other load) · ") for line in lines)
@@ -162,7 +181,7 @@ def test_every_kernel_first_records_its_unscheduled_time_and_a_second_timing_pic
     timed_again = [i for i in range(len(records.workloads)) if len(records.fastest(i, 2)) == 2]
     assert result.picked["kernels"] == len(picks) == len(timed_again) > 0
     for pick in picks.values():
-        assert 0 <= pick["rank"] < len(pick["us"]) <= compactdeploy.tune.PICK_AMONG
+        assert 0 <= pick["rank"] < len(pick["us"]) <= PICK_AMONG
         assert pick["us"][pick["rank"]] == min(us for us in pick["us"] if us is not None) > 0
     assert_builds_apply_the_picked_record_of_every_kernel(database.path)
     # the report names, per kernel, the record a build applies
@@ -236,7 +255,8 @@ def assert_builds_apply_the_picked_record_of_every_kernel(database: Path, voided
         assert [float(s) for s in record.run_secs] == ranked[workload_hash][rank]
 
 
-def test_an_interrupted_tuning_run_keeps_its_batches_and_resumes(tmp_path):
+@pytest.mark.slow
+def test_an_interrupted_tuning_run_keeps_its_batches_and_resumes(tmp_path, ctrl_c_reaches_this_process):
     """Ctrl-C ends tuning between batches (mid-batch, MetaSchedule's C++ loop cannot unwind it)."""
     target = load_target("host")
     model = create_model("mlp-tabular")
@@ -264,19 +284,17 @@ def test_an_interrupted_tuning_run_keeps_its_batches_and_resumes(tmp_path):
     assert tune(lowered, target, database, 24, local_runner(), None).trials_run == 0
 
 
-def test_one_cost_model_learns_from_the_records_and_every_round_of_the_run(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_one_cost_model_learns_from_the_records_and_every_round_of_the_run(tuned_mlp, tmp_path, monkeypatch):
     """MetaSchedule's own model, new in every search, ranks at random until that search has measured
     100 candidates: more than most of the tuner's rounds. The tuner's model starts from the records."""
     target = load_target("host")
-    model = create_model("mlp-tabular")
-    exported = export_onnx(model.module, torch.randn(model.input_shape), tmp_path / "m.onnx")
-    lowered = lower_for_tuning(import_onnx(exported.path, target), target.tvm_target())
-    database = TuningDatabase(tmp_path / "db", {"test": "cost model"})
-    tune(lowered, target, database, 24, local_runner(), None)
+    lowered = tuned_mlp[0]
+    database = copied_database(tuned_mlp, tmp_path, {"test": "cost model"})
     first = database.record_count()
 
     models = []
-    monkeypatch.setattr(compactdeploy.tune, "warm_cost_model",
+    monkeypatch.setattr(compactdeploy.tune.search, "warm_cost_model",
                         lambda kernels: models.append(warm_cost_model(kernels)) or models[-1])
     more = tune(lowered, target, database, 32, local_runner(), None)
     [cost_model] = models
@@ -286,6 +304,7 @@ def test_one_cost_model_learns_from_the_records_and_every_round_of_the_run(tmp_p
     assert len(cost_model.data) == len(more.tasks)  # a group per kernel, as in MetaSchedule's own runs
 
 
+@pytest.mark.slow
 def test_a_kernel_whose_search_space_runs_out_stops_early_and_is_not_tuned_again(tmp_path):
     """A 2x2 max pool has a handful of schedules: MetaSchedule would keep asking for more, round after round."""
     target = load_target("host")
@@ -431,6 +450,7 @@ def test_damaged_picks_of_the_second_timing_are_named_in_one_line(capsys, tmp_pa
     assert "delete that file and build again" in message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
 def test_ctrl_c_during_a_tuned_build_keeps_its_batches_and_the_same_command_resumes(tmp_path, how):
     """As a user's Ctrl-C: SIGINT to the build's whole process group (builder workers included);
@@ -439,7 +459,7 @@ def test_ctrl_c_during_a_tuned_build_keeps_its_batches_and_the_same_command_resu
     env = {**os.environ, "COMPACTDEPLOY_CACHE": str(cache), "PYTHONWARNINGS": "ignore"}
     command = [
         sys.executable, "-m", "compactdeploy.cli", "build", "--model", "mlp-tabular", "--target", "host",
-        "--tune-trials", "48", "--repeat", "5", "--out", str(out),
+        "--tune-trials", "24", "--repeat", "5", "--out", str(out),
     ]
 
     def records() -> int:
@@ -447,7 +467,7 @@ def test_ctrl_c_during_a_tuned_build_keeps_its_batches_and_the_same_command_resu
         return TuningDatabase(found[0], {}).record_count() if found else 0
 
     build = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
-                             start_new_session=True)
+                             start_new_session=True, preexec_fn=default_sigint)
     deadline = time.monotonic() + 400
     while records() < 2 and build.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)  # until the first kernel's search batch is published
@@ -464,7 +484,7 @@ def test_ctrl_c_during_a_tuned_build_keeps_its_batches_and_the_same_command_resu
     assert last.endswith("run the same command again to resume")
     assert not out.exists()
     kept = records()
-    assert 2 <= kept < 48
+    assert 2 <= kept < 24
 
     assert subprocess.run(command, capture_output=True, env=env, timeout=600).returncode == 0
     tuning = read_json(out / "report.json")["tuning"]
@@ -479,7 +499,8 @@ import torch
 from compactdeploy.compile import import_onnx
 from compactdeploy.export import export_onnx
 from compactdeploy.targets import load_target
-from compactdeploy.tune import TuningDatabase, local_runner, lower_for_tuning, tune
+from compactdeploy.compile import lower_for_tuning
+from compactdeploy.tune import TuningDatabase, local_runner, tune
 from compactdeploy.zoo import create_model
 
 work = sys.argv[1]
@@ -501,13 +522,14 @@ print("tuning finished", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_stops_tuning_at_once_and_keeps_what_was_published(tmp_path):
     """The first Ctrl-C waits for the batch in flight; a second one must not (a batch can take minutes)."""
     script = tmp_path / "press_twice.py"
     script.write_text(_PRESS_CTRL_C_TWICE)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, env=env,
-                          timeout=600)
+                          timeout=600, preexec_fn=default_sigint)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "still running" not in done.stdout and "tuning finished" not in done.stdout
     assert "interrupted: finishing the batch in flight" in done.stderr
@@ -524,22 +546,22 @@ def test_a_second_ctrl_c_stops_tuning_at_once_and_keeps_what_was_published(tmp_p
     assert reread.trials_reused == kept and reread.trials_run == 0
 
 
-def test_the_benchmark_pairs_a_layer_with_onnxruntime_by_input_and_output_channels(monkeypatch):
+@pytest.mark.unit
+def test_the_benchmark_pairs_a_layer_with_onnxruntime_by_input_and_output_channels():
     """tools/bench_tuning.py's per-layer table: onnxruntime reports its channels padded to its vector
     width (24 as 32), yet layers differing in output channels beyond that (960->160, 960->320) stay
     apart, and a layer TVM does not have is not paired at all."""
-    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "tools"))
-    import bench_tuning
+    from compactdeploy.bench.layers import conv_layer, nchw_from_nhwc, same_layer_in_tvm
 
     tvm_layers = {}
     for data, weight, out in [([1, 7, 7, 960], [160, 1, 1, 960], [1, 7, 7, 160]),
                               ([1, 7, 7, 960], [320, 1, 1, 960], [1, 7, 7, 320]),
                               ([1, 56, 56, 24], [144, 1, 1, 24], [1, 56, 56, 144])]:
-        key, label, _ = bench_tuning._conv_layer(*bench_tuning._nchw_from_nhwc(data, weight, out))
+        key, label, _ = conv_layer(*nchw_from_nhwc(data, weight, out))
         tvm_layers[key] = label
 
     def paired(data, weight, out):
-        match = bench_tuning._same_layer_in_tvm(bench_tuning._conv_layer(data, weight, out)[0], tvm_layers)
+        match = same_layer_in_tvm(conv_layer(data, weight, out)[0], tvm_layers)
         return tvm_layers.get(match)
 
     assert paired([1, 960, 7, 7], [160, 960, 1, 1], [1, 160, 7, 7]) == "conv 960->160 1x1 at 7x7 -> 7x7"

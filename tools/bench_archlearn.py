@@ -24,7 +24,8 @@ import torch
 
 from compactdeploy.data import fit_to_model, load_dataset
 from compactdeploy.learn import ArchConfig, ArchLearner
-from compactdeploy.pipeline import BuildConfig, build
+from compactdeploy.config import BuildConfig, MeasureConfig, ModelConfig
+from compactdeploy.pipeline import build
 from compactdeploy.train import save_checkpoint, save_pruned_checkpoint, train
 from compactdeploy.zoo import load_model
 
@@ -46,8 +47,8 @@ BO_PARAM_WEIGHT = 0.1  # the search maximises accuracy - 0.1 * params / params o
 
 def measure(model_name, args, data_name, checkpoint: Path, work: Path) -> dict:
     out = work / f"build-{checkpoint.stem}"
-    result = build(BuildConfig(model=model_name, target="host", out=out, weights=checkpoint, data=data_name,
-                               model_args={}, repeat=100))
+    result = build(BuildConfig(ModelConfig(model_name, weights=checkpoint, data=data_name), target="host", out=out,
+                               measure=MeasureConfig(repeat=100)))
     report = result.report
     import numpy as np
     import onnx

@@ -69,22 +69,22 @@ def main() -> None:
 
 
 def bench_model(name: str, model_args: dict, budgets: list[float], args) -> list[dict]:
-    from compactdeploy.cli import main as cli
     from compactdeploy.fit.allocate import Trajectory, importance_curves, width_space
-    from compactdeploy.pipeline import BuildConfig, build, load
+    from compactdeploy.config import BuildConfig, FitConfig, MeasureConfig, ModelConfig, PruneConfig
+    from compactdeploy.pipeline import build
+    from compactdeploy.prepare import load
     from compactdeploy.prune.core import kept_width
     from compactdeploy.targets import load_target
+    from compactdeploy.train import train_to_checkpoint
 
     target = load_target("host")
     weights = args.work / f"{name}.pt"
-    arg_list = [f"--model-arg={k}={v}" for k, v in model_args.items()]
     if not weights.exists():
         log(f"{name}: training {args.train_epochs} epochs on digits")
-        if cli(["train", "--model", name, *arg_list, "--data", "digits", "--epochs", str(args.train_epochs), "--out", str(weights)]) != 0:
-            raise SystemExit(f"training {name} failed")
-    base = BuildConfig(model=name, model_args=model_args, weights=weights, data="digits", target="host",
-                       out=args.work / "x", repeat=args.repeat)
-    loaded = load(base)
+        train_to_checkpoint(name, "digits", weights, args.train_epochs, model_args=model_args)
+    base = BuildConfig(ModelConfig(name, model_args=model_args, weights=weights, data="digits"), target="host",
+                       out=args.work / "x", measure=MeasureConfig(repeat=args.repeat))
+    loaded = load(base.model)
     space = width_space(loaded.model.module, loaded.example, (), target.channel_multiple, 8)
     measured: dict[str, dict] = {}
 
@@ -94,7 +94,7 @@ def bench_model(name: str, model_args: dict, budgets: list[float], args) -> list
         if key not in measured:
             changed = space.narrowed(widths)
             out = args.work / f"{name}-{len(measured)}"
-            config = replace(base, out=out, prune=args.method if changed else None, widths=changed)
+            config = replace(base, out=out, prune=PruneConfig(prune=args.method if changed else None, widths=changed))
             report = build(config, Progress()).report
             measured[key] = {"ms": report["latency_ms"]["median"], "macs": report["model"]["macs"],
                              "params": report["model"]["params"], "widths": widths}
@@ -104,8 +104,8 @@ def bench_model(name: str, model_args: dict, budgets: list[float], args) -> list
         from compactdeploy.pipeline import prune_and_finetune
 
         changed = space.narrowed(widths)
-        config = replace(base, prune=args.method if changed else None, widths=changed,
-                         finetune_epochs=args.finetune_epochs if changed else 0)
+        config = replace(base, prune=PruneConfig(prune=args.method if changed else None, widths=changed,
+                                                 finetune_epochs=args.finetune_epochs if changed else 0))
         return prune_and_finetune(config, Progress()).accuracies[2]
 
     log(f"{name}: unpruned")
@@ -135,8 +135,8 @@ def bench_model(name: str, model_args: dict, budgets: list[float], args) -> list
         budget_ms = share * unpruned["ms"]
         log(f"{name}: budget {share:.0%} = {budget_ms:.3f} ms")
         fit_out = args.work / f"{name}-fit-{int(share * 100)}"
-        fit_report = build(replace(base, out=fit_out, prune=args.method, latency_budget=f"{budget_ms:.6f}ms",
-                                   finetune_epochs=args.finetune_epochs, resume=True), Progress()).report
+        fit_report = build(replace(base, out=fit_out, prune=PruneConfig(prune=args.method, finetune_epochs=args.finetune_epochs),
+                                   fit=FitConfig(latency_budget=f"{budget_ms:.6f}ms", resume=True)), Progress()).report
         fit = fit_report["fit"]
         rows.append(_row(name, share, budget_ms, "loop", fit["chosen"]["widths"], fit["chosen"]["measured_ms"],
                          fit_report["model"]["macs"], fit_report["model"]["params"], fit_report["accuracy"]["after"],

@@ -51,22 +51,21 @@ def main() -> None:
 
 
 def bench_model(name: str, model_args: dict, budgets: list[float], args) -> list[dict]:
-    from compactdeploy.cli import main as cli
     from compactdeploy.fit.allocate import width_space
-    from compactdeploy.pipeline import BuildConfig, build, load, prune_and_finetune
+    from compactdeploy.config import BuildConfig, FitConfig, MeasureConfig, ModelConfig, PruneConfig
+    from compactdeploy.pipeline import build, prune_and_finetune
+    from compactdeploy.prepare import load
     from compactdeploy.targets import load_target
-    from compactdeploy.train import train
+    from compactdeploy.train import train, train_to_checkpoint
 
     target = load_target("host")
     weights = args.work / f"{name}.pt"
     if not weights.exists():
         log(f"{name}: training {args.train_epochs} epochs on digits")
-        arg_list = [f"--model-arg={k}={v}" for k, v in model_args.items()]
-        if cli(["train", "--model", name, *arg_list, "--data", "digits", "--epochs", str(args.train_epochs), "--out", str(weights)]) != 0:
-            raise SystemExit(f"training {name} failed")
-    base = BuildConfig(model=name, model_args=model_args, weights=weights, data="digits", target="host",
-                       out=args.work / "x", repeat=args.repeat, prune="l1")
-    loaded = load(base)
+        train_to_checkpoint(name, "digits", weights, args.train_epochs, model_args=model_args)
+    base = BuildConfig(ModelConfig(name, model_args=model_args, weights=weights, data="digits"), target="host",
+                       out=args.work / "x", measure=MeasureConfig(repeat=args.repeat), prune=PruneConfig(prune="l1"))
+    loaded = load(base.model)
     space = width_space(loaded.model.module, loaded.example, (), target.channel_multiple, 8, grow=True)
     measured: dict[str, dict] = {}
 
@@ -74,21 +73,22 @@ def bench_model(name: str, model_args: dict, budgets: list[float], args) -> list
         key = json.dumps(widths, sort_keys=True)
         if key not in measured:
             changed = space.narrowed(widths)
-            config = replace(base, out=args.work / f"{name}-{len(measured)}", prune="l1" if changed else None,
-                             widths=changed, allow_grow=bool(changed))
+            config = replace(base, out=args.work / f"{name}-{len(measured)}", prune=PruneConfig(
+                prune="l1" if changed else None, widths=changed, allow_grow=bool(changed)))
             report = build(config, Progress()).report
             measured[key] = {"ms": report["latency_ms"]["median"], "params": report["model"]["params"],
                              "macs": report["model"]["macs"], "widths": widths}
         return measured[key]
 
     def grown_accuracy(widths: dict[str, int]) -> float:
-        config = replace(base, widths=space.narrowed(widths), allow_grow=True, finetune_epochs=args.finetune_epochs)
+        config = replace(base, prune=PruneConfig(prune="l1", widths=space.narrowed(widths), allow_grow=True,
+                                                 finetune_epochs=args.finetune_epochs))
         return prune_and_finetune(config, Progress()).accuracies[2]
 
     log(f"{name}: the narrow model as trained")
     narrow = measure(dict(space.full))
-    keep_model = load(base)
-    keep_accuracy = train(keep_model.model, keep_model.data, args.finetune_epochs, seed=base.seed).test_accuracy
+    keep_model = load(base.model)
+    keep_accuracy = train(keep_model.model, keep_model.data, args.finetune_epochs, seed=base.model.seed).test_accuracy
     factors = [1 + k / 8 for k in range(1, 9)]  # up to the growth limit, 2x
 
     def uniform(factor: float) -> dict[str, int]:
@@ -100,8 +100,9 @@ def bench_model(name: str, model_args: dict, budgets: list[float], args) -> list
         budget_ms = share * narrow["ms"]
         log(f"{name}: budget {share:.0%} = {budget_ms:.3f} ms")
         rows.append(_row(name, share, budget_ms, "keep", narrow, keep_accuracy, builds=0))
-        report = build(replace(base, out=args.work / f"{name}-grow-{int(share * 100)}", latency_budget=f"{budget_ms:.6f}ms",
-                               allow_grow=True, finetune_epochs=args.finetune_epochs, resume=True), Progress()).report
+        report = build(replace(base, out=args.work / f"{name}-grow-{int(share * 100)}",
+                               prune=PruneConfig(prune="l1", allow_grow=True, finetune_epochs=args.finetune_epochs),
+                               fit=FitConfig(latency_budget=f"{budget_ms:.6f}ms", resume=True)), Progress()).report
         fit = report["fit"]
         chosen = {"ms": fit["chosen"]["measured_ms"], "params": report["model"]["params"], "macs": report["model"]["macs"],
                   "widths": fit["chosen"]["widths"]}

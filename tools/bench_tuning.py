@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -30,13 +29,15 @@ import benchlib
 import numpy as np
 import torch
 
-from compactdeploy.bundle import write_json
-from compactdeploy.bundle_runner import use_default_threads
+from compactdeploy.resources import write_json
+from compactdeploy.runtime import use_default_threads
 from compactdeploy.compile import compile_onnx, import_onnx, resolve_linker
 from compactdeploy.export import export_onnx, onnxruntime_session
 from compactdeploy.resources import cache_dir
 from compactdeploy.targets import load_target
-from compactdeploy.tune import CONV_LAYOUT, TuningDatabase, local_runner, lower_for_tuning, tune
+from compactdeploy.bench.layers import conv_layer, nchw_from_nhwc, same_layer_in_tvm
+from compactdeploy.compile import lower_for_tuning
+from compactdeploy.tune import TuningDatabase, local_runner, tune
 from compactdeploy.zoo import create_model
 
 MODELS = ["mlp-tabular", "lenet300", "lenet5", "resnet20", "mobilenetv2"]
@@ -208,7 +209,7 @@ def time_interleaved(builds: list[dict], threads: int) -> list[dict]:
             "trial_budget": b["trials"],
             "tuning_s": (b["tuning_history"] or {}).get("tune_s"),
             "trials_run": (b["tuning_history"] or {}).get("trials"),
-            # this run's second timing (compactdeploy.tune.pick_records): kernels timed, records changed, s
+            # this run's second timing (compactdeploy.tune.rerank.pick_records): kernels timed, records changed, s
             "second_timing": result.picked,
             "compile_s_untuned": round(b["untuned"].compile_s, 2),
             "compile_s_tuned": round(b["tuned"].compile_s, 2),
@@ -252,7 +253,7 @@ def compare_layers(build: dict, threads: int) -> dict:
         original = shapes.get(kernel["name"].removesuffix("_prepacked"))
         if original is not None and "conv2d" in kernel["name"]:
             data, weight, out = (original["args"][i]["shape"] for i in (0, 1, -1))
-            entry = layer(*_conv_layer(*_nchw_from_nhwc(data, weight, out)))
+            entry = layer(*conv_layer(*nchw_from_nhwc(data, weight, out)))
         else:
             entry = layer(("other",), "other", 0.0)
         entry["tvm_us"] += in_model[kernel["name"]] * 1e3 * kernel["calls"]
@@ -260,8 +261,8 @@ def compare_layers(build: dict, threads: int) -> dict:
         entry["tvm_calls"] += kernel["calls"]
     for node in _onnxruntime_profile(build["onnx"], build["example"], threads):
         if node["op"] in ("Conv", "FusedConv"):
-            key, label, flops = _conv_layer(*(next(iter(t.values())) for t in node["input_type_shape"][:2] + node["output_type_shape"][:1]))
-            entry = layer(_same_layer_in_tvm(key, layers) or key, label, flops)
+            key, label, flops = conv_layer(*(next(iter(t.values())) for t in node["input_type_shape"][:2] + node["output_type_shape"][:1]))
+            entry = layer(same_layer_in_tvm(key, layers) or key, label, flops)
         else:
             entry = layer(("other",), "other", 0.0)
         entry["onnxruntime_us"] += node["us"]
@@ -284,38 +285,6 @@ def compare_layers(build: dict, threads: int) -> dict:
                   "measures); onnxruntime: its profiler's per-node time inside the model, median over 200 "
                   "runs, same thread count (both hooks add a little per kernel)",
     }
-
-
-def _conv_layer(data: list[int], weight: list[int], out: list[int]) -> tuple[tuple, str, float]:
-    """A convolution's key (channels first), name and multiply-add FLOPs, from NCHW shapes."""
-    _, cin, h, w = data
-    cout, cin_per_group, kh, kw = weight
-    flops = 2.0 * math.prod(out) * cin_per_group * kh * kw
-    depthwise = cin_per_group == 1 and cin > 1
-    label = f"conv {cin}->{cout} {kh}x{kw}{' depthwise' if depthwise else ''} at {h}x{w} -> {out[2]}x{out[3]}"
-    return (cin, cout, h, w, kh, kw, out[2], out[3], depthwise), label, flops
-
-
-def _nchw_from_nhwc(data: list[int], weight: list[int], out: list[int]) -> tuple[list[int], list[int], list[int]]:
-    """TVM's CPU kernels take NHWC data and OHWI weights (compactdeploy.tune.CONV_LAYOUT); onnxruntime
-    reports NCHW and OIHW: one spelling for both."""
-    assert CONV_LAYOUT["relax.nn.conv2d"] == ["NHWC", "OHWI"], CONV_LAYOUT
-    nchw = lambda s: [s[0], s[3], s[1], s[2]]  # noqa: E731
-    return nchw(data), nchw(weight), nchw(out)
-
-
-def _same_layer_in_tvm(key: tuple, layers: dict[tuple, dict]) -> tuple | None:
-    """The TVM layer an onnxruntime convolution is: onnxruntime's NCHWc layout pads channels to its
-    vector width (8 or 16) and its profiler reports the padded shapes (LeNet-5's 6 filters run as
-    16, MobileNetV2's 24 input channels as 32), so its input and output channels may each exceed TVM's
-    by the padding. Output channels stay in the match: MobileNetV2's 960->160 and 960->320 at 7x7 are
-    two layers.
-    """
-    def padded(ours: int, theirs: int) -> bool:
-        return ours <= theirs <= -(-ours // 16) * 16
-
-    padded_from = [k for k in layers if k[2:] == key[2:] and padded(k[0], key[0]) and padded(k[1], key[1])]
-    return max(padded_from, default=None)
 
 
 def _onnxruntime_profile(onnx_path: Path, x: np.ndarray, threads: int, runs: int = 200) -> list[dict]:
@@ -362,7 +331,7 @@ def write_markdown(info: dict, rows: list[dict], warm: dict | None) -> None:
         "measured (fewer than the budget where a kernel's search space ran out); tuning time is the wall "
         "time of the runs that tuned (warm builder workers, local runner). The tuned builds apply each "
         "kernel's record as a build does: picked among its fastest by the second timing "
-        "(compactdeploy.tune.pick_records; this run: "
+        "(compactdeploy.tune.rerank.pick_records; this run: "
         + ", ".join(f"{r['model']} {r['second_timing'].get('changed', 0)} of {r['second_timing'].get('kernels', 0)} "
                     f"kernels changed in {r['second_timing'].get('s', 0):.0f} s" for r in rows)
         + "; kernels picked in an earlier run keep their pick and are not timed again).",

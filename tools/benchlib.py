@@ -7,7 +7,7 @@ import platform
 import time
 from pathlib import Path
 
-from compactdeploy.bundle import write_json as write_json_atomically
+from compactdeploy.resources import write_json as write_json_atomically
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
 

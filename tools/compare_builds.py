@@ -28,7 +28,7 @@ from pathlib import Path
 import benchlib
 import numpy as np
 
-from compactdeploy.bundle_runner import use_default_threads
+from compactdeploy.runtime import use_default_threads
 from compactdeploy.compile import KERNELS_NAME
 
 ROUNDS = 15  # as tools/bench_tuning.py: interleaved rounds of RUNS_PER_ROUND runs of every variant

@@ -20,7 +20,7 @@ import time
 import benchlib
 import numpy as np
 
-from compactdeploy.bundle_runner import use_default_threads
+from compactdeploy.runtime import use_default_threads
 from compactdeploy.compile import KERNELS_NAME
 from compactdeploy.device.agent import random_kernel_args, time_each_kernel, time_each_kernel_in_model
 from compactdeploy.resources import cache_dir

@@ -2,7 +2,7 @@
 """What other work on this machine does to a compiled model's timing: the same library timed with
 0, 1, ... other processes spinning (one per core at most), with TVM's threads pinned one per core
 (TVM's default), not pinned (compactdeploy's) and on one thread, interleaved over rounds, with the
-share of the CPU that other work took (compactdeploy.device.agent.load_between, as reports give it).
+share of the CPU that other work took (compactdeploy.runtime.load.load_between, as reports give it).
 
 Why it matters: tuning keeps the times it measures and builds apply them later, and the benchmark's
 figure is the report's; a device that shares its cores runs the model the same way (docs/tuning.md, "A
@@ -29,7 +29,7 @@ import time
 import benchlib
 import numpy as np
 
-from compactdeploy.bundle_runner import BIND_ENV, THREADS_ENV, use_default_threads
+from compactdeploy.runtime import BIND_ENV, THREADS_ENV, use_default_threads
 from compactdeploy.errors import CompactDeployError
 from compactdeploy.resources import cache_dir
 from compactdeploy.zoo import create_model
@@ -41,7 +41,7 @@ _TIMER = """
 import json, sys
 import numpy as np, tvm
 from tvm import relax
-from compactdeploy.device.agent import cpu_times, load_between
+from compactdeploy.runtime.load import cpu_times, load_between
 library, shape, runs = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
 device = tvm.cpu()
 vm = relax.VirtualMachine(tvm.runtime.load_module(library), device)

@@ -8,7 +8,7 @@ noisy timings is partly luck, and a kernel inside the model never runs warm and 
 model the benchmark tuned (tools/bench_tuning.py: its ONNX file and database), this compiles:
 
 - ``rank{k}``: every kernel with its (k+1)-th fastest record (``rank0`` is what a build applied
-  before the second timing, compactdeploy.tune.pick_records, which builds now run);
+  before the second timing, compactdeploy.tune.rerank.pick_records, which builds now run);
 - ``remeasured``: every kernel with whichever of its ``--top`` records ran fastest alone, one call
   at a time, each after a 1 ms pause (``kernel_cache_effect.time_after_pause``), timed in the
   ``rank{k}`` builds;
@@ -32,12 +32,14 @@ import time
 import benchlib
 from kernel_cache_effect import REPEAT, time_after_pause
 
-from compactdeploy.bundle_runner import use_default_threads
+from compactdeploy.runtime import use_default_threads
 from compactdeploy.compile import KERNELS_NAME, compile_onnx, import_onnx, resolve_linker
 from compactdeploy.device.agent import time_each_kernel, time_each_kernel_in_model
 from compactdeploy.resources import cache_dir
 from compactdeploy.targets import load_target
-from compactdeploy.tune import Records, TuningDatabase, extract_kernels, kernel_hash, lower_for_tuning
+from compactdeploy.compile import extract_kernels, lower_for_tuning
+from compactdeploy.tune import Records, TuningDatabase
+from compactdeploy.tune.adapters import kernel_hash
 
 SUFFIX = "_prepacked"  # a kernel whose schedule repacks its weights is named so in the library
 IN_MODEL_ROUNDS = 10  # interleaved rounds over the rank builds, IN_MODEL_RUNS whole-model runs each

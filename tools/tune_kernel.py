@@ -29,27 +29,18 @@ from pathlib import Path
 import benchlib
 import torch
 
-from compactdeploy.bundle_runner import use_default_threads
+from compactdeploy.runtime import use_default_threads
 from compactdeploy.compile import import_onnx
 from compactdeploy.errors import CompactDeployError
 from compactdeploy.export import export_onnx
 from compactdeploy.resources import cache_dir
 from compactdeploy.targets import load_target
-from compactdeploy.tune import (
-    BATCH,
-    KernelScratch,
-    Records,
-    TuningDatabase,
-    WarmBuilder,
-    extract_kernels,
-    kernel_flops,
-    kernel_hash,
-    local_runner,
-    lower_for_tuning,
-    metaschedule_logging,
-    text_lines,
-    warm_cost_model,
-)
+from compactdeploy.compile import extract_kernels, lower_for_tuning
+from compactdeploy.tune import Records, TuningDatabase, local_runner
+from compactdeploy.tune.adapters import WarmBuilder, kernel_flops, kernel_hash, metaschedule_logging
+from compactdeploy.tune.budget import BATCH
+from compactdeploy.tune.database import text_lines
+from compactdeploy.tune.search import KernelScratch, warm_cost_model
 from compactdeploy.zoo import create_model
 
 

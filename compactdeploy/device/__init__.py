@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..bundle_runner import THREADS_ENV
+from ..runtime import THREADS_ENV
 from ..errors import CompactDeployError, first_line
 from .agent import EMULATED_ENV, PORT_LINE, TOKEN_ENV
 
@@ -155,14 +155,14 @@ def _check_reachable(address: DeviceAddress, timeout_s: float, what: str) -> Non
 def connect(
     address: DeviceAddress,
     wait_s: float = 60.0,
-    on_wait: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Session:
     """Open a session; through a tracker, wait up to ``wait_s`` for a free device of the key."""
     if address.key is None:
         _check_reachable(address, CONNECT_TIMEOUT_S, "device")
-        remote = _accepted(address, lambda: open_remote(address), max(wait_s, SESSION_WAIT_S), on_wait)
+        remote = _accepted(address, lambda: open_remote(address), max(wait_s, SESSION_WAIT_S), progress)
     else:
-        remote = _request_from_tracker(address, wait_s, on_wait)
+        remote = _request_from_tracker(address, wait_s, progress)
     try:
         fingerprint = json.loads(remote.get_function("compactdeploy.fingerprint")())
     except Exception:  # a stock TVM server has no such function
@@ -170,7 +170,7 @@ def connect(
     return Session(remote, address, fingerprint)
 
 
-def _request_from_tracker(address: DeviceAddress, wait_s: float, on_wait):
+def _request_from_tracker(address: DeviceAddress, wait_s: float, progress):
     from tvm import rpc
 
     _check_reachable(address, CONNECT_TIMEOUT_S, "tracker")
@@ -184,7 +184,7 @@ def _request_from_tracker(address: DeviceAddress, wait_s: float, on_wait):
         free = int(queue.get("free", 0))
         if free > 0:
             try:
-                return _accepted(address, lambda: open_remote(address), SESSION_WAIT_S, on_wait)
+                return _accepted(address, lambda: open_remote(address), SESSION_WAIT_S, progress)
             except CompactDeployError as exc:  # another client took the device between summary and request
                 if time.monotonic() >= deadline or "access token" in str(exc):
                     raise
@@ -195,13 +195,13 @@ def _request_from_tracker(address: DeviceAddress, wait_s: float, on_wait):
                 f"no free '{address.key}' device on tracker {address.host}:{address.port} after {wait_s:.0f} s "
                 f"({state}); try again later or raise --device-wait"
             )
-        if on_wait:
+        if progress:
             known = f"{queue.get('pending', 0)} waiting before us" if queue else "no such device registered yet"
-            on_wait(f"waiting for a free '{address.key}' device ({known}; {left:.0f} s left)")
+            progress(f"waiting for a free '{address.key}' device ({known}; {left:.0f} s left)")
         time.sleep(min(1.0, max(0.05, left)))
 
 
-def _accepted(address: DeviceAddress, open_session: Callable[[], Any], wait_s: float, on_wait):
+def _accepted(address: DeviceAddress, open_session: Callable[[], Any], wait_s: float, progress):
     """``open_session()``, saying what it waits for: a device serves one session at a time, so the
     handshake waits while another client holds it. One line on a refusal or after ``wait_s``."""
     done: dict[str, Any] = {}
@@ -223,8 +223,8 @@ def _accepted(address: DeviceAddress, open_session: Callable[[], Any], wait_s: f
                 f"{address} accepted the connection but started no session within {wait_s:.0f} s: another client "
                 "holds it (a device serves one session at a time), or it is not a TVM RPC server"
             )
-        if worker.is_alive() and on_wait:
-            on_wait(f"waiting for {address} to start a session (it serves one client at a time; {waited:.0f} s)")
+        if worker.is_alive() and progress:
+            progress(f"waiting for {address} to start a session (it serves one client at a time; {waited:.0f} s)")
     if "error" in done:
         if "matches key" in str(done["error"]):  # TVM's words for the server's refusal of the handshake
             hint = "no access token given" if address.token is None else "the access token given is not this device's"

@@ -2,7 +2,8 @@
 
 Runs on the board (or under qemu, or on the host as a local device) with only the standard library,
 numpy and the TVM runtime: ``TVM_USE_RUNTIME_LIB=1`` works, so the 240 MB compiler library can be
-left off the device. Started by ``compactdeploy device serve``; imports nothing else of compactdeploy.
+left off the device. Started by ``compactdeploy device serve``; of compactdeploy it imports only
+``runtime`` (which has the same needs).
 
 The stock TVM RPC server runs every session in a forked child, so the functions registered here
 exist in the process that loads and runs the model, and the memory they read is that process's.
@@ -22,6 +23,8 @@ import secrets
 import socket
 import sys
 import time
+
+from compactdeploy.runtime.load import cpu_times, load_between
 
 EMULATED_ENV = "COMPACTDEPLOY_EMULATED"
 EMULATED_CPU_ENV = "COMPACTDEPLOY_EMULATED_CPU"
@@ -45,9 +48,11 @@ def _status_kb(field: str) -> int | None:
     return None
 
 
-def fingerprint() -> dict:
-    """What machine this is: enough to tell a Pi 4 from an emulated one or from the build host."""
-    from compactdeploy.bundle_runner import threads_in_use, threads_pinned
+def fingerprint(threads: int | None = None) -> dict:
+    """What machine this is: enough to tell a Pi 4 from an emulated one or from the build host.
+
+    ``threads``: the count a process started to run models here will use (default: this one's)."""
+    from compactdeploy.runtime import threads_in_use, threads_pinned
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -83,7 +88,7 @@ def fingerprint() -> dict:
         "python": platform.python_version(),
         "tvm_version": tvm.__version__,
         "cuda": _cuda_name(),
-        "threads": threads_in_use(),
+        "threads": str(threads) if threads else threads_in_use(),
         "threads_pinned": threads_pinned(),  # one per core (TVM's default) or not (compactdeploy's)
         # qemu-user reports the guest's machine; only its launcher knows the CPU is emulated
         "emulated": os.environ.get(EMULATED_ENV) == "1",
@@ -123,64 +128,6 @@ def memory(reset: int) -> str:
         "peak_rss_bytes": None if hwm is None else hwm * 1024,
         "peak_reset": reset_ok,
     })
-
-
-# Other work's share of the machine's CPU time from which a measurement is called busy. TVM puts a
-# thread on every core and each parallel loop waits for its slowest, so a little other work slows
-# a model a lot (docs/benchmarks/load-effect.json); 15 % leaves room for a device's daemons
-BUSY_SHARE = 0.15
-
-
-def cpu_times() -> tuple[float, float, float, float] | None:
-    """CPU seconds since boot over all cores (busy, total, stolen by the hypervisor) and this
-    process's own (all its threads); None where there is no /proc/stat (not Linux)."""
-    try:
-        with open("/proc/stat") as stat:
-            # user nice system idle iowait irq softirq steal (guest time is already inside user)
-            ticks = [int(value) for value in stat.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    if len(ticks) < 8:
-        return None
-    tick_s = 1.0 / os.sysconf("SC_CLK_TCK")
-    own = os.times()
-    total = sum(ticks)
-    return ((total - ticks[3] - ticks[4] - ticks[7]) * tick_s, total * tick_s, ticks[7] * tick_s,
-            own.user + own.system)
-
-
-def load_between(start, end) -> dict | None:
-    """What else the machine did between two ``cpu_times``: shares of all cores' time.
-
-    ``other_busy``: CPU time other processes used (this process's own subtracted: the model it
-    times); ``steal``: time the hypervisor gave to other machines (a shared VM). None: not known.
-    """
-    if start is None or end is None or end[1] <= start[1]:
-        return None
-    total = end[1] - start[1]
-    other = max(0.0, (end[0] - start[0]) - (end[3] - start[3]))
-    return {
-        "other_busy": round(min(1.0, other / total), 3),
-        "steal": round((end[2] - start[2]) / total, 3),
-        "window_s": round(total / (os.cpu_count() or 1), 2),
-        "cores": os.cpu_count(),
-    }
-
-
-def taken_share(load: dict) -> float:
-    """The share of the machine's CPU time that was not there for us: other processes and steal."""
-    return load["other_busy"] + load["steal"]
-
-
-def is_busy(load: dict | None) -> bool:
-    return load is not None and taken_share(load) >= BUSY_SHARE
-
-
-def describe_load(load: dict) -> str:
-    """One phrase for a report or a warning: how busy, and what it does to the figures."""
-    stolen = f" and the hypervisor took {load['steal']:.0%} for other machines" if load["steal"] >= 0.01 else ""
-    return (f"other work used {load['other_busy']:.0%} of the machine's CPU time{stolen}: "
-            "timings are slower and noisier than on an idle machine")
 
 
 # /proc/stat counts in ticks (10 ms at the usual 100 Hz): a shorter window than this reads as noise
@@ -320,7 +267,7 @@ def onnxruntime_times(onnx_name: str, input_name: str, repeat: int, warmup: int)
         import onnxruntime as ort
     except ImportError:
         return json.dumps({"error": "onnxruntime is not installed on the device"})
-    from compactdeploy.bundle_runner import threads_in_use
+    from compactdeploy.runtime import threads_in_use
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = int(threads_in_use())  # as many as TVM's
@@ -342,7 +289,7 @@ def install_bundle(archive_name: str, destination: str) -> str:
     A relative ``destination`` is under the agent's home directory: the session's own working
     directory is deleted when the session ends.
     """
-    from compactdeploy.bundle_runner import BundleError, install_archive
+    from compactdeploy.runtime import BundleError, install_archive
 
     path = os.path.expanduser(destination)
     if not os.path.isabs(path):
@@ -388,8 +335,9 @@ FUNCTIONS = {
 
 
 def serve(host: str, port: int, port_end: int, tracker: str | None, key: str, token: str | None,
-          on_ready=None) -> None:
+          on_ready=None, threads: int | None = None) -> None:
     """Register the functions and serve until SIGTERM or Ctrl-C; ``on_ready(port)`` once bound.
+    ``threads``: TVM's thread count in this agent (default: ``runtime.threads_in_use()``).
 
     ``token``: clients must present it (``listener.client_key``); None serves anyone who reaches
     the port. Raises ``listener.ListenerDied`` when serving cannot go on.
@@ -397,10 +345,12 @@ def serve(host: str, port: int, port_end: int, tracker: str | None, key: str, to
     import tvm_ffi
     from tvm.rpc import server as _session_environment  # noqa: F401 (loads what sessions load: see below)
 
-    from compactdeploy.bundle_runner import use_default_threads
+    from compactdeploy.runtime import THREADS_ENV, use_default_threads
 
     from .listener import bind, listen
 
+    if threads:  # this process is the agent: its environment is the device's
+        os.environ[THREADS_ENV] = str(threads)
     use_default_threads()  # before any model runs; onnxruntime_times takes the same count
     for name, function in FUNCTIONS.items():
         tvm_ffi.register_global_func(name, function, override=True)

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ..bundle_runner import THREADS_ENV
+from ..runtime import THREADS_ENV
 from ..errors import CompactDeployError
 from ..resources import cache_dir
 from . import Agent, _free_port

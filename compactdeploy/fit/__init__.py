@@ -2,9 +2,11 @@
 
 costs.py measures what each layer costs at each width on the device (a cached table), allocate.py
 reads the model's groups and their importance and walks from the full model down the table,
-search.py builds and measures the picks until one meets the budget, plots.py draws the result.
+search.py builds and measures the picks until one meets the budget (state.py keeps them for
+--resume), budgets.py parses the budgets, report.py and plots.py describe the result.
 """
 
-from .search import FitResult, check_fit_options, parse_latency_budget, parse_memory_budget, search
+from .budgets import Budget, parse_latency_budget, parse_memory_budget
+from .search import FitResult, check_fit_options, search
 
-__all__ = ["FitResult", "check_fit_options", "parse_latency_budget", "parse_memory_budget", "search"]
+__all__ = ["Budget", "FitResult", "check_fit_options", "parse_latency_budget", "parse_memory_budget", "search"]

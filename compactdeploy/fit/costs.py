@@ -153,7 +153,7 @@ class LatencyTable:
         return self.entries[signature.key]
 
     def save(self) -> None:
-        from ..bundle import write_json
+        from ..resources import write_json
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_json(self.path, {"identity": self.identity, "entries": dict(sorted(self.entries.items()))})
@@ -161,17 +161,15 @@ class LatencyTable:
 
 def table_for(target: TargetSpec, fingerprint: dict[str, Any] | None, tuning_database) -> LatencyTable:
     """The table for ``target`` on the device with ``fingerprint``, against the tuning records it compiles with."""
-    from ..compile import builds_channels_last
-    from ..tune import CONV_LAYOUT, database_for
+    from ..compile import CONV_LAYOUT, builds_channels_last
+    from ..tune import database_for
 
     identity = dict(database_for(target, fingerprint).identity)
+    identity.pop("format", None)  # the database's own format, not the table's
     # tables measured in another layout are stale
     identity["conv_layout"] = CONV_LAYOUT["relax.nn.conv2d"] if builds_channels_last(target) else ["NCHW", "OIHW"]
-    records = tuning_database.path / "database_tuning_record.json" if tuning_database is not None else None
     # a layer's time depends on its schedule: new tuning records make a new table
-    identity["tuning_records_sha256"] = (
-        hashlib.sha256(records.read_bytes()).hexdigest() if records is not None and records.exists() else None
-    )
+    identity["tuning_records_sha256"] = tuning_database.records_sha256() if tuning_database is not None else None
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     return LatencyTable(cache_dir("latency") / f"{target.name}-{digest}.json", identity)
 
@@ -224,11 +222,11 @@ def measure_missing(
     session_factory: Callable[[], Any],
     linker,
     database,
-    on_progress: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> int:
     """Measure every signature the table lacks on the device, in batches; returns how many."""
     missing = list({s.key: s for s in signatures if s not in table}.values())
-    say = on_progress or (lambda _: None)
+    say = progress or (lambda _: None)
     for start in range(0, len(missing), PROBE_BATCH):
         batch = missing[start : start + PROBE_BATCH]
         say(f"latency table: compiling {len(batch)} layers ({start + len(batch)}/{len(missing)} new, "
@@ -264,8 +262,9 @@ def _time_probes(session_factory, lib: Path, batch: list[LayerSignature], target
             f"{session.address} is {fingerprint['machine']}, but target {target.name} is {target.arch}: "
             "measure a target's costs on a device of that target"
         )
-    kind = "cuda" if target.kind == "cuda" else "cpu"
-    dev = session.device(kind)
+    from ..compile import backend_of
+
+    dev = session.device(backend_of(target).device)
     layout = builds_channels_last(target)
     rng = np.random.default_rng(0)
     times = []

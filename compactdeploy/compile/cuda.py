@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .resources import cache_dir
+from ..resources import cache_dir
 
 # The driver functions that the pinned TVM wheel's CUDA plugin imports (nm -D --undefined-only).
 _DRIVER_FUNCTIONS = (

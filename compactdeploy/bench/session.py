@@ -1,0 +1,183 @@
+"""Measuring a library over an RPC session: latency, memory, a per-layer profile and onnxruntime's
+time beside it, all on the device."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..compile.backends import Backend, backend_of
+from ..runtime import latency_stats
+from ..device import answering
+from ..errors import CompactDeployError
+
+CHUNK_RUNS = 20  # timed runs per RPC call: a device that drops keeps all finished chunks
+PER_LAYER_TOLERANCE = 0.25  # kernels timed alone may sum to within 25 % of the whole model
+
+
+@dataclass(frozen=True)
+class Measurement:
+    latency_ms: dict[str, float] | None  # median, p90, p99, mean, std, min, runs
+    runs_requested: int
+    cut_short: str | None  # why fewer runs than requested completed, or None
+    cold_ms: float | None  # the first inference in a fresh process, timed on the device
+    load_ms: float | None  # loading the library and creating the VM, timed on the device
+    memory: dict[str, int | None]  # rss_before_bytes, peak_rss_growth_bytes
+    output: np.ndarray
+    device: dict[str, Any]  # the device's fingerprint (emulated or not, CPU, TVM version, ...)
+    per_layer: dict[str, Any] | None
+    onnxruntime: dict[str, Any]  # baseline on the same device, or {"not_measured": reason}
+    load: dict[str, Any] | None = None  # other work on the device while timing (runtime.load.load_between)
+
+
+def measure(
+    session,
+    lib_path: str | Path,
+    x: np.ndarray,
+    *,
+    arch: str,
+    backend: Backend | None = None,
+    repeat: int = 100,
+    warmup: int = 10,
+    kernels_path: str | Path | None = None,
+    onnx_path: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Measurement:
+    """Upload ``lib_path`` to the device of ``session`` and measure it there (``backend``: the
+    library's, by default the CPU's)."""
+    from tvm import relax
+    from tvm import runtime as tvm_runtime
+
+    backend = backend or backend_of("llvm")
+    device_kind = backend.device
+    say = progress or (lambda _: None)
+    if repeat < 1:
+        raise CompactDeployError(f"--repeat must be at least 1 (got {repeat})")
+    fingerprint = session.fingerprint
+    if fingerprint is not None and fingerprint["machine"] != arch:
+        raise CompactDeployError(
+            f"the library is built for {arch}, but {session.address} is {fingerprint['machine']}: "
+            "build for that device's target (see 'compactdeploy targets')"
+        )
+    if fingerprint is not None and device_kind == "cuda" and not fingerprint.get("cuda"):
+        raise CompactDeployError(f"{session.address} has no CUDA GPU that TVM can use; the library needs one")
+    agent = fingerprint is not None
+    remote, dev = session.remote, session.device(device_kind)
+
+    with answering(session.address, "loading the model"):
+        memory_before = session.call("compactdeploy.memory", 1) if agent else None
+        with tempfile.TemporaryDirectory(prefix="compactdeploy-measure-") as tmp:
+            input_path = Path(tmp, "input.npy")
+            np.save(input_path, x)
+            say("uploading the library")
+            remote.upload(str(lib_path), "model.so")
+            remote.upload(str(input_path), "input.npy")
+        first = session.call("compactdeploy.first_run", "model.so", "input.npy", device_kind) if agent else {}
+        vm = relax.VirtualMachine(remote.load_module("model.so"), dev)
+        x_device = tvm_runtime.tensor(x, dev)
+        output = vm["main"](x_device).numpy()
+        if warmup:
+            vm.time_evaluator("main", dev, number=warmup, repeat=1)(x_device)
+
+    times_ms, cut_short = [], None
+    session.cpu_load(mark=True)  # other work while timing, the model's own runs left out
+    while len(times_ms) < repeat:
+        runs = min(CHUNK_RUNS, repeat - len(times_ms))
+        try:
+            # number=1: each repeat is one inference, so the results are the distribution itself
+            with answering(session.address, "timing"):
+                result = vm.time_evaluator("main", dev, number=1, repeat=runs)(x_device)
+        except CompactDeployError as exc:  # the connection dropped or the device died: keep what finished
+            cut_short = f"stopped after {len(times_ms)} of {repeat} runs ({exc})"
+            break
+        times_ms += [t * 1e3 for t in result.results]
+        say(f"timed {len(times_ms)}/{repeat} runs")
+    if not times_ms:
+        raise CompactDeployError(cut_short)
+    load = session.cpu_load(mark=False) if cut_short is None else None
+    latency = latency_stats(times_ms)
+
+    memory = {"rss_before_bytes": None, "peak_rss_growth_bytes": None}
+    per_layer, baseline = None, {"not_measured": "the device runs a stock TVM RPC server, not compactdeploy's agent"}
+    if agent and cut_short is None:
+        try:
+            with answering(session.address, "measuring memory"):
+                after = session.call("compactdeploy.memory", 0)
+            memory["rss_before_bytes"] = memory_before["rss_bytes"]
+            if memory_before["peak_reset"]:
+                memory["peak_rss_growth_bytes"] = max(0, after["peak_rss_bytes"] - memory_before["rss_bytes"])
+            if kernels_path is not None and backend.profiles_layers:
+                say("timing each kernel (per-layer profile)")
+                with answering(session.address, "timing kernels"):
+                    per_layer = _per_layer(session, Path(kernels_path), latency["median"], repeat)
+            if onnx_path is not None and backend.profiles_layers:
+                say("onnxruntime baseline on the device")
+                with answering(session.address, "running onnxruntime"):
+                    baseline = _onnxruntime_baseline(session, Path(onnx_path), repeat, warmup, latency["median"])
+        except CompactDeployError as exc:
+            cut_short = f"all {repeat} runs finished, then {exc}"
+    return Measurement(
+        latency_ms=latency,
+        runs_requested=repeat,
+        cut_short=cut_short,
+        cold_ms=first.get("cold_ms"),
+        load_ms=first.get("load_ms"),
+        memory=memory,
+        output=output,
+        device=fingerprint or {"hostname": session.address.host, "emulated": None},
+        per_layer=per_layer,
+        onnxruntime=baseline,
+        load=load,
+    )
+
+
+def _per_layer(session, kernels_path: Path, whole_ms: float, repeat: int) -> dict[str, Any]:
+    kernels = json.loads(kernels_path.read_text())
+    timed = session.call("compactdeploy.time_kernels", json.dumps(kernels), max(10, min(repeat, 100)))
+    if isinstance(timed, dict):
+        return {"error": timed["error"]}
+    in_model = session.call("compactdeploy.time_kernels_in_model", max(10, min(repeat, 50)))
+    if "error" in in_model:
+        return {"error": in_model["error"]}
+    calls = {k["name"]: k["calls"] for k in kernels}
+    rows = [
+        {"kernel": t["name"], "calls": calls[t["name"]], "median_ms": t["median_ms"], "total_ms": t["median_ms"] * calls[t["name"]],
+         "in_model_ms": in_model[t["name"]]}
+        for t in timed
+    ]
+    total = sum(r["total_ms"] for r in rows)
+    in_model_total = sum(r["in_model_ms"] * r["calls"] for r in rows)
+    for row in rows:
+        row["share"] = row["total_ms"] / total if total else 0.0
+    return {
+        "kernels": sorted(rows, key=lambda r: -r["total_ms"]),
+        "sum_ms": total,
+        "in_model_sum_ms": in_model_total,
+        "whole_model_median_ms": whole_ms,
+        "sum_over_whole": total / whole_ms if whole_ms else None,
+        "tolerance": PER_LAYER_TOLERANCE,
+        "within_tolerance": bool(whole_ms) and abs(total / whole_ms - 1) <= PER_LAYER_TOLERANCE,
+        "method": "median_ms: each kernel timed alone on random inputs of its shapes (median of 10 repeats), times its "
+                  "call count; in_model_ms: each kernel's median per call inside the model's own runs (the VM's "
+                  "instrument hook), where its data is where the kernel before it left it",
+    }
+
+
+def _onnxruntime_baseline(session, onnx_path: Path, repeat: int, warmup: int, tvm_median: float) -> dict[str, Any]:
+    session.remote.upload(str(onnx_path), "model.onnx")
+    result = session.call("compactdeploy.onnxruntime_times", "model.onnx", "input.npy", repeat, warmup)
+    if "error" in result:
+        return {"not_measured": result["error"]}
+    stats = latency_stats(result["times_ms"])
+    return {
+        "latency_ms": stats,
+        "version": result["version"],
+        "tvm_over_onnxruntime": tvm_median / stats["median"] if stats["median"] else None,
+        "method": "InferenceSession.run timed with perf_counter on the device, same thread count",
+    }

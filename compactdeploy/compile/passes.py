@@ -1,0 +1,183 @@
+"""The compiler's passes: ONNX import, and the CPU lowering that tuning and builds share.
+
+Tuning searches the fused kernels of ``lower_for_tuning``; a build lowers the same way and applies
+the tuning database's schedules (``apply_database``), so every record found is one a build uses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import CompactDeployError, first_line
+from ..targets import TargetSpec
+
+# the layout every CPU build computes convolutions in (data, weights); see lower_for_tuning
+CONV_LAYOUT = {"relax.nn.conv2d": ["NHWC", "OHWI"]}
+# the two files of a MetaSchedule JSON database (its own names)
+WORKLOADS_FILE = "database_workload.json"
+RECORDS_FILE = "database_tuning_record.json"
+
+
+def import_onnx(onnx_path: str | Path, target: TargetSpec):
+    """The ONNX file as a Relax module, weights embedded as constants."""
+    import onnx
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from .backends import backend_of
+
+    backend_of(target)  # an unsupported kind fails before the import
+    try:
+        model = onnx.load(str(onnx_path))
+    except Exception as exc:  # protobuf decode errors and the like
+        raise CompactDeployError(f"{onnx_path} is not a readable ONNX model: {exc}") from None
+    try:
+        _clip_as_max_min(model.graph)  # inside: a malformed Clip is the model's fault, reported as such
+        mod = from_onnx(model, keep_params_in_input=False)
+    except Exception as exc:  # TVM reports unsupported operators with several exception types
+        raise CompactDeployError(f"TVM cannot import {onnx_path}: {first_line(exc)}") from None
+    return _pairwise_max_min(mod)
+
+
+def _clip_as_max_min(graph) -> None:
+    """Rewrite every Clip (ReLU6 and the like) as Max then Min, in place.
+
+    TVM's importer emits Clip as an opaque TE call, which the NHWC layout pass cannot see through:
+    it would wrap every ReLU6 in a pair of transposes. Max and Min import as Relax operators, made
+    layout-neutral by ``_pairwise_max_min``.
+    """
+    import numpy as np
+    import onnx
+
+    taken = {name for node in graph.node for name in (*node.input, *node.output)}
+    taken |= {tensor.name for tensor in graph.initializer} | {value.name for value in graph.input}
+
+    def unused(name: str) -> str:
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        return name
+
+    nodes = []
+    for node in graph.node:
+        if node.op_type != "Clip":
+            nodes.append(node)
+            continue
+        bounds = list(node.input[1:3]) + [""] * (3 - len(node.input))  # opset >= 11: optional inputs
+        for attribute in node.attribute:  # opset < 11: attributes
+            name = unused(f"{node.output[0]}/clip_{attribute.name}")
+            graph.initializer.append(onnx.numpy_helper.from_array(np.array(attribute.f, dtype=np.float32), name))
+            bounds[0 if attribute.name == "min" else 1] = name
+        value = node.input[0]
+        for op, bound in (("Max", bounds[0]), ("Min", bounds[1])):
+            if bound:
+                out = unused(f"{node.output[0]}/clip_{op.lower()}")
+                nodes.append(onnx.helper.make_node(op, [value, bound], [out], name=out))
+                value = out
+        nodes.append(onnx.helper.make_node("Identity", [value], [node.output[0]], name=node.name))
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _pairwise_max_min(mod):
+    """Relax's ``maximum(a, b)`` for the importer's two-input Max, ``max(stack(broadcast a, b))``
+    (and the same for Min): the layout pass carries the elementwise form, not the stacked one."""
+    from tvm import relax
+    from tvm.relax.dpl import is_op, is_tuple, rewrite_call, wildcard
+
+    for reduce, elementwise in (("relax.max", relax.op.maximum), ("relax.min", relax.op.minimum)):
+        a, b = wildcard(), wildcard()
+        stacked = is_op("relax.stack")(is_tuple([is_op("relax.broadcast_to")(a, wildcard()),
+                                                 is_op("relax.broadcast_to")(b, wildcard())]))
+        pattern = is_op(reduce)(stacked)
+
+        def rewrite(call, matches, a=a, b=b, stacked=stacked, elementwise=elementwise):
+            over_stack_axis = [int(x) for x in call.attrs.axis or []] == [0] and int(matches[stacked].attrs.axis) == 0
+            return elementwise(matches[a], matches[b]) if over_stack_axis and not call.attrs.keepdims else call
+
+        for gv, function in list(mod.functions_items()):
+            if isinstance(function, relax.Function):
+                mod[gv] = rewrite_call(pattern, rewrite, function)
+    return relax.transform.DeadCodeElimination()(mod)
+
+
+def lower_for_tuning(mod, tvm_target, channels_last: bool = True):
+    """Legalize and fuse: the kernels tuning searches are the fused ones the build then runs.
+
+    ``channels_last=False`` keeps the model's NCHW convolutions (tools/tune_kernel.py compares them).
+    """
+    import tvm
+    from tvm import relax
+
+    with tvm_target:
+        return tvm.transform.Sequential(
+            [
+                relax.transform.DecomposeOpsForInference(),
+                relax.transform.CanonicalizeBindings(),
+                relax.transform.LegalizeOps(),
+                relax.transform.AnnotateTIROpPattern(),
+                # folds the weight transposes and reshapes the ONNX importer leaves for run time
+                relax.transform.FoldConstant(),
+                relax.transform.FuseOps(),
+                relax.transform.FuseTIR(),
+                # lets a schedule choose the weights' memory layout (packed blocks for the vector
+                # units); the repacking runs once, at compile time, in ``apply_database``
+                relax.transform.AttachAttrLayoutFreeBuffers(),
+            ]
+        )(to_channels_last(mod) if channels_last else mod)
+
+
+def to_channels_last(mod):
+    """Convolutions in NHWC (``CONV_LAYOUT``), the layout carried through the operators between them.
+
+    Channels innermost: MetaSchedule vectorizes over channels (multiples of 8 or 16) instead of the
+    image width (7 or 14 late in a network), which tuned faster (docs/tuning.md). Where TVM's
+    layout pass cannot handle a model (an operator it has no layout rule for), the model keeps its
+    layout, with a warning: correct, slower.
+    """
+    import warnings
+
+    from tvm import relax
+
+    try:
+        return relax.transform.ConvertLayout(CONV_LAYOUT)(mod)
+    except Exception as exc:  # TVM raises InternalError and friends from inside the pass
+        warnings.warn(f"convolutions stay NCHW (slower kernels): TVM's layout pass failed: {first_line(exc)}",
+                      stacklevel=2)
+        return mod
+
+
+def apply_database(lowered, tvm_target, schedules: Path | None) -> tuple[Any, int, int]:
+    """Replace every kernel that ``schedules`` (a MetaSchedule JSON database directory: a tuning
+    database's ``best_view``) has a record for by that schedule.
+
+    Returns the module, how many of its kernels were scheduled from records, and how many there are.
+    """
+    import tvm
+    import tvm.s_tir.meta_schedule as ms
+    from tvm import relax
+
+    tasks = extract_kernels(lowered, tvm_target)
+    if schedules is None:
+        return lowered, 0, len(tasks)
+    db = ms.database.JSONDatabase(str(schedules / WORKLOADS_FILE), str(schedules / RECORDS_FILE), allow_missing=False)
+    scheduled = sum(1 for task in tasks if db.has_workload(task.dispatched[0]))
+    if scheduled == 0:
+        return lowered, 0, len(tasks)
+    with tvm_target, db:
+        lowered = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(lowered)
+    with tvm_target:
+        lowered = tvm.transform.Sequential(
+            [
+                relax.transform.SplitLayoutRewritePreproc(),
+                relax.transform.FoldConstant(),  # repacks the weights, which are constants, now
+                relax.transform.DeadCodeElimination(),
+            ]
+        )(lowered)
+    return lowered, scheduled, len(tasks)
+
+
+def extract_kernels(lowered, tvm_target) -> list:
+    import tvm.s_tir.meta_schedule as ms
+
+    return list(ms.relax_integration.extract_tasks(lowered, tvm_target))

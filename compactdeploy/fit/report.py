@@ -1,0 +1,96 @@
+"""The width search's section of the report: the budget, the trajectory, every model measured, how
+well the table predicted them, and each group's latency steps."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+
+from .allocate import Point
+
+STEP_DROP = 0.01  # a width is a latency step when it saves this share of the full model below every wider one
+
+
+def search_report(config, method, latency_budget, memory_budget, latency_ms, memory_bytes, space, trajectory, state,
+            chosen, table, rounds, status, run_dir, predict, grown) -> dict[str, Any]:
+    def point_entry(p: Point) -> dict[str, Any]:
+        return {"widths": p.widths, "table_ms": p.cost, "predicted_ms": predict(p) if latency_ms else None,
+                "importance_kept": p.importance_kept, "changed": p.changed, "params": space.params(p.widths),
+                "macs": space.macs(p.widths)}
+
+    verified = [c for c in state.candidates if c.predicted_ms is not None]
+    errors = [abs(c.predicted_ms - c.measured_ms) / c.measured_ms * 100 for c in verified]
+    return {
+        "status": status,
+        "budget": {
+            "latency": config.latency_budget, "latency_ms": latency_ms,
+            "memory": config.memory_budget, "memory_bytes": memory_bytes,
+            "memory_means": "weights (ONNX initializers) + TVM's planned workspace for intermediates",
+        },
+        "method": method,
+        "importance": f"{method}: per group, the share of its channel importance that stays (mean over groups)",
+        "allocation": (
+            "NetAdapt-style greedy on the measured latency table: from the full model, each step shrinks the group "
+            "whose smallest cut saving a step of predicted latency loses the least importance per ms; "
+            "the first step under the corrected budget is built and measured whole"
+        ),
+        "rounds": rounds,
+        "channel_multiple_grid": {g: c for g, c in space.candidates.items()},
+        "latency_table": {
+            "path": str(table.path), "entries": len(table.entries), "measured_this_run": table.measured_now,
+            "method": "each conv/linear layer (+ bias, ReLU) compiled alone at the candidate widths, timed on the device "
+                      "(median of 7 repeats of at least 2 ms)",
+        },
+        "trajectory": [point_entry(p) for p in trajectory.points],
+        "grown": [point_entry(p) for p in grown],
+        "growth": (
+            "--allow-grow: from the full model, each step widened the group gaining the most width (log ratio) per ms of "
+            "predicted latency, by copying its strongest channels (Net2WiderNet: function-preserving, the copies' "
+            "outgoing weights split at random so fine-tuning can tell them apart); up to 2x each group's width"
+            if space.wider else None
+        ),
+        "latency_steps": latency_steps(space, table),
+        "verified": [asdict(c) for c in state.candidates],
+        "predictor_error_pct": {
+            "median": float(np.median(errors)) if errors else None,
+            "worst": float(max(errors)) if errors else None,
+            "count": len(errors),
+            "means": "|predicted - measured| / measured of every model built after a prediction",
+        },
+        "chosen": asdict(chosen),
+        "widths": {g: {"before": space.full[g], "after": chosen.widths[g]} for g in space.full},
+        "search_dir": str(run_dir),
+        "figures": "latencies are whole-model medians measured on the device named in 'where'; "
+                   "accuracies are after pruning, before fine-tuning",
+    }
+
+
+def latency_steps(space, table) -> dict[str, Any]:
+    """Per group, the table's latency of the full model with only that group at each candidate width,
+    and the steps: the widths where it drops (by STEP_DROP of the full model's) below every wider
+    candidate. Between two steps a narrower width loses channels and saves nothing."""
+    full_signatures = space.signatures(space.full)
+    if not all(s in table for s in full_signatures):
+        return {}
+    threshold = STEP_DROP * sum(table.ms(s) for s in full_signatures)
+    result = {}
+    for group, widths in space.candidates.items():
+        curve = []
+        for width in widths + space.wider.get(group, []):
+            signatures = space.signatures({**space.full, group: width})
+            if all(s in table for s in signatures):  # what the search measured; nothing is measured here
+                curve.append((width, sum(table.ms(s) for s in signatures)))
+        steps = [w for i, (w, ms) in enumerate(curve) if i + 1 < len(curve) and ms <= min(m for _, m in curve[i + 1:]) - threshold]
+        result[group] = {"table_ms": {str(w): ms for w, ms in curve}, "steps": steps}
+    return result
+
+
+def widths_text(widths: dict[str, int]) -> str:
+    return ", ".join(f"{g}={w}" for g, w in widths.items())
+
+
+def budget_text(config) -> str:
+    parts = [f"latency {config.latency_budget}" if config.latency_budget else "", f"memory {config.memory_budget}" if config.memory_budget else ""]
+    return " and ".join(p for p in parts if p)

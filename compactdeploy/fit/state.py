@@ -1,0 +1,74 @@
+"""The models a width search built and measured, kept on disk after each one: what --resume reads."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import CompactDeployError
+
+
+@dataclass
+class Candidate:
+    """A model the search built and measured whole on the device."""
+
+    widths: dict[str, int]
+    table_ms: float  # sum of its layers in the latency table
+    predicted_ms: float | None  # the corrected prediction when it was picked (None: the unpruned model)
+    measured_ms: float
+    memory_bytes: int  # weights + planned workspace, from the compiled model
+    params: int
+    macs: int
+    accuracy: float | None  # after pruning, before fine-tuning
+    importance_kept: float
+    where: str
+    build: str
+
+    def meets(self, latency_ms: float | None, memory_bytes: float | None) -> bool:
+        return (latency_ms is None or self.measured_ms <= latency_ms) and (memory_bytes is None or self.memory_bytes <= memory_bytes)
+
+
+@dataclass
+class SearchState:
+    """Verified candidates, on disk after each one: what --resume starts from.
+
+    A resumed search replays the run it resumes: its decisions (predictions, "measured before")
+    use only the models this run has met so far (``walked``), in the order met, so the same budget
+    walks to the same models and measures nothing again. Predicting from every stored model instead
+    would let a finished run's last measurement move the first pick of its rerun. Every stored
+    model is still a candidate for the final choice.
+    """
+
+    path: Path
+    key: dict[str, Any]
+    candidates: list[Candidate] = field(default_factory=list)
+    walked: list[Candidate] = field(default_factory=list)  # met by this run, stored or new; not saved
+
+    def find(self, widths: dict[str, int]) -> Candidate | None:
+        return next((c for c in self.candidates if c.widths == widths), None)
+
+    def met(self, widths: dict[str, int]) -> bool:
+        return any(c.widths == widths for c in self.walked)
+
+    def meet(self, candidate: Candidate) -> Candidate:
+        if not self.met(candidate.widths):
+            self.walked.append(candidate)
+        return candidate
+
+    def save(self) -> None:
+        from ..resources import write_json
+
+        write_json(self.path, {"key": self.key, "candidates": [asdict(c) for c in self.candidates]})
+
+    @classmethod
+    def load(cls, path: Path, key: dict[str, Any], resume: bool) -> SearchState:
+        state = cls(path, key)
+        if resume and path.exists():
+            try:
+                stored = json.loads(path.read_text())
+                state.candidates = [Candidate(**c) for c in stored["candidates"]]
+            except (ValueError, KeyError, TypeError):
+                raise CompactDeployError(f"the search state {path} is damaged; run without --resume to start over") from None
+        return state
