@@ -89,6 +89,8 @@ def build_report(config, target, pruned, exported, compiled, tuned=None, databas
             "onnx_simplified": exported.simplified,
             "linker": compiled.linker,
             "compile_s": round(compiled.compile_s, 3),
+            # kernel -> where its schedule came from: "tuned record" or "unscheduled" (empty: DLight's rules)
+            "schedules": compiled.schedules,
             "notes": compiled.notes,
         },
         "versions": versions(),

@@ -292,3 +292,20 @@ def test_threads_reach_the_device_and_the_database_not_this_process(tmp_path):
     assert {key: os.environ.get(key) for key in before} == before
     assert report["measured_on"]["threads"] == "1"
     assert report["tuning"]["device"]["threads"] == "1"
+
+
+def test_the_report_says_where_each_kernels_schedule_came_from(host_build):
+    report = read_json(host_build / "report.json")
+    schedules = report["compile"]["schedules"]
+    assert set(schedules.values()) <= {"tuned record", "unscheduled"} and schedules
+    assert len(schedules) == report["tuning"]["kernels_tunable"]
+    assert sum(s == "tuned record" for s in schedules.values()) == report["tuning"]["kernels_scheduled"]
+
+
+@pytest.mark.unit
+def test_schedule_sources_are_counted_for_the_summary():
+    from compactdeploy.render import schedule_sources
+
+    text = schedule_sources({"a": "tuned record", "b": "unscheduled", "c": "unscheduled"})
+    assert text.startswith("3 kernels: 1 tuned record, 2 unscheduled") and "--tune-trials" in text
+    assert "--tune-trials" not in schedule_sources({"a": "tuned record"})

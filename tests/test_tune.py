@@ -144,6 +144,12 @@ def test_tuned_build_then_reuse_then_a_pruned_variant_shares_records(tmp_path):
     plain = build(tmp_path / "c", *lenet5)  # no --tune-trials: the records still apply
     assert plain["tuning"]["kernels_scheduled"] == first["kernels_scheduled"]
     assert plain["parity"]["onnx_vs_tvm_max_abs"] <= 1e-4
+    # the report names each kernel's schedule's source
+    assert set(plain["compile"]["schedules"].values()) == {"tuned record"}
+    assert len(plain["compile"]["schedules"]) == plain["tuning"]["kernels_tunable"]
+    # fc1 wider: its kernels are new shapes, without records; the convolutions keep theirs
+    mixed = build(tmp_path / "e", *lenet5, "--model-arg", "fc1=72")["compile"]["schedules"]
+    assert set(mixed.values()) == {"tuned record", "unscheduled"}
 
     # fc2 narrower: the convolutions and pools keep their shapes, so their records are reused
     variant = build(tmp_path / "d", *lenet5, "--model-arg", "fc2=40", "--tune-trials", "16")["tuning"]

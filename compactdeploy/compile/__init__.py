@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from ..targets import TargetSpec
 from .backends import BACKENDS, Backend, backend_of
 from .link import Linker, resolve_linker
-from .passes import CONV_LAYOUT, extract_kernels, import_onnx, lower_for_tuning
+from .passes import CONV_LAYOUT, TUNED, UNSCHEDULED, extract_kernels, import_onnx, lower_for_tuning
 
 
 class Schedules(Protocol):
@@ -38,9 +38,20 @@ class CompileResult:
     device_code: str  # "cpu", or for CUDA: "cuda-sm_87-fatbin" (machine code) or "cuda-source"
     linker: str
     compile_s: float
-    kernels_scheduled: int  # kernels that got a schedule from the tuning database
-    kernels_tunable: int  # kernels a tuning database could schedule (0: DLight schedules them all)
+    # kernel -> where its schedule came from (passes.TUNED, passes.UNSCHEDULED); empty where
+    # DLight's rules schedule every kernel (CUDA)
+    schedules: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def kernels_scheduled(self) -> int:
+        """Kernels that got a schedule from the tuning database."""
+        return sum(source == TUNED for source in self.schedules.values())
+
+    @property
+    def kernels_tunable(self) -> int:
+        """Kernels a tuning database could schedule (0: DLight schedules them all)."""
+        return len(self.schedules)
 
 
 def compile_onnx(
@@ -60,7 +71,7 @@ def compile_module(
     backend = backend_of(target)
     tvm_target = target.tvm_target()
     schedules = database.best_view() if database is not None and backend.tunable else None
-    lowered, scheduled, tunable = backend.lower(mod, tvm_target, schedules)
+    lowered, sources = backend.lower(mod, tvm_target, schedules)
     workspace = planned_storage_bytes(lowered)
     kernels = kernel_calls(lowered)
     generated = backend.codegen(lowered, target, tvm_target)
@@ -79,8 +90,7 @@ def compile_module(
         device_code=device_code,
         linker=linker.description,
         compile_s=time.perf_counter() - start,
-        kernels_scheduled=scheduled,
-        kernels_tunable=tunable,
+        schedules=sources,
         notes=notes,
     )
 
@@ -146,7 +156,7 @@ def builds_channels_last(target: TargetSpec) -> bool:
 
 
 __all__ = [
-    "BACKENDS", "CONV_LAYOUT", "KERNELS_NAME", "LIB_NAME", "Backend", "CompileResult", "Linker", "Schedules",
+    "BACKENDS", "CONV_LAYOUT", "KERNELS_NAME", "LIB_NAME", "TUNED", "UNSCHEDULED", "Backend", "CompileResult", "Linker", "Schedules",
     "backend_of", "builds_channels_last", "compile_module", "compile_onnx", "extract_kernels", "import_onnx",
     "kernel_calls", "lower_for_tuning", "planned_storage_bytes", "resolve_linker",
 ]

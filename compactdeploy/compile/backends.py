@@ -31,8 +31,8 @@ class Backend:
     tunable: bool  # MetaSchedule tuning databases schedule its kernels (else DLight's rules do)
     channels_last: bool  # convolutions computed in NHWC (``passes.CONV_LAYOUT``)
     profiles_layers: bool  # the device times each kernel and runs onnxruntime beside it
-    # (module, TVM target, schedules directory or None) -> (lowered, kernels scheduled, kernels tunable)
-    lower: Callable[[Any, Any, Path | None], tuple[Any, int, int]]
+    # (module, TVM target, schedules directory or None) -> (lowered, kernel -> where its schedule came from)
+    lower: Callable[[Any, Any, Path | None], tuple[Any, dict[str, str]]]
     codegen: Callable[[Any, TargetSpec, Any], Codegen]
 
 
@@ -43,9 +43,9 @@ def _cpu_lower(mod, tvm_target, schedules: Path | None):
 
     # Fused kernels, each scheduled from the tuning database where it holds a record; the rest
     # compile unscheduled (correct but slow: see 'build --tune-trials').
-    lowered, scheduled, tasks = apply_database(lower_for_tuning(mod, tvm_target), tvm_target, schedules)
+    lowered, sources = apply_database(lower_for_tuning(mod, tvm_target), tvm_target, schedules)
     with tvm_target:
-        return relax.get_pipeline("default")(lowered), scheduled, tasks
+        return relax.get_pipeline("default")(lowered), sources
 
 
 def _cuda_lower(mod, tvm_target, schedules: Path | None):
@@ -53,7 +53,7 @@ def _cuda_lower(mod, tvm_target, schedules: Path | None):
 
     # The CUDA pipeline schedules every kernel with DLight; unscheduled GPU kernels do not build.
     with tvm_target:
-        return relax.get_default_pipeline(tvm_target)(mod), 0, 0
+        return relax.get_default_pipeline(tvm_target)(mod), {}
 
 
 def _cpu_codegen(lowered, target: TargetSpec, tvm_target) -> Codegen:

@@ -147,23 +147,28 @@ def to_channels_last(mod):
         return mod
 
 
-def apply_database(lowered, tvm_target, schedules: Path | None) -> tuple[Any, int, int]:
+TUNED = "tuned record"  # where a kernel's schedule came from: a record of the tuning database
+UNSCHEDULED = "unscheduled"  # none: the kernel compiles as TVM legalized it (correct, slow)
+
+
+def apply_database(lowered, tvm_target, schedules: Path | None) -> tuple[Any, dict[str, str]]:
     """Replace every kernel that ``schedules`` (a MetaSchedule JSON database directory: a tuning
     database's ``best_view``) has a record for by that schedule.
 
-    Returns the module, how many of its kernels were scheduled from records, and how many there are.
+    Returns the module, and where each kernel's schedule came from (kernel -> ``TUNED`` or ``UNSCHEDULED``).
     """
     import tvm
     import tvm.s_tir.meta_schedule as ms
     from tvm import relax
 
     tasks = extract_kernels(lowered, tvm_target)
+    sources = {task.task_name: UNSCHEDULED for task in tasks}
     if schedules is None:
-        return lowered, 0, len(tasks)
+        return lowered, sources
     db = ms.database.JSONDatabase(str(schedules / WORKLOADS_FILE), str(schedules / RECORDS_FILE), allow_missing=False)
-    scheduled = sum(1 for task in tasks if db.has_workload(task.dispatched[0]))
-    if scheduled == 0:
-        return lowered, 0, len(tasks)
+    sources.update({task.task_name: TUNED for task in tasks if db.has_workload(task.dispatched[0])})
+    if TUNED not in sources.values():
+        return lowered, sources
     with tvm_target, db:
         lowered = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(lowered)
     with tvm_target:
@@ -174,7 +179,7 @@ def apply_database(lowered, tvm_target, schedules: Path | None) -> tuple[Any, in
                 relax.transform.DeadCodeElimination(),
             ]
         )(lowered)
-    return lowered, scheduled, len(tasks)
+    return lowered, sources
 
 
 def extract_kernels(lowered, tvm_target) -> list:
