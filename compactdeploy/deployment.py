@@ -10,7 +10,6 @@ processes that run models: the local agent and the tuner's runner workers.
 from __future__ import annotations
 
 import contextlib
-import platform
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from .compile.backends import Backend, backend_of
 from .device import DeviceAddress, Session, check_reachable, connect, local_agent, parse_device
 from .errors import CompactDeployError
 from .runtime import threads_in_use
-from .targets import TargetSpec
+from .targets import TargetSpec, runs_here
 
 Progress = Callable[[str], None]
 
@@ -147,7 +146,7 @@ def for_bundle(manifest: dict[str, Any], device: str | None, threads: int | None
     spec = manifest["target"]
     address = parse_device(device) if device is not None else None
     # bundles record whether their target was this machine; older ones are the "host" target's
-    local = address is None and spec.get("local", spec["name"] == "host") and spec["arch"] == platform.machine()
+    local = address is None and runs_here(spec.get("local", spec["name"] == "host"), spec["arch"])
     return Deployment(
         name=spec["name"], arch=spec["arch"], backend=backend_of(spec.get("kind", "llvm")), device=address,
         local=local, threads=threads or int(threads_in_use()), wait_s=wait_s,

@@ -58,7 +58,12 @@ class TargetSpec:
         return Target(spec)
 
     def is_this_machine(self) -> bool:
-        return self.local and self.arch == platform.machine()
+        return runs_here(self.local, self.arch)
+
+
+def runs_here(local: bool, arch: str) -> bool:
+    """Whether a target (``local``: its file says this machine is the device) is this machine."""
+    return local and arch == platform.machine()
 
 
 def _resolve_native(spec: dict[str, Any]) -> dict[str, Any]:

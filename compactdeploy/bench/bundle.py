@@ -34,17 +34,17 @@ def measure_bundle(directory: Path, deployment, repeat: int, warmup: int, progre
     if not deployment.measurable:
         return Measured(None, deployment.not_measured_reason(), "not measured: no device")
     x = np.load(directory / SAMPLE_INPUT)
-    arguments = dict(
-        arch=deployment.arch, backend=deployment.backend, repeat=repeat, warmup=warmup,
-        kernels_path=directory / "kernels.json", onnx_path=directory / "model.onnx", progress=progress,
-    )
     with deployment.sessions(progress) as open_session:
         session = open_session()
         # asked in the agent: this process may hold the build-time stand-in for the CUDA driver
         if deployment.local and deployment.backend.device == "cuda" and not session.fingerprint.get("cuda"):
             return Measured(None, "not measured: no NVIDIA GPU on this host (TVM finds no CUDA device)",
                             "not measured: no GPU")
-        measurement = measure(session, directory / "model.so", x, **arguments)
+        measurement = measure(
+            session, directory / "model.so", x, arch=deployment.arch, backend=deployment.backend, repeat=repeat,
+            warmup=warmup, kernels_path=directory / "kernels.json", onnx_path=directory / "model.onnx",
+            progress=progress,
+        )
         del session
     address = deployment.where()
     reference = run_onnxruntime(directory / "model.onnx", x, deployment.threads)  # on this machine

@@ -31,8 +31,8 @@ def cpu_tensor_intrinsics() -> Iterator[None]:
     """MetaSchedule with the CPU tensor intrinsics registered, not every backend's.
 
     Every tune context imports ``tvm.s_tir.tensor_intrin``, which parses the intrinsics of CUDA,
-    ROCm, Hexagon, Metal and RISC-V too: most of a minute on a 2-core host, once per process, for
-    rules a CPU never uses. Within the block that package holds the CPU modules only; after it, a
+    ROCm, Hexagon, Metal and RISC-V too, once per process, for rules a CPU never uses (what it
+    costs: docs/benchmarks/tuning-startup.md). Within the block that package holds the CPU modules only; after it, a
     plain import registers the rest (the CPU modules stay loaded, registered once).
     """
     import importlib
