@@ -54,6 +54,9 @@ def _config(options: dict):
 @click.option("--tune-trials", default=0, show_default=True,
               help="Tune the kernels with this many MetaSchedule measurements on the device; records in the "
                    "tuning database count, so a rerun resumes and a tuned model costs nothing.")
+@click.option("--default-schedules/--no-default-schedules", default=True, show_default=True,
+              help="Schedule CPU kernels that have no tuning record by compactdeploy's rules; without, they "
+                   "compile as plain loop nests (slow: to compare, or to rule the rules out).")
 @click.option("--latency-budget", metavar="TIME",
               help="Search the widths: the model keeping the most channel importance whose latency measured on the device is within "
                    "TIME (8ms, 800us, or 60% of the unpruned model).")

@@ -45,6 +45,7 @@ class MeasureConfig:
 @dataclass(frozen=True)
 class TuneConfig:
     tune_trials: int = 0  # MetaSchedule measurements to spend (records in the database count)
+    default_schedules: bool = True  # kernels without a record get compile.rules' schedules (else none)
 
 
 @dataclass(frozen=True)

@@ -115,10 +115,11 @@ def _run_stages(config: BuildConfig, target: TargetSpec, deployment: Deployment,
             clock.summary = tuned.summary()
 
     with clock.stage("compile"):
-        compiled = compile_onnx(exported.path, target, staging, linker, database)
+        compiled = compile_onnx(exported.path, target, staging, linker, database, config.tune.default_schedules)
         clock.summary = (
             f"{target.name} ({target.arch}, {compiled.device_code}), linked with {compiled.linker}; "
             f"{compiled.kernels_scheduled}/{compiled.kernels_tunable} kernels from tuning records"
+            + (f", {compiled.kernels_by_rule} by default rules" if compiled.kernels_by_rule else "")
         )
 
     with clock.stage("benchmark"):

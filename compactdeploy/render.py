@@ -148,13 +148,13 @@ def measurement(out, report) -> None:
 
 
 def schedule_sources(schedules: dict[str, str]) -> str:
-    """Where the kernels' schedules came from, counted: "9 kernels: 3 tuned record, 6 unscheduled (...)"."""
+    """Where the kernels' schedules came from, counted: "9 kernels: 6 default rule, 3 tuned record"."""
     counts: dict[str, int] = {}
     for source in schedules.values():
         counts[source] = counts.get(source, 0) + 1
     text = f"{len(schedules)} kernels: " + ", ".join(f"{n} {source}" for source, n in sorted(counts.items()))
     if "unscheduled" in counts:
-        text += " (an unscheduled kernel is slow until tuned: --tune-trials)"
+        text += " (no default rule fits an unscheduled kernel: it is slow until tuned, --tune-trials)"
     return text
 
 

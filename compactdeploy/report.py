@@ -11,7 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .compile import UNSCHEDULED
 from .export import PARITY_TOLERANCE
+
+# what a tuning run buys over the default rules, measured (docs/benchmarks/default-schedules.md)
+TUNING_BUYS = ("on the 2-core build host the zoo ran at 0.39-1.17x onnxruntime's time with default schedules, "
+               "0.37-1.04x after hours of tuning: docs/benchmarks/default-schedules.md")
 
 
 def build_report(config, target, pruned, exported, compiled, tuned=None, database=None) -> dict[str, Any]:
@@ -89,7 +94,8 @@ def build_report(config, target, pruned, exported, compiled, tuned=None, databas
             "onnx_simplified": exported.simplified,
             "linker": compiled.linker,
             "compile_s": round(compiled.compile_s, 3),
-            # kernel -> where its schedule came from: "tuned record" or "unscheduled" (empty: DLight's rules)
+            # kernel -> where its schedule came from: "tuned record", "default rule" (compile.rules) or
+            # "unscheduled" (no rule fits it); empty where DLight's rules schedule every kernel (GPU)
             "schedules": compiled.schedules,
             "notes": compiled.notes,
         },
@@ -208,10 +214,12 @@ def slower_than_onnxruntime_advice(report) -> str | None:
         )
     missing = tuning["kernels_tunable"] - tuning["kernels_scheduled"]
     if missing:
+        unscheduled = sum(source == UNSCHEDULED for source in (report["compile"].get("schedules") or {}).values())
+        how = "default schedules" if not unscheduled else f"{missing - unscheduled} default schedules, {unscheduled} unscheduled"
         return (
             f"TVM takes {ratio:.2f}x onnxruntime's time here, and {missing} of {tuning['kernels_tunable']} kernels "
-            "have no tuning record (unscheduled, slow): build again with --tune-trials N (the tuning benchmark gave "
-            "ResNet-20 1600-1800 for its 14 kernels; records are kept, an interrupted run resumes)"
+            f"have no tuning record ({how}): build again with --tune-trials N to tune them (records are kept, an "
+            f"interrupted run resumes; {TUNING_BUYS})"
         )
     return (
         f"TVM takes {ratio:.2f}x onnxruntime's time here with every kernel tuned: more --tune-trials may close "

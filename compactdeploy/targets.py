@@ -17,6 +17,19 @@ _NATIVE = "native"
 
 
 @dataclass(frozen=True)
+class VectorUnit:
+    """A CPU's SIMD unit, as the default schedules (``compile.rules``) size their tiles by it."""
+
+    bits: int  # one vector register: 128 (NEON, SSE), 256 (AVX2), 512 (AVX-512)
+    registers: int  # vector registers: 32 on aarch64 and with AVX-512, 16 with AVX2
+
+    @property
+    def lanes(self) -> int:
+        """fp32 values per register."""
+        return self.bits // 32
+
+
+@dataclass(frozen=True)
 class TargetSpec:
     """What compactdeploy needs to know about a device: how to compile for it and how to reach it."""
 
@@ -31,6 +44,7 @@ class TargetSpec:
     rpc_key: str | None = None
     local: bool = False  # True: this machine is the device, so builds are measured here
     source: str = ""  # the file it was read from
+    vector_unit: VectorUnit = VectorUnit(128, 32)  # the CPU's; unused by GPU targets
 
     @property
     def kind(self) -> str:
@@ -102,8 +116,8 @@ def load_target(name_or_path: str) -> TargetSpec:
     return _parse(path, raw)
 
 
-_KEYS = {"description", "arch", "cores", "memory_mb", "channel_multiple", "tvm", "compile", "device"}
-_SECTION_KEYS = {"compile": {"cross_compiler"}, "device": {"rpc_key", "local"}}
+_KEYS = {"description", "arch", "cores", "memory_mb", "channel_multiple", "tvm", "compile", "device", "cpu"}
+_SECTION_KEYS = {"compile": {"cross_compiler"}, "device": {"rpc_key", "local"}, "cpu": {"vector_bits", "vector_registers"}}
 
 
 def _parse(path: Path, raw: dict[str, Any]) -> TargetSpec:
@@ -138,6 +152,16 @@ def _parse(path: Path, raw: dict[str, Any]) -> TargetSpec:
         raise CompactDeployError(f"target file {path}: channel_multiple must be a whole number >= 1, not {multiple!r}")
     compile_section = raw.get("compile", {})
     device = raw.get("device", {})
+    cpu = raw.get("cpu", {})
+    this_cpu = _this_vector_unit() if "auto" in (cpu.get("vector_bits"), cpu.get("vector_registers")) else None
+    bits = this_cpu.bits if cpu.get("vector_bits") == "auto" else cpu.get("vector_bits", 128)
+    registers = this_cpu.registers if cpu.get("vector_registers") == "auto" else cpu.get("vector_registers", 32)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (bits, registers)) or bits not in (128, 256, 512) \
+            or not 8 <= registers <= 64:
+        raise CompactDeployError(
+            f"target file {path}: [cpu] vector_bits must be 128, 256 or 512 and vector_registers 8-64 (or \"auto\"), "
+            f"not {bits!r} and {registers!r}"
+        )
     return TargetSpec(
         name=path.stem,
         description=str(raw.get("description", "")),
@@ -150,7 +174,21 @@ def _parse(path: Path, raw: dict[str, Any]) -> TargetSpec:
         rpc_key=device.get("rpc_key"),
         local=bool(device.get("local", False)),
         source=str(path),
+        vector_unit=VectorUnit(bits, registers),
     )
+
+
+def _this_vector_unit() -> VectorUnit:
+    """This machine's vector unit, from the CPU's feature flags."""
+    if platform.machine() in ("aarch64", "arm64"):
+        return VectorUnit(128, 32)  # NEON; SVE's width varies, and these schedules use NEON
+    try:
+        flags = next((set(line.split(":", 1)[1].split()) for line in open("/proc/cpuinfo") if line.startswith("flags")), set())
+    except OSError:
+        flags = set()
+    if "avx512f" in flags:
+        return VectorUnit(512, 32)
+    return VectorUnit(256, 16) if "avx2" in flags else VectorUnit(128, 16)
 
 
 def _memory_mb() -> int:

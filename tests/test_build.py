@@ -76,11 +76,16 @@ def test_per_layer_profile_covers_every_kernel(host_build):
     assert {k["kernel"] for k in profile["kernels"]} == {k["name"] for k in kernels}
     assert any("conv2d" in k["kernel"] for k in profile["kernels"])  # fused: fused_conv2d_add_relu
     assert abs(sum(k["share"] for k in profile["kernels"]) - 1) < 1e-6
-    # each kernel timed alone: their sum lands near the whole model (noise on a shared 2-core host)
-    assert 0.5 < profile["sum_over_whole"] < 2.0
-    # and each timed inside the model's own runs: every kernel, within the whole model's time
+    # each kernel timed alone: their sum lands near the whole model (noise on a shared 2-core host),
+    # which also does the VM's own work, about a microsecond a call (more than a small kernel takes)
+    whole = profile["whole_model_median_ms"]
+    calls = sum(k["calls"] for k in kernels)
+    assert 0 < profile["sum_over_whole"] < 2.0
+    assert whole < 2.0 * profile["sum_over_whole"] * whole + 0.002 * calls
+    # and each timed inside the model's own runs: every kernel, within the whole model's time and
+    # the timing hook's own cost, a few microseconds a call (more than a small kernel takes)
     assert all(k["in_model_ms"] > 0 for k in profile["kernels"])
-    assert 0 < profile["in_model_sum_ms"] < 2.0 * profile["whole_model_median_ms"]
+    assert 0 < profile["in_model_sum_ms"] < 2.0 * profile["whole_model_median_ms"] + 0.005 * calls
 
 
 def test_kernels_timed_inside_the_model_are_the_model_calls_and_leave_the_vm_as_it_was(host_build):
@@ -297,7 +302,7 @@ def test_threads_reach_the_device_and_the_database_not_this_process(tmp_path):
 def test_the_report_says_where_each_kernels_schedule_came_from(host_build):
     report = read_json(host_build / "report.json")
     schedules = report["compile"]["schedules"]
-    assert set(schedules.values()) <= {"tuned record", "unscheduled"} and schedules
+    assert set(schedules.values()) <= {"tuned record", "default rule"} and schedules
     assert len(schedules) == report["tuning"]["kernels_tunable"]
     assert sum(s == "tuned record" for s in schedules.values()) == report["tuning"]["kernels_scheduled"]
 
@@ -309,3 +314,4 @@ def test_schedule_sources_are_counted_for_the_summary():
     text = schedule_sources({"a": "tuned record", "b": "unscheduled", "c": "unscheduled"})
     assert text.startswith("3 kernels: 1 tuned record, 2 unscheduled") and "--tune-trials" in text
     assert "--tune-trials" not in schedule_sources({"a": "tuned record"})
+    assert "--tune-trials" not in schedule_sources({"a": "tuned record", "b": "default rule"})

@@ -132,6 +132,15 @@ def test_target_file_with_a_channel_multiple_that_is_not_a_number_is_refused(cap
     assert_nothing_written(out)
 
 
+@pytest.mark.parametrize("cpu", ["vector_bits = 96\nvector_registers = 32", "vector_bits = 128\nvector_registers = \"many\""])
+def test_target_file_with_an_impossible_vector_unit_is_refused(capsys, out, tmp_path, cpu):
+    target = tmp_path / "board.toml"
+    target.write_text(f'arch = "aarch64"\ncores = 4\nmemory_mb = 1024\n[cpu]\n{cpu}\n[tvm]\nkind = "llvm"\n')
+    message = error_of(capsys, "build", "--model", "lenet5", "--target", target, "--out", out)
+    assert "[cpu] vector_bits must be 128, 256 or 512 and vector_registers 8-64" in message
+    assert_nothing_written(out)
+
+
 def test_target_file_that_is_not_toml_is_refused(capsys, out, tmp_path):
     target = tmp_path / "board.toml"
     target.write_text("this is [not toml")

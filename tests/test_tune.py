@@ -147,9 +147,10 @@ def test_tuned_build_then_reuse_then_a_pruned_variant_shares_records(tmp_path):
     # the report names each kernel's schedule's source
     assert set(plain["compile"]["schedules"].values()) == {"tuned record"}
     assert len(plain["compile"]["schedules"]) == plain["tuning"]["kernels_tunable"]
-    # fc1 wider: its kernels are new shapes, without records; the convolutions keep theirs
+    # fc1 wider: its kernels are new shapes, without records, scheduled by the default rules; the
+    # convolutions keep their records
     mixed = build(tmp_path / "e", *lenet5, "--model-arg", "fc1=72")["compile"]["schedules"]
-    assert set(mixed.values()) == {"tuned record", "unscheduled"}
+    assert set(mixed.values()) == {"tuned record", "default rule"}
 
     # fc2 narrower: the convolutions and pools keep their shapes, so their records are reused
     variant = build(tmp_path / "d", *lenet5, "--model-arg", "fc2=40", "--tune-trials", "16")["tuning"]
@@ -182,6 +183,14 @@ def test_every_kernel_first_records_its_unscheduled_time_and_a_second_timing_pic
     assert len(records.workloads) == len(result.tasks) > 0
     for index in range(len(records.workloads)):  # an empty trace: the unscheduled kernel, measured
         assert any(json.loads(line)[1][0] == [[], []] for line in records.by_workload[index])
+    # and the schedule an untuned build gets (compile.rules), so that tuning never ends slower than it
+    from compactdeploy.compile.rules import default_schedule
+
+    for task in extract_kernels(lowered, target.tvm_target()):
+        rule = default_schedule(task.dispatched[0], target.tvm_target(), target.vector_unit)
+        steps = [instruction.kind.name for instruction in rule.trace.insts]
+        lines = records.by_workload[records.by_hash[kernel_hash(task)]]
+        assert any([step[0] for step in json.loads(line)[1][0][0]] == steps for line in lines), task.task_name
 
     picks = database.picks()
     timed_again = [i for i in range(len(records.workloads)) if len(records.fastest(i, 2)) == 2]
@@ -270,16 +279,20 @@ def test_an_interrupted_tuning_run_keeps_its_batches_and_resumes(tmp_path, ctrl_
     lowered = lower_for_tuning(import_onnx(exported.path, target), target.tvm_target())
     database = TuningDatabase(tmp_path / "db", {"test": "interrupt"})
 
+    pressed = []
+
     def press_ctrl_c_after_first_batch(message: str) -> None:
-        # the unscheduled kernel's record comes first, then the first search batch
-        if database.record_count() >= 2:
+        # the unscheduled kernel's record and the default rule's come first, then the first search batch
+        if database.record_count() >= 3 and not pressed:  # once: a second Ctrl-C stops at once
+            pressed.append(message)
             os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(KeyboardInterrupt):
         tune(lowered, target, database, 24, local_runner(), None, press_ctrl_c_after_first_batch)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
     kept = database.record_count()
-    # the first kernel's records (unscheduled + a batch of 3 of its 4 by FLOPs), at most the next batch in flight
+    # the first kernel's records (unscheduled, default rule, a batch of 2 of its 4 by FLOPs), at most the next
+    # batch in flight
     assert 4 <= kept < 12
 
     resumed = tune(lowered, target, database, 24, local_runner(), None)

@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
-from pathlib import Path
 
 import benchlib
 import numpy as np
@@ -35,7 +33,6 @@ from compactdeploy.compile import compile_onnx, import_onnx, resolve_linker
 from compactdeploy.export import export_onnx, onnxruntime_session
 from compactdeploy.resources import cache_dir
 from compactdeploy.targets import load_target
-from compactdeploy.bench.layers import conv_layer, nchw_from_nhwc, same_layer_in_tvm
 from compactdeploy.compile import lower_for_tuning
 from compactdeploy.tune import TuningDatabase, local_runner, tune
 from compactdeploy.zoo import create_model
@@ -86,7 +83,8 @@ def main() -> None:
     rows = time_interleaved(builds, threads)
     log("timing each kernel inside the model and alone: TVM tuned vs onnxruntime's profiler ...")
     for build, row in zip(builds, rows):
-        row["per_layer"] = compare_layers(build, threads)
+        row["per_layer"] = benchlib.compare_layers(build["untuned"].lib_path, build["tuned"].lib_path, build["onnx"],
+                                                   build["example"], threads)
     seconds = time.perf_counter() - start
     info = benchlib.meta(
         "bench_tuning.py", seconds, threads=threads, target=target.tvm_target_dict(),
@@ -110,7 +108,8 @@ def build_variants(name, target, linker, database, args, history, history_path, 
     torch.manual_seed(0)
     example = torch.randn(model.input_shape)
     exported = export_onnx(model.module, example, directory / "model.onnx")
-    untuned = compile_onnx(exported.path, target, untuned_dir, linker, None)
+    # unscheduled, as this benchmark's history measured it (tools/bench_schedules.py times the default rules)
+    untuned = compile_onnx(exported.path, target, untuned_dir, linker, None, default_schedules=False)
     lowered = lower_for_tuning(import_onnx(exported.path, target), target.tvm_target())
     kernels = untuned.kernels_tunable
     trials = args.trials.get(name, min(args.trials_per_kernel * kernels, args.max_trials))
@@ -147,7 +146,7 @@ def warm_database_saving(target, linker, database, args, root, log) -> dict:
     torch.manual_seed(0)
     exported = export_onnx(model.module, torch.randn(model.input_shape), root / "lenet5-fc1-60.onnx")
     lowered = lower_for_tuning(import_onnx(exported.path, target), target.tvm_target())
-    trials = args.trials_per_kernel * compile_onnx(exported.path, target, root, linker, None).kernels_tunable
+    trials = args.trials_per_kernel * compile_onnx(exported.path, target, root, linker, None, default_schedules=False).kernels_tunable
     outcome = {"variant": "lenet5 with fc1 120 -> 60", "trials_budget": trials}
     for label, db in (
         ("cold", TuningDatabase(root / "cold-variant", {"benchmark": "cold"})),
@@ -220,100 +219,6 @@ def time_interleaved(builds: list[dict], threads: int) -> list[dict]:
             ],
         })
     return rows
-
-
-def compare_layers(build: dict, threads: int) -> dict:
-    """Where the time goes: each convolution shape in TVM (tuned kernel inside the model, and alone)
-    and in onnxruntime (its profiler, inside the model).
-
-    onnxruntime's own profiler gives each node's time; a node and a TVM kernel are the same layer when
-    their input and output shapes (channels up to onnxruntime's padding) and kernel sizes are (both
-    fuse the bias, the residual add and the activation into the convolution). The rest is "other".
-    """
-    import tvm
-    from tvm import relax
-
-    from compactdeploy.compile import KERNELS_NAME
-    from compactdeploy.device.agent import time_each_kernel, time_each_kernel_in_model
-
-    # the tuned kernels take prepacked weights: the untuned build's list has the layers' own shapes
-    shapes = {k["name"]: k for k in json.loads((build["untuned"].lib_path.parent / KERNELS_NAME).read_text())}
-    kernels = json.loads((build["tuned"].lib_path.parent / KERNELS_NAME).read_text())
-    library = tvm.runtime.load_module(str(build["tuned"].lib_path))
-    alone = time_each_kernel(library.imports[0], tvm.cpu(), kernels, 100)
-    vm = relax.VirtualMachine(library, tvm.cpu())
-    in_model = time_each_kernel_in_model(vm, tvm.runtime.tensor(build["example"]), 200)
-    layers: dict[tuple, dict] = {}
-
-    def layer(key: tuple, label: str, flops: float) -> dict:
-        return layers.setdefault(key, {"layer": label, "flops": flops, "tvm_us": 0.0, "tvm_alone_us": 0.0,
-                                       "tvm_calls": 0, "onnxruntime_us": 0.0, "onnxruntime_calls": 0})
-
-    for kernel, time_ in zip(kernels, alone):
-        original = shapes.get(kernel["name"].removesuffix("_prepacked"))
-        if original is not None and "conv2d" in kernel["name"]:
-            data, weight, out = (original["args"][i]["shape"] for i in (0, 1, -1))
-            entry = layer(*conv_layer(*nchw_from_nhwc(data, weight, out)))
-        else:
-            entry = layer(("other",), "other", 0.0)
-        entry["tvm_us"] += in_model[kernel["name"]] * 1e3 * kernel["calls"]
-        entry["tvm_alone_us"] += time_["median_ms"] * 1e3 * kernel["calls"]
-        entry["tvm_calls"] += kernel["calls"]
-    for node in _onnxruntime_profile(build["onnx"], build["example"], threads):
-        if node["op"] in ("Conv", "FusedConv"):
-            key, label, flops = conv_layer(*(next(iter(t.values())) for t in node["input_type_shape"][:2] + node["output_type_shape"][:1]))
-            entry = layer(same_layer_in_tvm(key, layers) or key, label, flops)
-        else:
-            entry = layer(("other",), "other", 0.0)
-        entry["onnxruntime_us"] += node["us"]
-        entry["onnxruntime_calls"] += 1
-    rows = sorted(layers.values(), key=lambda r: (r["layer"] == "other", -max(r["tvm_us"], r["onnxruntime_us"])))
-    for r in rows:
-        r["tvm_alone_us"] = round(r["tvm_alone_us"], 2)
-        for side in ("tvm", "onnxruntime"):
-            r[f"{side}_us"] = round(r[f"{side}_us"], 2)
-            calls = r[f"{side}_calls"]
-            r[f"{side}_gflops"] = round(r["flops"] * calls / (r[f"{side}_us"] * 1e3), 1) if r["flops"] and r[f"{side}_us"] else None
-    return {
-        "layers": rows,
-        "tvm_sum_us": round(sum(r["tvm_us"] for r in rows), 1),
-        "tvm_alone_sum_us": round(sum(r["tvm_alone_us"] for r in rows), 1),
-        "onnxruntime_sum_us": round(sum(r["onnxruntime_us"] for r in rows), 1),
-        "method": "TVM: each tuned kernel's median per call inside 200 runs of the model (the Relax VM's "
-                  "instrument hook; compactdeploy.device.agent.time_each_kernel_in_model) x its calls, and "
-                  "alone (time_evaluator, median of 10 repeats of 10 runs, warm caches: how MetaSchedule "
-                  "measures); onnxruntime: its profiler's per-node time inside the model, median over 200 "
-                  "runs, same thread count (both hooks add a little per kernel)",
-    }
-
-
-def _onnxruntime_profile(onnx_path: Path, x: np.ndarray, threads: int, runs: int = 200) -> list[dict]:
-    """Each node's median time (us) from onnxruntime's profiler; op and shapes as it reports them."""
-    import tempfile
-
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.enable_profiling = True
-    with tempfile.TemporaryDirectory() as scratch:
-        options.profile_file_prefix = os.path.join(scratch, "ort")
-        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-        feed = {session.get_inputs()[0].name: x}
-        for _ in range(runs):
-            session.run(None, feed)
-        events = json.loads(Path(session.end_profiling()).read_text())
-    durations: dict[str, list[float]] = {}
-    first: dict[str, dict] = {}
-    for event in events:
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            durations.setdefault(event["name"], []).append(event["dur"])
-            first.setdefault(event["name"], event["args"])
-    return [
-        {"node": name, "op": first[name]["op_name"], "us": float(np.median(d)),
-         "input_type_shape": first[name]["input_type_shape"], "output_type_shape": first[name]["output_type_shape"]}
-        for name, d in durations.items()
-    ]
 
 
 def write_markdown(info: dict, rows: list[dict], warm: dict | None) -> None:

@@ -16,6 +16,7 @@ from ..targets import TargetSpec
 from .backends import BACKENDS, Backend, backend_of
 from .link import Linker, resolve_linker
 from .passes import CONV_LAYOUT, TUNED, UNSCHEDULED, extract_kernels, import_onnx, lower_for_tuning
+from .rules import DEFAULT_RULE, RULES_VERSION
 
 
 class Schedules(Protocol):
@@ -38,8 +39,8 @@ class CompileResult:
     device_code: str  # "cpu", or for CUDA: "cuda-sm_87-fatbin" (machine code) or "cuda-source"
     linker: str
     compile_s: float
-    # kernel -> where its schedule came from (passes.TUNED, passes.UNSCHEDULED); empty where
-    # DLight's rules schedule every kernel (CUDA)
+    # kernel -> where its schedule came from (passes.TUNED, rules.DEFAULT_RULE, passes.UNSCHEDULED);
+    # empty where DLight's rules schedule every kernel (CUDA)
     schedules: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -49,29 +50,38 @@ class CompileResult:
         return sum(source == TUNED for source in self.schedules.values())
 
     @property
+    def kernels_by_rule(self) -> int:
+        """Kernels without a record that the default rules scheduled."""
+        return sum(source == DEFAULT_RULE for source in self.schedules.values())
+
+    @property
     def kernels_tunable(self) -> int:
         """Kernels a tuning database could schedule (0: DLight schedules them all)."""
         return len(self.schedules)
 
 
 def compile_onnx(
-    onnx_path: str | Path, target: TargetSpec, out_dir: str | Path, linker: Linker, database: Schedules | None = None
+    onnx_path: str | Path, target: TargetSpec, out_dir: str | Path, linker: Linker, database: Schedules | None = None,
+    default_schedules: bool = True,
 ) -> CompileResult:
-    """Compile an ONNX file for ``target``, with the schedules ``database`` holds; writes ``out_dir/model.so``."""
+    """Compile an ONNX file for ``target``, with the schedules ``database`` holds; writes ``out_dir/model.so``.
+
+    A CPU kernel without a record gets a default schedule (``rules``); ``default_schedules=False``
+    compiles it unscheduled instead (to compare against, or to rule the rules out)."""
     start = time.perf_counter()
-    return compile_module(import_onnx(onnx_path, target), target, out_dir, linker, database, start)
+    return compile_module(import_onnx(onnx_path, target), target, out_dir, linker, database, start, default_schedules)
 
 
 def compile_module(
     mod, target: TargetSpec, out_dir: str | Path, linker: Linker, database: Schedules | None = None,
-    start: float | None = None,
+    start: float | None = None, default_schedules: bool = True,
 ) -> CompileResult:
     """Compile a Relax module (every public function) for ``target``; writes ``out_dir/model.so``."""
     start = time.perf_counter() if start is None else start
     backend = backend_of(target)
     tvm_target = target.tvm_target()
     schedules = database.best_view() if database is not None and backend.tunable else None
-    lowered, sources = backend.lower(mod, tvm_target, schedules)
+    lowered, sources = backend.lower(mod, target, tvm_target, schedules, default_schedules)
     workspace = planned_storage_bytes(lowered)
     kernels = kernel_calls(lowered)
     generated = backend.codegen(lowered, target, tvm_target)
@@ -156,7 +166,7 @@ def builds_channels_last(target: TargetSpec) -> bool:
 
 
 __all__ = [
-    "BACKENDS", "CONV_LAYOUT", "KERNELS_NAME", "LIB_NAME", "TUNED", "UNSCHEDULED", "Backend", "CompileResult", "Linker", "Schedules",
+    "BACKENDS", "CONV_LAYOUT", "DEFAULT_RULE", "KERNELS_NAME", "RULES_VERSION", "LIB_NAME", "TUNED", "UNSCHEDULED", "Backend", "CompileResult", "Linker", "Schedules",
     "backend_of", "builds_channels_last", "compile_module", "compile_onnx", "extract_kernels", "import_onnx",
     "kernel_calls", "lower_for_tuning", "planned_storage_bytes", "resolve_linker",
 ]

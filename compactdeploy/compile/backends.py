@@ -31,24 +31,30 @@ class Backend:
     tunable: bool  # MetaSchedule tuning databases schedule its kernels (else DLight's rules do)
     channels_last: bool  # convolutions computed in NHWC (``passes.CONV_LAYOUT``)
     profiles_layers: bool  # the device times each kernel and runs onnxruntime beside it
-    # (module, TVM target, schedules directory or None) -> (lowered, kernel -> where its schedule came from)
-    lower: Callable[[Any, Any, Path | None], tuple[Any, dict[str, str]]]
+    # (module, target, TVM target, schedules directory or None, default schedules?)
+    #   -> (lowered, kernel -> where its schedule came from)
+    lower: Callable[[Any, TargetSpec, Any, Path | None, bool], tuple[Any, dict[str, str]]]
     codegen: Callable[[Any, TargetSpec, Any], Codegen]
 
 
-def _cpu_lower(mod, tvm_target, schedules: Path | None):
+def _cpu_lower(mod, target: TargetSpec, tvm_target, schedules: Path | None, default_schedules: bool):
     from tvm import relax
 
     from .passes import apply_database, lower_for_tuning
+    from .rules import apply_default_schedules, finish_weight_layouts
 
-    # Fused kernels, each scheduled from the tuning database where it holds a record; the rest
-    # compile unscheduled (correct but slow: see 'build --tune-trials').
+    # Fused kernels, each scheduled from the tuning database where it holds a record, the rest by
+    # the default rules (``default_schedules`` False: they compile unscheduled, correct but slow).
     lowered, sources = apply_database(lower_for_tuning(mod, tvm_target), tvm_target, schedules)
+    if default_schedules:
+        lowered, by_rule = apply_default_schedules(lowered, tvm_target, target.vector_unit)
+        sources.update({kernel: source for kernel, source in by_rule.items() if kernel in sources})
+    lowered = finish_weight_layouts(lowered, tvm_target)
     with tvm_target:
         return relax.get_pipeline("default")(lowered), sources
 
 
-def _cuda_lower(mod, tvm_target, schedules: Path | None):
+def _cuda_lower(mod, target: TargetSpec, tvm_target, schedules: Path | None, default_schedules: bool):
     from tvm import relax
 
     # The CUDA pipeline schedules every kernel with DLight; unscheduled GPU kernels do not build.

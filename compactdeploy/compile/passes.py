@@ -155,9 +155,9 @@ def apply_database(lowered, tvm_target, schedules: Path | None) -> tuple[Any, di
     """Replace every kernel that ``schedules`` (a MetaSchedule JSON database directory: a tuning
     database's ``best_view``) has a record for by that schedule.
 
-    Returns the module, and where each kernel's schedule came from (kernel -> ``TUNED`` or ``UNSCHEDULED``).
+    Returns the module, and where each kernel's schedule came from (kernel -> ``TUNED`` or
+    ``UNSCHEDULED``). The weights the records repack are repacked by ``rules.finish_weight_layouts``.
     """
-    import tvm
     import tvm.s_tir.meta_schedule as ms
     from tvm import relax
 
@@ -171,14 +171,11 @@ def apply_database(lowered, tvm_target, schedules: Path | None) -> tuple[Any, di
         return lowered, sources
     with tvm_target, db:
         lowered = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(lowered)
-    with tvm_target:
-        lowered = tvm.transform.Sequential(
-            [
-                relax.transform.SplitLayoutRewritePreproc(),
-                relax.transform.FoldConstant(),  # repacks the weights, which are constants, now
-                relax.transform.DeadCodeElimination(),
-            ]
-        )(lowered)
+    # a record with an empty trace (the kernel measured fastest unscheduled) leaves the kernel as it
+    # was: marked scheduled all the same, so that no default rule replaces what was measured faster
+    for gv, func in list(lowered.functions_items()):
+        if sources.get(gv.name_hint) == TUNED and not (func.attrs or {}).get("tirx.is_scheduled", False):
+            lowered[gv] = func.with_attr("tirx.is_scheduled", True)
     return lowered, sources
 
 

@@ -161,14 +161,15 @@ class LatencyTable:
 
 def table_for(target: TargetSpec, fingerprint: dict[str, Any] | None, tuning_database) -> LatencyTable:
     """The table for ``target`` on the device with ``fingerprint``, against the tuning records it compiles with."""
-    from ..compile import CONV_LAYOUT, builds_channels_last
+    from ..compile import CONV_LAYOUT, RULES_VERSION, builds_channels_last
     from ..tune import database_for
 
     identity = dict(database_for(target, fingerprint).identity)
     identity.pop("format", None)  # the database's own format, not the table's
     # tables measured in another layout are stale
     identity["conv_layout"] = CONV_LAYOUT["relax.nn.conv2d"] if builds_channels_last(target) else ["NCHW", "OIHW"]
-    # a layer's time depends on its schedule: new tuning records make a new table
+    # a layer's time depends on its schedule: new tuning records, or new default rules, make a new table
+    identity["default_rules"] = RULES_VERSION
     identity["tuning_records_sha256"] = tuning_database.records_sha256() if tuning_database is not None else None
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     return LatencyTable(cache_dir("latency") / f"{target.name}-{digest}.json", identity)

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..compile.passes import RECORDS_FILE, WORKLOADS_FILE, extract_kernels
 from ..errors import CompactDeployError
-from ..targets import TargetSpec
+from ..targets import TargetSpec, VectorUnit
 from .adapters import (
     PICK_PAUSE_MS,
     WarmBuilder,
@@ -138,7 +138,7 @@ def tune(
                     say(f"{len(tasks)} kernels, {trials} trials (half split by FLOPs, half by measured time); "
                         "loading MetaSchedule")
                     builder = WarmBuilder(linker_command)
-                    run = _Run(ms, database, builder, runner, tasks, states, say, interrupt)
+                    run = _Run(ms, database, builder, runner, tasks, states, say, interrupt, target.vector_unit)
                     if unmeasured:
                         ran += _measure_unscheduled(run, unmeasured, records)
                         records = database.read()
@@ -188,6 +188,7 @@ class _Run:
     states: list[TaskState]
     progress: Callable[[str], None]
     interrupt: Interrupt
+    vector_unit: VectorUnit  # sizes the default-rule candidate (compile.rules)
 
 
 def _tune_kernels(run: _Run, todo: list[int], trials: int, records: Records, reused: int) -> int:
@@ -235,7 +236,7 @@ def _measure_unscheduled(run: _Run, indices: list[int], records: Records) -> int
             # a scratch with the workload alone: MetaSchedule reads every record of a database on open
             scratch = KernelScratch(Path(work) / f"kernel{number}", run.database, records.of(state.workload_hash)[0], [])
             db = run.ms.database.JSONDatabase(str(scratch.workloads), str(scratch.records), allow_missing=True)
-            unscheduled_us = _record_unscheduled(run, index, db, scratch)
+            unscheduled_us = _record_candidate(run, index, db, scratch, None)
             shown = f"{unscheduled_us:.1f} us" if unscheduled_us is not None else "failed to build or run"
             run.progress(f"unscheduled {number + 1}/{len(indices)} {state.name}: {shown} (best record {state.best_us} us)")
     return len(indices)
@@ -252,8 +253,12 @@ def _tune_one(run: _Run, index: int, label: str, scratch: KernelScratch, cost_mo
     db = ms.database.JSONDatabase(str(scratch.workloads), str(scratch.records), allow_missing=True)
     progress = _TuneProgress(run, state, label, scratch)
     if state.trials == 0:
-        _record_unscheduled(run, index, db, scratch)
+        # the search starts beside the two schedules a build has without it: a kernel is never
+        # slower tuned than untuned (and the tiniest keep the unscheduled form: see _record_candidate)
+        _record_candidate(run, index, db, scratch, None)
         progress.measured = 1
+        if _record_candidate(run, index, db, scratch, _default_rule(run, index)) is not False:
+            progress.measured = 2
         run.interrupt.check()
     remaining = state.budget - state.trials
     if remaining <= 0:
@@ -364,21 +369,33 @@ class _TuneProgress:
         return _Callback()
 
 
-def _record_unscheduled(run: _Run, index: int, db, scratch: KernelScratch) -> float | None:
-    """Measure kernel ``index`` as it compiles with no schedule and record that as a candidate: in ``db``
-    (the kernel's scratch), published to the persistent database, counted in ``state``.
+def _default_rule(run: _Run, index: int):
+    """Kernel ``index``'s default-rule schedule (what an untuned build compiles), or False where no rule fits."""
+    from ..compile.rules import default_schedule
+
+    task = run.tasks[index]
+    return default_schedule(task.dispatched[0], task.target, run.vector_unit) or False
+
+
+def _record_candidate(run: _Run, index: int, db, scratch: KernelScratch, schedule) -> float | None | bool:
+    """Measure kernel ``index`` with ``schedule`` (None: as it compiles with no schedule) and record
+    that as a candidate: in ``db`` (the kernel's scratch), published to the persistent database,
+    counted in ``state``.
 
     Tiny kernels (a 30x64 matmul) run faster unscheduled, on one thread, than any parallel
     schedule the search finds; with this record in the database they keep the faster one.
-    Returns the time in microseconds, or None where it failed to build or run.
+    Returns the time in microseconds, None where it failed to build or run, False where
+    ``schedule`` is False (nothing measured).
     """
     from tvm.s_tir import Schedule
 
+    if schedule is False:
+        return False
     ms, task, state = run.ms, run.tasks[index], run.states[index]
     mod = task.dispatched[0]
-    schedule = Schedule(mod)
+    schedule = Schedule(mod) if schedule is None else schedule
     target = task.target
-    args_info = ms.arg_info.ArgInfo.from_entry_func(schedule.mod, remove_preproc=True)
+    args_info = ms.arg_info.ArgInfo.from_entry_func(schedule.mod, remove_preproc=True)  # repacked weights' shapes
     built = run.builder.build([ms.builder.BuilderInput(schedule.mod, target)])[0]
     result = None
     if built.error_msg is None:
