@@ -197,12 +197,18 @@ def test_widths_above_a_layer_need_allow_grow_and_a_grown_checkpoint_rebuilds(tm
     assert report["accuracy"]["before"] == summary["accuracy"]["before"]
 
 
+# LeNet-5 widened for the tests that time it: with default schedules the stock one runs in ~15 us,
+# most of it the VM's fixed cost per call, so its latency hardly follows its widths
+WIDE_LENET5_ARGS = {"conv1": 16, "conv2": 48, "fc1": 240}
+WIDE_LENET5 = ("--model", "lenet5", *(f"--model-arg={k}={v}" for k, v in WIDE_LENET5_ARGS.items()))
+
+
 @pytest.mark.serial
-def test_search_meets_a_latency_budget_on_this_host(tmp_path, lenet5_checkpoint):
+def test_search_meets_a_latency_budget_on_this_host(tmp_path):
     """The loop against this machine as the device: real measurements, a small model, 60 % of its latency."""
     out = tmp_path / "fit"
     assert run_cli(
-        "build", "--model", "lenet5", "--weights", lenet5_checkpoint, "--data", "digits", "--target", "host",
+        "build", *WIDE_LENET5, "--data", "digits", "--target", "host",
         "--latency-budget", "60%", "--finetune-epochs", "1", "--repeat", "50", "--out", out,
     ) == 0
     report = read_json(out / "report.json")
@@ -242,7 +248,7 @@ def test_search_meets_a_latency_budget_on_this_host(tmp_path, lenet5_checkpoint)
     state_path.write_text(json.dumps(stored))
     again = tmp_path / "again"
     assert run_cli(
-        "build", "--model", "lenet5", "--weights", lenet5_checkpoint, "--data", "digits", "--target", "host",
+        "build", *WIDE_LENET5, "--data", "digits", "--target", "host",
         "--latency-budget", "60%", "--repeat", "50", "--resume", "--out", again,
     ) == 0
     second = read_json(again / "report.json")["fit"]
@@ -252,11 +258,11 @@ def test_search_meets_a_latency_budget_on_this_host(tmp_path, lenet5_checkpoint)
 
 
 @pytest.mark.serial
-def test_a_budget_above_the_model_grows_it_with_allow_grow(tmp_path, lenet5_checkpoint, capsys):
+def test_a_budget_above_the_model_grows_it_with_allow_grow(tmp_path, capsys):
     """With room under the budget, --allow-grow widens where the table says width is cheapest; the
     widened model is measured within the budget and fine-tuned."""
-    common = ("--model", "lenet5", "--weights", lenet5_checkpoint, "--data", "digits", "--target", "host",
-              "--latency-budget", "150%", "--allow-grow", "--repeat", "50")
+    common = (*WIDE_LENET5, "--data", "digits", "--target", "host", "--latency-budget", "150%", "--allow-grow",
+              "--repeat", "50")
     out = tmp_path / "grown"
     assert run_cli("build", *common, "--out", out) == 2  # no fine-tuning: the copies would never differ
     assert "--allow-grow needs --data and --finetune-epochs" in capsys.readouterr().err
@@ -273,7 +279,9 @@ def test_a_budget_above_the_model_grows_it_with_allow_grow(tmp_path, lenet5_chec
     grown = {g: w for g, w in fit["widths"].items() if w["after"] > w["before"]}
     assert grown and all(w["after"] <= 2 * w["before"] for w in grown.values())
     assert all(w["after"] >= w["before"] for w in fit["widths"].values())  # growing narrows nothing
-    assert len(fit["grown"]) >= 2 and fit["grown"][-1]["widths"] == fit["chosen"]["widths"]
+    # the chosen model is one the growing walk reached (not always its last step: with default
+    # schedules a wider step can measure over the budget, and the walk keeps the widest within it)
+    assert len(fit["grown"]) >= 2 and any(step["widths"] == fit["chosen"]["widths"] for step in fit["grown"])
     for group, width in grown.items():
         assert report["model"]["widths"][group]["after"] == width["after"]
     assert report["prune"]["grown"] and report["accuracy"]["finetune_epochs"] == 1
@@ -343,7 +351,7 @@ def test_rounds_spent_before_the_budget_is_met_say_resume_with_more(tmp_path, le
 
 
 @pytest.mark.serial
-def test_a_device_lost_mid_search_keeps_the_measurements_and_resumes(tmp_path, lenet5_checkpoint):
+def test_a_device_lost_mid_search_keeps_the_measurements_and_resumes(tmp_path):
     from compactdeploy.device import local_agent
     from compactdeploy.config import BuildConfig, FitConfig, MeasureConfig, ModelConfig
     from compactdeploy.pipeline import build
@@ -364,7 +372,7 @@ def test_a_device_lost_mid_search_keeps_the_measurements_and_resumes(tmp_path, l
 
     def config(device, resume):
         return BuildConfig(
-            model=ModelConfig("lenet5", weights=lenet5_checkpoint, data="digits", seed=1), target="host",
+            model=ModelConfig("lenet5", data="digits", model_args=WIDE_LENET5_ARGS, seed=1), target="host",
             out=tmp_path / "fit", fit=FitConfig(latency_budget="75%", resume=resume),
             measure=MeasureConfig(repeat=20, device=device.url()),
         )
