@@ -12,6 +12,7 @@ fused and run in parallel, elementwise work vectorized and parallel.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,7 +192,7 @@ class _TiledReduction(_Rule):
         sch.reverse_compute_at(last, tiles)
         for b in prologue:
             self._prologue(sch, b, tiles, reuses_input)
-        if _product(extents) >= PARALLEL_MIN_WORK:
+        if math.prod(extents) >= PARALLEL_MIN_WORK:
             sch.parallel(tiles)
         if pixel is not None:
             sch.unroll(pixel_inner)
@@ -260,7 +261,7 @@ def _schedule_injective(sch, block, unit: VectorUnit) -> None:
             vector, loops = loops[-1], loops[:-1]
         if lanes >= 2:
             sch.vectorize(vector)
-    if loops and _product(extents) >= PARALLEL_MIN_WORK:
+    if loops and math.prod(extents) >= PARALLEL_MIN_WORK:
         sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
 
 
@@ -291,13 +292,6 @@ def _tiled_layout(dim: int, tile: int):
         return (*index[:dim], index[dim] // tile, *index[dim + 1:], index[dim] % tile)
 
     return layout
-
-
-def _product(values) -> int:
-    result = 1
-    for value in values:
-        result *= value
-    return result
 
 
 def _root_blocks(sch) -> list:

@@ -257,7 +257,9 @@ def _tune_one(run: _Run, index: int, label: str, scratch: KernelScratch, cost_mo
         # slower tuned than untuned (and the tiniest keep the unscheduled form: see _record_candidate)
         _record_candidate(run, index, db, scratch, None)
         progress.measured = 1
-        if _record_candidate(run, index, db, scratch, _default_rule(run, index)) is not False:
+        rule = _default_rule(run, index)
+        if rule is not None:
+            _record_candidate(run, index, db, scratch, rule)
             progress.measured = 2
         run.interrupt.check()
     remaining = state.budget - state.trials
@@ -370,27 +372,24 @@ class _TuneProgress:
 
 
 def _default_rule(run: _Run, index: int):
-    """Kernel ``index``'s default-rule schedule (what an untuned build compiles), or False where no rule fits."""
+    """Kernel ``index``'s default-rule schedule (what an untuned build compiles), or None where no rule fits."""
     from ..compile.rules import default_schedule
 
     task = run.tasks[index]
-    return default_schedule(task.dispatched[0], task.target, run.vector_unit) or False
+    return default_schedule(task.dispatched[0], task.target, run.vector_unit)
 
 
-def _record_candidate(run: _Run, index: int, db, scratch: KernelScratch, schedule) -> float | None | bool:
+def _record_candidate(run: _Run, index: int, db, scratch: KernelScratch, schedule) -> float | None:
     """Measure kernel ``index`` with ``schedule`` (None: as it compiles with no schedule) and record
     that as a candidate: in ``db`` (the kernel's scratch), published to the persistent database,
     counted in ``state``.
 
     Tiny kernels (a 30x64 matmul) run faster unscheduled, on one thread, than any parallel
     schedule the search finds; with this record in the database they keep the faster one.
-    Returns the time in microseconds, None where it failed to build or run, False where
-    ``schedule`` is False (nothing measured).
+    Returns the time in microseconds, or None where it failed to build or run.
     """
     from tvm.s_tir import Schedule
 
-    if schedule is False:
-        return False
     ms, task, state = run.ms, run.tasks[index], run.states[index]
     mod = task.dispatched[0]
     schedule = Schedule(mod) if schedule is None else schedule
