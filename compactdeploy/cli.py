@@ -57,6 +57,10 @@ def _config(options: dict):
 @click.option("--default-schedules/--no-default-schedules", default=True, show_default=True,
               help="Schedule CPU kernels that have no tuning record by compactdeploy's rules; without, they "
                    "compile as plain loop nests (slow: to compare, or to rule the rules out).")
+@click.option("--transfer/--no-transfer", default=True, show_default=True,
+              help="Give kernels that have no tuning record the schedules the database holds for the same "
+                   "operator at other widths (a pruned model's layers), each timed on the device against "
+                   "the default rule; the fastest is kept as a record.")
 @click.option("--latency-budget", metavar="TIME",
               help="Search the widths: the model keeping the most channel importance whose latency measured on the device is within "
                    "TIME (8ms, 800us, or 60% of the unpruned model).")

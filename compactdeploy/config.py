@@ -46,6 +46,8 @@ class MeasureConfig:
 class TuneConfig:
     tune_trials: int = 0  # MetaSchedule measurements to spend (records in the database count)
     default_schedules: bool = True  # kernels without a record get compile.rules' schedules (else none)
+    # kernels without a record take schedules tuned at other widths, timed on the device (tune.transfer)
+    transfer: bool = True
 
 
 @dataclass(frozen=True)

@@ -109,7 +109,11 @@ def _run_stages(config: BuildConfig, target: TargetSpec, deployment: Deployment,
 
     database = deployment.database
     tuned = None
-    if config.tune.tune_trials:
+    # without trials the stage still transfers schedules to kernels without records, where the
+    # database holds records to transfer and a device times them
+    transfers = (config.tune.transfer and database is not None and deployment.measurable
+                 and database.record_count() > 0)
+    if config.tune.tune_trials or transfers:
         with clock.stage("tune"):
             tuned = _tune(config, target, deployment, exported.path, linker, clock)
             clock.summary = tuned.summary()
@@ -119,6 +123,7 @@ def _run_stages(config: BuildConfig, target: TargetSpec, deployment: Deployment,
         clock.summary = (
             f"{target.name} ({target.arch}, {compiled.device_code}), linked with {compiled.linker}; "
             f"{compiled.kernels_scheduled}/{compiled.kernels_tunable} kernels from tuning records"
+            + (f", {compiled.kernels_transferred} transferred from other widths" if compiled.kernels_transferred else "")
             + (f", {compiled.kernels_by_rule} by default rules" if compiled.kernels_by_rule else "")
         )
 
@@ -174,7 +179,7 @@ def _tune(config: BuildConfig, target: TargetSpec, deployment: Deployment, onnx_
     runner, pick_runner = deployment.tuning_runners()
     try:
         return tune(lowered, target, database, config.tune.tune_trials, runner, linker.command, clock.progress,
-                    pick_runner, read_load=deployment.machine_load)
+                    pick_runner, read_load=deployment.machine_load, transfer=config.tune.transfer)
     except KeyboardInterrupt:
         raise CompactDeployError(f"tuning interrupted; {database.resume_hint()}") from None
 

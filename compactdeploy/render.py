@@ -4,7 +4,7 @@ few lines (JSON stays what machines read: each command's --json, and report.json
 from __future__ import annotations
 
 
-from .report import slower_than_onnxruntime_advice
+from .report import counted_sources, slower_than_onnxruntime_advice, tuning_note
 from .units import format_size
 
 
@@ -87,6 +87,10 @@ def build_summary(result) -> None:
             f"; this build ran {tuning['trials_run']} trials in {tuning['tune_s']:.0f} s, reused {tuning['trials_reused']}"
             if tuning["requested_trials"] else " (no --tune-trials)"
         )
+        transfer = (tuning.get("transfer") or {}).get("kernels")
+        if transfer:
+            ran += (f"; {len(transfer)} kernels without records timed schedules tuned at other widths "
+                    f"({tuning['transfer']['s']:.0f} s)")
         out.print(
             f"  tuning     {tuning['kernels_scheduled']}/{tuning['kernels_tunable']} kernels scheduled from "
             f"{tuning['database']}{ran}"
@@ -94,6 +98,9 @@ def build_summary(result) -> None:
     schedules = report["compile"].get("schedules")
     if schedules:
         out.print(f"  schedules  {schedule_sources(schedules)}")
+    note = tuning_note(report)
+    if note:
+        out.print(f"             {note}")
     fit = report.get("fit")
     if fit:
         error = fit["predictor_error_pct"]
@@ -148,12 +155,10 @@ def measurement(out, report) -> None:
 
 
 def schedule_sources(schedules: dict[str, str]) -> str:
-    """Where the kernels' schedules came from, counted: "9 kernels: 6 default rule, 3 tuned record"."""
-    counts: dict[str, int] = {}
-    for source in schedules.values():
-        counts[source] = counts.get(source, 0) + 1
-    text = f"{len(schedules)} kernels: " + ", ".join(f"{n} {source}" for source, n in sorted(counts.items()))
-    if "unscheduled" in counts:
+    """Where the kernels' schedules came from, counted: "9 kernels: 6 default rule, 3 tuned record"
+    (which kernel each transferred schedule came from is in report.json)."""
+    text = f"{len(schedules)} kernels: {counted_sources(schedules)}"
+    if "unscheduled" in schedules.values():
         text += " (no default rule fits an unscheduled kernel: it is slow until tuned, --tune-trials)"
     return text
 

@@ -11,9 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .compile import UNSCHEDULED
+from .compile import TRANSFERRED, TUNED
 from .export import PARITY_TOLERANCE
 
+# what a short tuning run bought a pruned model after transfer, measured (docs/benchmarks/schedule-transfer.md)
+SHORT_TUNING_BUYS = ("on the 2-core build host, ResNet-20 pruned l1:0.5 ran by transfer alone at 0.98x the time a "
+                     "300-trial tuning of it reached, and at 0.93x after 30 more trials: docs/benchmarks/schedule-transfer.md")
+_PREPACKED = "_prepacked"  # TVM's suffix for a kernel whose weight repacking was split off at compile time
 # what a tuning run buys over the default rules, measured (docs/benchmarks/default-schedules.md)
 TUNING_BUYS = ("on the 2-core build host the zoo ran at 0.39-1.17x onnxruntime's time with default schedules, "
                "0.37-1.04x after hours of tuning: docs/benchmarks/default-schedules.md")
@@ -94,9 +98,12 @@ def build_report(config, target, pruned, exported, compiled, tuned=None, databas
             "onnx_simplified": exported.simplified,
             "linker": compiled.linker,
             "compile_s": round(compiled.compile_s, 3),
-            # kernel -> where its schedule came from: "tuned record", "default rule" (compile.rules) or
-            # "unscheduled" (no rule fits it); empty where DLight's rules schedule every kernel (GPU)
+            # kernel -> where its schedule came from: "tuned record", "transferred from <kernel at another
+            # width>" (tune.transfer), "default rule" (compile.rules) or "unscheduled" (no rule fits it);
+            # empty where DLight's rules schedule every kernel (GPU)
             "schedules": compiled.schedules,
+            # kernel -> why it has that schedule, where the tuning database says (a default rule kept)
+            "schedule_notes": compiled.schedule_notes,
             "notes": compiled.notes,
         },
         "versions": versions(),
@@ -120,6 +127,9 @@ def tuning_section(database, tuned, compiled) -> dict[str, Any] | None:
             requested_trials=tuned.requested_trials, trials_run=tuned.trials_run,
             trials_reused=tuned.trials_reused, tune_s=tuned.tune_s, kernels=tuned.tasks,
             second_timing=tuned.picked,
+            # kernels that had no record: what transfer from other widths timed and kept (tune.transfer)
+            transfer={"kernels": tuned.transferred, "s": tuned.transfer_s},
+            notes=tuned.notes,
             # other work on the machine that timed the candidates, over a second before the first
             # measurement; null where this build measured nothing
             machine_load=tuned.machine_load,
@@ -200,6 +210,39 @@ def version_of(module_name: str) -> str:
         return "unknown"
 
 
+def tuning_note(report) -> str | None:
+    """What a short tuning run would still buy this build: its kernels that are not tuned, their
+    share of the kernel time measured on the device, and what tuning bought such kernels in the
+    benchmark (None: every kernel is tuned, or no tuning database applies)."""
+    tuning = report.get("tuning")
+    schedules = report["compile"].get("schedules") or {}
+    untuned = {kernel for kernel, source in schedules.items() if source != TUNED}
+    if not tuning or not untuned:
+        return None
+    share = ""
+    kernels = (report.get("per_layer") or {}).get("kernels")
+    if kernels:  # the per-layer profile names kernels as compiled: weight repacking split off
+        part = sum(k["share"] for k in kernels if k["kernel"].removesuffix(_PREPACKED) in untuned)
+        share = f", {part:.0%} of the kernel time measured here"
+    return (f"{len(untuned)} of {len(schedules)} kernels are not tuned ({counted_sources(schedules, TUNED)}{share}); "
+            f"a short run with --tune-trials searches from their schedules: {SHORT_TUNING_BUYS}")
+
+
+def count_by_source(schedules: dict[str, str], leave_out: str | None = None) -> dict[str, int]:
+    """Kernels by where their schedule came from; every transferred one under one name."""
+    counts: dict[str, int] = {}
+    for source in schedules.values():
+        if source != leave_out:
+            source = f"{TRANSFERRED} other widths" if source.startswith(TRANSFERRED) else source
+            counts[source] = counts.get(source, 0) + 1
+    return counts
+
+
+def counted_sources(schedules: dict[str, str], leave_out: str | None = None) -> str:
+    """"6 transferred from other widths, 8 default rule": kernels by where their schedule came from."""
+    return ", ".join(f"{n} {source}" for source, n in sorted(count_by_source(schedules, leave_out).items()))
+
+
 def slower_than_onnxruntime_advice(report) -> str | None:
     """What to do when the build runs slower than onnxruntime on the same device (None: it does not)."""
     baseline = report.get("onnxruntime_on_device") or {}
@@ -214,12 +257,11 @@ def slower_than_onnxruntime_advice(report) -> str | None:
         )
     missing = tuning["kernels_tunable"] - tuning["kernels_scheduled"]
     if missing:
-        unscheduled = sum(source == UNSCHEDULED for source in (report["compile"].get("schedules") or {}).values())
-        how = "default schedules" if not unscheduled else f"{missing - unscheduled} default schedules, {unscheduled} unscheduled"
+        how = counted_sources(report["compile"].get("schedules") or {}, leave_out=TUNED)
         return (
             f"TVM takes {ratio:.2f}x onnxruntime's time here, and {missing} of {tuning['kernels_tunable']} kernels "
-            f"have no tuning record ({how}): build again with --tune-trials N to tune them (records are kept, an "
-            f"interrupted run resumes; {TUNING_BUYS})"
+            f"are not tuned{f' ({how})' if how else ''}: build again with --tune-trials N to tune them (records are "
+            f"kept, an interrupted run resumes; {TUNING_BUYS})"
         )
     return (
         f"TVM takes {ratio:.2f}x onnxruntime's time here with every kernel tuned: more --tune-trials may close "

@@ -166,7 +166,7 @@ def test_build_slower_than_onnxruntime_says_what_to_do(host_build):
     report["onnxruntime_on_device"]["tvm_over_onnxruntime"] = 1.3
     report["tuning"] = {"kernels_scheduled": 2, "kernels_tunable": 9}
     advice = slower_than_onnxruntime_advice(report)
-    assert "1.30x" in advice and "7 of 9 kernels have no tuning record" in advice and "--tune-trials" in advice
+    assert "1.30x" in advice and "7 of 9 kernels are not tuned" in advice and "--tune-trials" in advice
     report["tuning"] = {"kernels_scheduled": 9, "kernels_tunable": 9}
     assert "model.onnx with onnxruntime" in slower_than_onnxruntime_advice(report)
     report["tuning"] = None  # a CUDA build: DLight schedules every kernel
@@ -302,7 +302,8 @@ def test_threads_reach_the_device_and_the_database_not_this_process(tmp_path):
 def test_the_report_says_where_each_kernels_schedule_came_from(host_build):
     report = read_json(host_build / "report.json")
     schedules = report["compile"]["schedules"]
-    assert set(schedules.values()) <= {"tuned record", "default rule"} and schedules
+    assert schedules and all(s in ("tuned record", "default rule") or s.startswith("transferred from ")
+                             for s in schedules.values())
     assert len(schedules) == report["tuning"]["kernels_tunable"]
     assert sum(s == "tuned record" for s in schedules.values()) == report["tuning"]["kernels_scheduled"]
 
@@ -315,3 +316,24 @@ def test_schedule_sources_are_counted_for_the_summary():
     assert text.startswith("3 kernels: 1 tuned record, 2 unscheduled") and "--tune-trials" in text
     assert "--tune-trials" not in schedule_sources({"a": "tuned record"})
     assert "--tune-trials" not in schedule_sources({"a": "tuned record", "b": "default rule"})
+    transferred = {"a": "transferred from conv2d_nhwc 1x8x8x64 (reducing 3x3x32)", "b": "transferred from matmul 1x10"}
+    assert schedule_sources(transferred) == "2 kernels: 2 transferred from other widths"
+
+
+@pytest.mark.unit
+def test_the_tuning_note_says_which_kernels_a_short_run_would_search_and_their_share_of_the_time():
+    from compactdeploy.report import tuning_note
+
+    report = {
+        "tuning": {"kernels_scheduled": 1, "kernels_tunable": 3},
+        "compile": {"schedules": {"k1": "tuned record", "k2": "default rule", "k3": "transferred from matmul 1x10"}},
+        "per_layer": {"kernels": [{"kernel": "k1_prepacked", "share": 0.5}, {"kernel": "k2_prepacked", "share": 0.3},
+                                  {"kernel": "k3", "share": 0.2}]},
+    }
+    note = tuning_note(report)
+    assert note.startswith("2 of 3 kernels are not tuned (1 default rule, 1 transferred from other widths, 50% of the "
+                           "kernel time measured here)") and "--tune-trials" in note
+    report["compile"]["schedules"] = {"k1": "tuned record"}
+    assert tuning_note(report) is None  # every kernel tuned
+    report["compile"]["schedules"], report["tuning"] = {"k2": "default rule"}, None
+    assert tuning_note(report) is None  # no tuning database applies (a GPU build)

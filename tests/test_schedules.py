@@ -130,8 +130,10 @@ def test_a_register_tile_fits_the_registers_and_divides_the_layer(unit, channels
             assert tile.lanes == unit.lanes  # whole vectors wherever the channels allow
 
 
-def test_a_build_says_each_kernels_schedule_and_can_leave_the_rules_out(tmp_path, capsys):
+def test_a_build_says_each_kernels_schedule_and_can_leave_the_rules_out(tmp_path, capsys, monkeypatch):
     from conftest import read_json, run_cli
+
+    monkeypatch.setenv("COMPACTDEPLOY_CACHE", str(tmp_path / "cache"))  # no records of other tests' builds
 
     common = ("build", "--model", "lenet5", "--target", "host", "--repeat", "5")
     assert run_cli(*common, "--out", tmp_path / "ruled") == 0

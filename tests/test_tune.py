@@ -147,16 +147,19 @@ def test_tuned_build_then_reuse_then_a_pruned_variant_shares_records(tmp_path):
     # the report names each kernel's schedule's source
     assert set(plain["compile"]["schedules"].values()) == {"tuned record"}
     assert len(plain["compile"]["schedules"]) == plain["tuning"]["kernels_tunable"]
-    # fc1 wider: its kernels are new shapes, without records, scheduled by the default rules; the
-    # convolutions keep their records
-    mixed = build(tmp_path / "e", *lenet5, "--model-arg", "fc1=72")["compile"]["schedules"]
+    # fc1 wider: its kernels are new shapes, without records; without transfer (tests/test_transfer.py)
+    # the default rules schedule them, and the convolutions keep their records
+    mixed = build(tmp_path / "e", *lenet5, "--model-arg", "fc1=72", "--no-transfer")["compile"]["schedules"]
     assert set(mixed.values()) == {"tuned record", "default rule"}
 
-    # fc2 narrower: the convolutions and pools keep their shapes, so their records are reused
+    # fc2 narrower: the convolutions and pools keep their shapes, so their records are reused; the
+    # new fully connected kernels take schedules transferred from the tuned widths where the search
+    # left records to transfer, then the search runs (transfer's measurements are not its trials)
     variant = build(tmp_path / "d", *lenet5, "--model-arg", "fc2=40", "--tune-trials", "16")["tuning"]
+    assert all(k["best_us"] for k in variant["transfer"]["kernels"])
     assert 0 < variant["trials_reused"] < first["trials_run"]
     assert 0 < variant["trials_run"] < first["trials_run"]
-    assert variant["kernels_scheduled"] == variant["kernels_tunable"]
+    assert all(k["applied"] for k in variant["kernels"])  # every kernel applies a record
     assert read_json(tmp_path / "d" / "report.json")["parity"]["onnx_vs_tvm_max_abs"] <= 1e-4
     assert_builds_apply_the_picked_record_of_every_kernel(database)
 
@@ -433,9 +436,9 @@ def test_the_cache_command_lists_databases_and_removes_only_those_no_build_reads
     assert not list((tmp_path / "tuning").glob(".removing-*"))
 
 
-def build_on_damaged_host_database(capsys, tmp_path, files: dict[str, str]) -> tuple[str, Path]:
-    """The error line of a host build whose tuning database holds ``files`` (name -> text), and the
-    database's path; the build wrote nothing."""
+def build_on_damaged_host_database(capsys, tmp_path, files: dict[str, str], *args: str) -> tuple[str, Path]:
+    """The error line of a host build (with ``args``) whose tuning database holds ``files`` (name ->
+    text), and the database's path; the build wrote nothing."""
     from compactdeploy.device.agent import fingerprint
     from compactdeploy.tune import database_for
 
@@ -446,7 +449,7 @@ def build_on_damaged_host_database(capsys, tmp_path, files: dict[str, str]) -> t
         (database.path / name).write_text(text)
     out = tmp_path / "out"
     try:
-        message = error_of(capsys, "build", "--model", "mlp-tabular", "--target", "host", "--out", out)
+        message = error_of(capsys, "build", "--model", "mlp-tabular", "--target", "host", *args, "--out", out)
     finally:
         shutil.rmtree(database.path)
     assert_nothing_written(out)
@@ -461,12 +464,21 @@ def test_a_damaged_tuning_database_is_named_in_one_line(capsys, tmp_path):
     assert "move it away and build again" in message
 
 
-def test_damaged_picks_of_the_second_timing_are_named_in_one_line(capsys, tmp_path):
+@pytest.mark.parametrize("name,what", [("picks.json", "the second timing's picks"),
+                                       ("origins.json", "the schedule origins")])
+def test_damaged_files_beside_the_records_are_named_in_one_line(capsys, tmp_path, name, what):
+    # the workload line is not a real one: --no-transfer keeps schedule transfer from reading it
     message, database = build_on_damaged_host_database(
-        capsys, tmp_path, {"database_tuning_record.json": '[0,[[[],[]],[1e-05],{},[]]]\n',
-                           "picks.json": '{"123": {"top": '})
-    assert message.startswith(f"error: the second timing's picks {database / 'picks.json'} are damaged (")
+        capsys, tmp_path, {"database_tuning_record.json": '[0,[[[],[]],[1e-05],{},[]]]\n', name: '{"123": {"top": '},
+        "--no-transfer")
+    assert message.startswith(f"error: {what} {database / name} are damaged (")
     assert "delete that file and build again" in message
+
+
+def test_a_workload_transfer_cannot_read_is_named_in_one_line(capsys, tmp_path):
+    message, database = build_on_damaged_host_database(
+        capsys, tmp_path, {"database_tuning_record.json": '[0,[[[],[]],[1e-05],{},[]]]\n'})
+    assert message.startswith(f"error: the tuning database {database} is damaged (workload 123: ")
 
 
 @pytest.mark.slow

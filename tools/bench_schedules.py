@@ -27,6 +27,7 @@ import torch
 from compactdeploy.compile import compile_onnx, import_onnx, lower_for_tuning, resolve_linker
 from compactdeploy.export import export_onnx, onnxruntime_session
 from compactdeploy.prune import parse_prune_spec, prune
+from compactdeploy.report import count_by_source
 from compactdeploy.resources import cache_dir
 from compactdeploy.runtime import use_default_threads
 from compactdeploy.targets import load_target
@@ -161,18 +162,11 @@ def time_builds(builds: list[dict], threads: int) -> list[dict]:
             "default_over_onnxruntime_per_round_p25_p75": [float(np.percentile(per_round, 25)),
                                                            float(np.percentile(per_round, 75))],
             "compile_s": {v: round(r.compile_s, 2) for v, r in b["compiled"].items()},
-            "schedules": {v: _counted(r.schedules) for v, r in b["compiled"].items()},
+            "schedules": {v: count_by_source(r.schedules) for v, r in b["compiled"].items()},
             "tuning": b["tuning"],
             **({"macs_kept": b["macs_kept"]} if "macs_kept" in b else {}),
         })
     return rows
-
-
-def _counted(schedules: dict[str, str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for source in schedules.values():
-        counts[source] = counts.get(source, 0) + 1
-    return counts
 
 
 def write_markdown(info: dict, rows: list[dict]) -> None:

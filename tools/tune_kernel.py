@@ -40,7 +40,8 @@ from compactdeploy.tune import Records, TuningDatabase, local_runner
 from compactdeploy.tune.adapters import WarmBuilder, kernel_flops, kernel_hash, metaschedule_logging
 from compactdeploy.tune.budget import BATCH
 from compactdeploy.tune.database import text_lines
-from compactdeploy.tune.search import KernelScratch, warm_cost_model
+from compactdeploy.tune.candidates import KernelScratch
+from compactdeploy.tune.search import warm_cost_model
 from compactdeploy.zoo import create_model
 
 

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from ..targets import TargetSpec
 from .backends import BACKENDS, Backend, backend_of
 from .link import Linker, resolve_linker
-from .passes import CONV_LAYOUT, TUNED, UNSCHEDULED, extract_kernels, import_onnx, lower_for_tuning
+from .passes import CONV_LAYOUT, TRANSFERRED, TUNED, UNSCHEDULED, extract_kernels, import_onnx, lower_for_tuning
 from .rules import DEFAULT_RULE, RULES_VERSION
 
 
@@ -39,15 +39,23 @@ class CompileResult:
     device_code: str  # "cpu", or for CUDA: "cuda-sm_87-fatbin" (machine code) or "cuda-source"
     linker: str
     compile_s: float
-    # kernel -> where its schedule came from (passes.TUNED, rules.DEFAULT_RULE, passes.UNSCHEDULED);
-    # empty where DLight's rules schedule every kernel (CUDA)
+    # kernel -> where its schedule came from (passes.TUNED, passes.TRANSFERRED + the donor kernel,
+    # rules.DEFAULT_RULE, passes.UNSCHEDULED); empty where DLight's rules schedule every kernel (CUDA)
     schedules: dict[str, str] = field(default_factory=dict)
+    # kernel -> why its schedule is the one it is, where the database says (a default rule that
+    # no transferred schedule beat, or that none replayed on)
+    schedule_notes: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     @property
     def kernels_scheduled(self) -> int:
         """Kernels that got a schedule from the tuning database."""
         return sum(source == TUNED for source in self.schedules.values())
+
+    @property
+    def kernels_transferred(self) -> int:
+        """Kernels whose record was transferred from the same operator at another width."""
+        return sum(source.startswith(TRANSFERRED) for source in self.schedules.values())
 
     @property
     def kernels_by_rule(self) -> int:
@@ -81,7 +89,7 @@ def compile_module(
     backend = backend_of(target)
     tvm_target = target.tvm_target()
     schedules = database.best_view() if database is not None and backend.tunable else None
-    lowered, sources = backend.lower(mod, target, tvm_target, schedules, default_schedules)
+    lowered, sources, schedule_notes = backend.lower(mod, target, tvm_target, schedules, default_schedules)
     workspace = planned_storage_bytes(lowered)
     kernels = kernel_calls(lowered)
     generated = backend.codegen(lowered, target, tvm_target)
@@ -101,6 +109,7 @@ def compile_module(
         linker=linker.description,
         compile_s=time.perf_counter() - start,
         schedules=sources,
+        schedule_notes=schedule_notes,
         notes=notes,
     )
 
@@ -166,7 +175,7 @@ def builds_channels_last(target: TargetSpec) -> bool:
 
 
 __all__ = [
-    "BACKENDS", "CONV_LAYOUT", "DEFAULT_RULE", "KERNELS_NAME", "RULES_VERSION", "LIB_NAME", "TUNED", "UNSCHEDULED", "Backend", "CompileResult", "Linker", "Schedules",
+    "BACKENDS", "CONV_LAYOUT", "DEFAULT_RULE", "KERNELS_NAME", "RULES_VERSION", "LIB_NAME", "TRANSFERRED", "TUNED", "UNSCHEDULED", "Backend", "CompileResult", "Linker", "Schedules",
     "backend_of", "builds_channels_last", "compile_module", "compile_onnx", "extract_kernels", "import_onnx",
     "kernel_calls", "lower_for_tuning", "planned_storage_bytes", "resolve_linker",
 ]

@@ -32,8 +32,8 @@ class Backend:
     channels_last: bool  # convolutions computed in NHWC (``passes.CONV_LAYOUT``)
     profiles_layers: bool  # the device times each kernel and runs onnxruntime beside it
     # (module, target, TVM target, schedules directory or None, default schedules?)
-    #   -> (lowered, kernel -> where its schedule came from)
-    lower: Callable[[Any, TargetSpec, Any, Path | None, bool], tuple[Any, dict[str, str]]]
+    #   -> (lowered, kernel -> where its schedule came from, kernel -> why, where known)
+    lower: Callable[[Any, TargetSpec, Any, Path | None, bool], tuple[Any, dict[str, str], dict[str, str]]]
     codegen: Callable[[Any, TargetSpec, Any], Codegen]
 
 
@@ -45,13 +45,13 @@ def _cpu_lower(mod, target: TargetSpec, tvm_target, schedules: Path | None, defa
 
     # Fused kernels, each scheduled from the tuning database where it holds a record, the rest by
     # the default rules (``default_schedules`` False: they compile unscheduled, correct but slow).
-    lowered, sources = apply_database(lower_for_tuning(mod, tvm_target), tvm_target, schedules)
+    lowered, sources, notes = apply_database(lower_for_tuning(mod, tvm_target), tvm_target, schedules)
     if default_schedules:
         lowered, by_rule = apply_default_schedules(lowered, tvm_target, target.vector_unit)
         sources.update({kernel: source for kernel, source in by_rule.items() if kernel in sources})
     lowered = finish_weight_layouts(lowered, tvm_target)
     with tvm_target:
-        return relax.get_pipeline("default")(lowered), sources
+        return relax.get_pipeline("default")(lowered), sources, notes
 
 
 def _cuda_lower(mod, target: TargetSpec, tvm_target, schedules: Path | None, default_schedules: bool):
@@ -59,7 +59,7 @@ def _cuda_lower(mod, target: TargetSpec, tvm_target, schedules: Path | None, def
 
     # The CUDA pipeline schedules every kernel with DLight; unscheduled GPU kernels do not build.
     with tvm_target:
-        return relax.get_default_pipeline(tvm_target)(mod), {}
+        return relax.get_default_pipeline(tvm_target)(mod), {}, {}
 
 
 def _cpu_codegen(lowered, target: TargetSpec, tvm_target) -> Codegen:

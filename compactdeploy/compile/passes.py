@@ -6,6 +6,7 @@ the tuning database's schedules (``apply_database``), so every record found is o
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ CONV_LAYOUT = {"relax.nn.conv2d": ["NHWC", "OHWI"]}
 # the two files of a MetaSchedule JSON database (its own names)
 WORKLOADS_FILE = "database_workload.json"
 RECORDS_FILE = "database_tuning_record.json"
+# beside them in a tuning database's view: where each applied record came from, when not the search
+SOURCES_FILE = "sources.json"
 
 
 def import_onnx(onnx_path: str | Path, target: TargetSpec):
@@ -149,34 +152,54 @@ def to_channels_last(mod):
 
 TUNED = "tuned record"  # where a kernel's schedule came from: a record of the tuning database
 UNSCHEDULED = "unscheduled"  # none: the kernel compiles as TVM legalized it (correct, slow)
+# a record whose schedule was tuned for the same operator at another width ("transferred from <kernel>")
+TRANSFERRED = "transferred from"
 
 
-def apply_database(lowered, tvm_target, schedules: Path | None) -> tuple[Any, dict[str, str]]:
+def apply_database(lowered, tvm_target, schedules: Path | None) -> tuple[Any, dict[str, str], dict[str, str]]:
     """Replace every kernel that ``schedules`` (a MetaSchedule JSON database directory: a tuning
     database's ``best_view``) has a record for by that schedule.
 
-    Returns the module, and where each kernel's schedule came from (kernel -> ``TUNED`` or
-    ``UNSCHEDULED``). The weights the records repack are repacked by ``rules.finish_weight_layouts``.
+    Returns the module, where each kernel's schedule came from (kernel -> ``TUNED``,
+    ``TRANSFERRED`` + the donor kernel, ``rules.DEFAULT_RULE`` for a default-rule record that was
+    timed fastest, or ``UNSCHEDULED``), and why, where the view says (kernel -> reason). The weights
+    the records repack are repacked by ``rules.finish_weight_layouts``.
     """
     import tvm.s_tir.meta_schedule as ms
+    import tvm_ffi
     from tvm import relax
+
+    from .rules import DEFAULT_RULE
 
     tasks = extract_kernels(lowered, tvm_target)
     sources = {task.task_name: UNSCHEDULED for task in tasks}
+    notes: dict[str, str] = {}
     if schedules is None:
-        return lowered, sources
+        return lowered, sources, notes
     db = ms.database.JSONDatabase(str(schedules / WORKLOADS_FILE), str(schedules / RECORDS_FILE), allow_missing=False)
-    sources.update({task.task_name: TUNED for task in tasks if db.has_workload(task.dispatched[0])})
-    if TUNED not in sources.values():
-        return lowered, sources
+    origins = json.loads((schedules / SOURCES_FILE).read_text()) if (schedules / SOURCES_FILE).exists() else {}
+    for task in tasks:
+        if not db.has_workload(task.dispatched[0]):
+            continue
+        origin = origins.get(str(tvm_ffi.structural_hash(task.dispatched[0])))
+        if origin is None:
+            sources[task.task_name] = TUNED
+        elif origin["source"] == "transferred":
+            sources[task.task_name] = f"{TRANSFERRED} {origin['from']}"
+        else:
+            sources[task.task_name] = DEFAULT_RULE
+        if origin is not None and origin.get("why"):
+            notes[task.task_name] = origin["why"]
+    if all(source == UNSCHEDULED for source in sources.values()):
+        return lowered, sources, notes
     with tvm_target, db:
         lowered = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(lowered)
     # a record with an empty trace (the kernel measured fastest unscheduled) leaves the kernel as it
     # was: marked scheduled all the same, so that no default rule replaces what was measured faster
     for gv, func in list(lowered.functions_items()):
-        if sources.get(gv.name_hint) == TUNED and not (func.attrs or {}).get("tirx.is_scheduled", False):
+        if sources.get(gv.name_hint, UNSCHEDULED) != UNSCHEDULED and not (func.attrs or {}).get("tirx.is_scheduled", False):
             lowered[gv] = func.with_attr("tirx.is_scheduled", True)
-    return lowered, sources
+    return lowered, sources, notes
 
 
 def extract_kernels(lowered, tvm_target) -> list:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..resources import write_json
-from ..compile.passes import RECORDS_FILE, WORKLOADS_FILE
+from ..compile.passes import RECORDS_FILE, SOURCES_FILE, WORKLOADS_FILE
 from ..errors import CompactDeployError, first_line
 from ..resources import cache_dir, directory_bytes
 from ..targets import TargetSpec
@@ -33,6 +33,9 @@ _EXHAUSTED = "exhausted.json"
 _BEST_VIEW = "best"
 # which of its fastest records each kernel applies, chosen by a second timing (``rerank``)
 _PICKS = "picks.json"
+# record key -> where that record's schedule came from, for records not found by the search
+# (``origins``); a view holds the applied records' as ``SOURCES_FILE``
+_ORIGINS = "origins.json"
 PICK_AMONG = 4  # a kernel's fastest records, as tuned, that the second timing chooses among
 FAILED_SECONDS = 1e9  # MetaSchedule records a candidate that failed to build or run as 1e10 s
 
@@ -51,10 +54,14 @@ class TuningDatabase:
         try:
             return Records.parse(text_lines(self.path / WORKLOADS_FILE), record_lines)
         except (ValueError, IndexError, TypeError) as exc:
-            raise CompactDeployError(
-                f"the tuning database {self.path} is damaged ({first_line(exc)}): move it away and build "
-                "again (its kernels are then tuned afresh with --tune-trials)"
-            ) from None
+            raise self.damaged(exc) from None
+
+    def damaged(self, exc: Exception) -> CompactDeployError:
+        """The one-line error for records that cannot be read."""
+        return CompactDeployError(
+            f"the tuning database {self.path} is damaged ({first_line(exc)}): move it away and build "
+            "again (its kernels are then tuned afresh with --tune-trials)"
+        )
 
     def resume_hint(self) -> str:
         return f"every finished batch is kept in {self.path}: run the same command again to resume"
@@ -67,7 +74,9 @@ class TuningDatabase:
         MetaSchedule's JSON reader builds a TVM object (target included) for every record, slow for
         thousands of them, where one record per kernel is all a build applies. The view is named by the record and pick files' sizes and times, so a change makes
         a new one; it is written in a directory of its own and renamed into place, never seen
-        half-written. Returns None where no kernel has a record that ran.
+        half-written. Beside the records, ``SOURCES_FILE`` says where each applied record that the
+        search did not find came from (structural hash -> origin, ``origins``). Returns None where
+        no kernel has a record that ran.
         """
         records_file = self.path / RECORDS_FILE
         if not records_file.exists():
@@ -87,6 +96,10 @@ class TuningDatabase:
         kept = sorted(applied)
         (staging / WORKLOADS_FILE).write_text("".join(records.workloads[i] + "\n" for i in kept))
         (staging / RECORDS_FILE).write_text("".join(renumbered(applied[i], n) + "\n" for n, i in enumerate(kept)))
+        origins = self.origins()
+        sources = {_workload_hash_of(records.workloads[i]): origins[record_key(applied[i])]
+                   for i in kept if record_key(applied[i]) in origins}
+        write_json(staging / SOURCES_FILE, sources)
         try:
             os.rename(staging, view)
         except OSError:  # another build made the same view first
@@ -96,14 +109,15 @@ class TuningDatabase:
     def picks(self) -> dict[str, dict[str, Any]]:
         """Structural hash -> the second timing's pick: ``top`` (the records it chose among),
         ``rank`` (the one chosen, 0 = fastest as tuned), ``us`` (each one's median)."""
-        path = self.path / _PICKS
-        try:
-            return json.loads(path.read_text()) if path.exists() else {}
-        except ValueError as exc:
-            raise CompactDeployError(
-                f"the second timing's picks {path} are damaged ({first_line(exc)}): delete that file and build "
-                "again (with --tune-trials, its kernels are timed again)"
-            ) from None
+        return _read_side_file(self.path / _PICKS, "the second timing's picks",
+                               "with --tune-trials, its kernels are timed again")
+
+    def origins(self) -> dict[str, dict[str, Any]]:
+        """Record key (``record_key``) -> where the record's schedule came from, for the records not
+        found by MetaSchedule's search: ``{"source": "default rule", "why": ...}`` or
+        ``{"source": "transferred", "from": <the donor kernel, described>, "donor": <its hash>}``."""
+        return _read_side_file(self.path / _ORIGINS, "the schedule origins",
+                               "the records stay; the report then calls every applied record a tuned one")
 
     def save_pick(self, workload_hash: str, pick: dict[str, Any]) -> None:
         write_json(self.path / _PICKS, {**self.picks(), workload_hash: pick})
@@ -115,8 +129,10 @@ class TuningDatabase:
             if view != current:
                 shutil.rmtree(view, ignore_errors=True)
 
-    def publish(self, workload_line: str, record_lines: list[str]) -> None:
-        """Add one kernel's new records, each file replaced atomically.
+    def publish(self, workload_line: str, record_lines: list[str],
+                origins: list[dict[str, Any] | None] | None = None) -> None:
+        """Add one kernel's new records, each file replaced atomically; ``origins``: where each
+        record's schedule came from (None: the search), saved before the records.
 
         Workloads first: a record names its workload by line number, so the workload file must
         never be older than the record file. ``record_lines`` name their workload as line 0.
@@ -124,6 +140,9 @@ class TuningDatabase:
         if not record_lines:
             return
         self.path.mkdir(parents=True, exist_ok=True)
+        known_origins = {record_key(line): origin for line, origin in zip(record_lines, origins or []) if origin}
+        if known_origins:
+            write_json(self.path / _ORIGINS, {**self.origins(), **known_origins})
         identity_file = self.path / "identity.json"
         if not identity_file.exists():  # says what the records were measured on
             write_json(identity_file, self.identity)
@@ -136,17 +155,21 @@ class TuningDatabase:
         _append_atomically(self.path / RECORDS_FILE, [renumbered(line, index) for line in record_lines])
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """One tuning run per database at a time: two would overwrite each other's records."""
+    def locked(self, required: bool = True) -> Iterator[bool]:
+        """One tuning run per database at a time: two would overwrite each other's records.
+        Yields whether this run holds the database; where another does, raises if ``required``."""
         self.path.mkdir(parents=True, exist_ok=True)
         with open(self.path / ".lock", "w") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                if not required:
+                    yield False
+                    return
                 raise CompactDeployError(
                     f"another build is tuning into {self.path}: wait for it to finish, then build again"
                 ) from None
-            yield
+            yield True
 
     def records_sha256(self) -> str | None:
         """Names the records as they stand (None: none yet): what measured against them is stale after a change."""
@@ -294,6 +317,11 @@ class Records:
         index = self.by_hash.get(workload_hash)
         return (None, []) if index is None else (self.workloads[index], self.by_workload.get(index, []))
 
+    def kernels_from(self, origins: dict[str, dict[str, Any]], source: str) -> set[str]:
+        """The kernels (structural hashes) with a record whose origin (``TuningDatabase.origins``) is ``source``."""
+        return {workload_hash for workload_hash, index in self.by_hash.items()
+                if any(origins.get(record_key(line), {}).get("source") == source for line in self.by_workload.get(index, []))}
+
     def best_us(self, workload_hash: str) -> float | None:
         index = self.by_hash.get(workload_hash)
         return round(self.ranked[index][0][0] * 1e6, 3) if index in self.ranked else None
@@ -329,6 +357,15 @@ class Records:
         }
 
 
+def _read_side_file(path: Path, what: str, then: str) -> dict[str, Any]:
+    """A JSON file kept beside the records ({} where there is none); damaged: one line saying what to do."""
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except ValueError as exc:
+        raise CompactDeployError(f"{what} {path} are damaged ({first_line(exc)}): delete that file and build "
+                                 f"again ({then})") from None
+
+
 def text_lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
@@ -336,6 +373,11 @@ def text_lines(path: Path) -> list[str]:
 def _workload_hash_of(workload_line: str) -> str:
     """The leading string alone: the module after it is ~100 KB of base64 not worth parsing."""
     return json.loads(workload_line[1:workload_line.index(",")])
+
+
+def record_key(record_line: str) -> str:
+    """Names a record wherever it is kept: its trace and times, not its workload's line number."""
+    return hashlib.sha256(record_line[record_line.index(","):].encode()).hexdigest()[:16]
 
 
 def workload_index_of(record_line: str) -> int:

@@ -11,22 +11,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..compile.passes import RECORDS_FILE, WORKLOADS_FILE, extract_kernels
+from ..compile.passes import TRANSFERRED, extract_kernels
+from ..compile.rules import DEFAULT_RULE
 from ..errors import CompactDeployError
-from ..targets import TargetSpec, VectorUnit
+from ..targets import TargetSpec
 from .adapters import (
     PICK_PAUSE_MS,
     WarmBuilder,
     cpu_tensor_intrinsics,
-    device_type,
     kernel_flops,
     kernel_hash,
     metaschedule_logging,
 )
 from .budget import BATCH, MIN_DEFICIT, TaskState, next_by_measured_time, plan_budgets
-from .database import FAILED_SECONDS, PICK_AMONG, Records, TuningDatabase, mean_seconds, renumbered, text_lines, workload_index_of
-from .interrupt import Interrupt, KernelSearchStopped, interrupt_between_batches
+from .database import PICK_AMONG, Records, TuningDatabase, mean_seconds, record_key
+from .interrupt import KernelSearchStopped, interrupt_between_batches
+from .candidates import KernelScratch, TuningRun, default_rule, record_candidate
 from .rerank import kernels_to_pick, pick_records
+from .transfer import TRANSFER, KernelShape, find_donors, transfer_schedules
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ class TuneResult:
     database: Path
     requested_trials: int
     trials_run: int  # this run's measurements
-    trials_reused: int  # records already in the database when this run started
+    trials_reused: int  # records already in the database when this run started (transferred ones aside)
     tune_s: float
     tasks: list[dict[str, Any]] = field(default_factory=list)
     # the second timing in this run: kernels timed again, how many took another record, seconds
@@ -42,6 +44,10 @@ class TuneResult:
     # other work on the measuring machine just before its first measurement (runtime.load.load_between);
     # None where nothing was measured or it is not known
     machine_load: dict[str, Any] | None = None
+    # per kernel that had no record: the schedules transferred from other widths (transfer.transfer_schedules)
+    transferred: list[dict[str, Any]] = field(default_factory=list)
+    transfer_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         from ..runtime.load import describe_load, is_busy
@@ -52,10 +58,25 @@ class TuneResult:
         busy = (f"; BUSY before tuning: {describe_load(self.machine_load)} (later builds apply "
                 "these records: to drop them, delete that database and tune again on an idle machine)"
                 if is_busy(self.machine_load) and (self.trials_run or self.picked.get("kernels")) else "")
+        notes = "".join(f"; {note}" for note in self.notes)
+        if not self.requested_trials:  # a build that transfers schedules and tunes nothing
+            return (self.transfer_summary() or f"{len(self.tasks)} kernels, nothing to transfer") + second + busy + notes
+        transfer = f"; {self.transfer_summary()}" if self.transferred else ""
         return (
             f"{len(self.tasks)} kernels ({tuned} with records); {self.trials_run} trials run, "
-            f"{self.trials_reused} reused from {self.database}{second}{busy}"
+            f"{self.trials_reused} reused from {self.database}{transfer}{second}{busy}{notes}"
         )
+
+    def transfer_summary(self) -> str:
+        """"transfer: 12 of 14 kernels took schedules tuned at other widths, ...": empty where none was tried."""
+        if not self.transferred:
+            return ""
+        kinds = [k["source"] for k in self.transferred]
+        moved = sum(1 for source in kinds if source and source.startswith(TRANSFERRED))
+        rule = sum(1 for source in kinds if source == DEFAULT_RULE)
+        return (f"transfer: {moved} of {len(kinds)} kernels took schedules tuned at other widths"
+                + (f", {rule} kept the default rule (faster, or nothing transferred applied)" if rule else "")
+                + f" ({sum(k['transferred'] for k in self.transferred)} candidates timed, {self.transfer_s:.0f} s)")
 
 
 def tune(
@@ -68,6 +89,7 @@ def tune(
     progress: Callable[[str], None] | None = None,
     pick_runner: Callable[[], Any] | None = None,
     read_load: Callable[[], dict[str, Any] | None] | None = None,
+    transfer: bool = True,
 ) -> TuneResult:
     """Spend up to ``trials`` measurements on ``lowered``'s kernels, resuming from the database.
 
@@ -79,6 +101,10 @@ def tune(
     fastest by that second timing (``pick_records``); kernels picked before are not timed again.
     ``read_load`` samples other work on the measuring machine (``runtime.load.load_between``) once,
     before the first measurement; where it is busy, every progress line after says so.
+
+    First, with ``transfer``, every kernel without a record whose operator the database holds at
+    other widths gets those schedules adapted and timed (``transfer.transfer_schedules``): with
+    ``trials`` 0 that, and the second timing among the records it made, is all this does.
     """
     import tvm.s_tir.meta_schedule as ms
     import tvm_ffi
@@ -106,60 +132,79 @@ def tune(
     start = time.perf_counter()
     tvm_target = target.tvm_target()
     tasks = extract_kernels(lowered, tvm_target)
-    with database.locked(), cpu_tensor_intrinsics():
+    # a build that only transfers (no trials) does not wait for another build tuning into the database
+    with database.locked(required=bool(trials)) as held, cpu_tensor_intrinsics():
+        if not held:
+            return TuneResult(database.path, trials, 0, 0, round(time.perf_counter() - start, 1), notes=[
+                f"no schedules transferred: another build is tuning into {database.path}"])
         records = database.read()
         flops = [kernel_flops(t) for t in tasks]
         # every kernel gets a first measurement, even where half the budget is fewer trials than kernels
         budgets = plan_budgets(flops, [int(t.weight) for t in tasks], max(trials // 2, min(trials, len(tasks))))
         exhausted = database.exhausted()
+        # schedules transferred from other widths (and the default rule timed beside them) are
+        # records, but not trials of the budget: a short budget after a transfer still searches
+        transferred_keys = {key for key, origin in database.origins().items() if origin.get("by") == TRANSFER}
         states = []
         for t, f, budget in zip(tasks, flops, budgets):
             workload_hash = kernel_hash(t)
-            count = len(records.of(workload_hash)[1])
+            count = sum(record_key(line) not in transferred_keys for line in records.of(workload_hash)[1])
             states.append(TaskState(t.task_name, f, int(t.weight), budget, count, records.best_us(workload_hash),
                                     workload_hash, workload_hash in exhausted))
         reused = sum(s.trials for s in states)
-        # a deficit under a quarter batch on a kernel that has records is not worth MetaSchedule's
-        # start-up (~30 s): a rerun whose budget split moved by a few trials tunes nothing
-        todo = [
-            index for index, s in enumerate(states)
-            if not s.exhausted and s.budget > s.trials and (s.trials == 0 or s.budget - s.trials >= MIN_DEFICIT)
-        ]
         ran = 0
+        transferred: list[dict[str, Any]] = []
+        transfer_s = 0.0
         picked: dict[str, Any] = {"kernels": 0, "changed": 0, "s": 0.0}
-        builder = None
+        run: TuningRun | None = None
         try:
             with interrupt_between_batches(database) as interrupt:
-                # kernels tuned before their unscheduled form was measured on this device (databases
-                # of older versions): measured once, so that tiny kernels can keep it
-                unmeasured = [i for i, s in enumerate(states) if s.trials and not records.has_unscheduled(s.workload_hash)]
-                if unmeasured or todo or next_by_measured_time(states, trials) is not None:
+
+                def measuring_run(message: str) -> TuningRun:
+                    nonlocal run
                     measuring_starts()
-                    say(f"{len(tasks)} kernels, {trials} trials (half split by FLOPs, half by measured time); "
-                        "loading MetaSchedule")
-                    builder = WarmBuilder(linker_command)
-                    run = _Run(ms, database, builder, runner, tasks, states, say, interrupt, target.vector_unit)
-                    if unmeasured:
-                        ran += _measure_unscheduled(run, unmeasured, records)
-                        records = database.read()
-                    if todo or next_by_measured_time(states, trials) is not None:
-                        searched = _tune_kernels(run, todo, trials, records, reused)
-                        ran += searched
-                        if searched:
-                            records = database.read()  # the second timing chooses among the new records too
-                to_pick = kernels_to_pick(tasks, records, database.picks()) if pick_runner is not None else []
-                if to_pick:
-                    measuring_starts()
+                    say(message)
+                    if run is None:
+                        run = TuningRun(ms, database, WarmBuilder(linker_command), runner, tasks, states, say,
+                                        interrupt, target.vector_unit)
+                    return run
+
+                # kernels without records whose operator the database holds at other widths start
+                # from those schedules (``transfer``), before any search
+                fresh = [i for i, s in enumerate(states) if not records.of(s.workload_hash)[1]] if transfer else []
+                operators = {i: KernelShape.of(tasks[i].dispatched[0]).operator for i in fresh}
+                try:
+                    donors = find_donors(records, set(operators.values()),
+                                         {states[i].workload_hash for i in fresh}) if fresh else {}
+                except ValueError as exc:
+                    raise database.damaged(exc) from None
+                fresh = [i for i in fresh if donors.get(operators[i])]
+                if fresh:
                     began = time.perf_counter()
-                    say(f"second timing: each kernel's {PICK_AMONG} fastest records, each call after a "
-                        f"{PICK_PAUSE_MS} ms pause ({len(to_pick)} kernels)")
-                    builder = builder or WarmBuilder(linker_command)
-                    picked["changed"] = pick_records(to_pick, database, builder, pick_runner(), say, interrupt)
+                    transferred = transfer_schedules(measuring_run(
+                        f"transfer: {len(fresh)} kernels without records; the database holds their operators at "
+                        "other widths"), fresh, donors)
+                    for index in fresh:
+                        states[index].trials = 0  # not trials of the budget (above)
+                    transfer_s = round(time.perf_counter() - began, 1)
+                    records = database.read()
+                if trials:
+                    ruled = records.kernels_from(database.origins(), DEFAULT_RULE)
+                    ran += _search(measuring_run, states, records, trials, ruled)
+                    records = database.read()  # the second timing chooses among the new records too
+                # the second timing, after a search, or among the candidates transfer just recorded
+                picking = tasks if trials else [tasks[i] for i in fresh]
+                to_pick = kernels_to_pick(picking, records, database.picks()) if pick_runner is not None else []
+                if to_pick:
+                    began = time.perf_counter()
+                    measuring = measuring_run(f"second timing: each kernel's {PICK_AMONG} fastest records, each call "
+                                              f"after a {PICK_PAUSE_MS} ms pause ({len(to_pick)} kernels)")
+                    picked["changed"] = pick_records(to_pick, database, measuring.builder, pick_runner(), say, interrupt)
                     picked.update(kernels=len(to_pick), s=round(time.perf_counter() - began, 1))
         finally:
-            if builder is not None:
-                builder.shutdown()
-        if ran or picked["kernels"]:
+            if run is not None:
+                run.builder.shutdown()
+        if ran or transferred or picked["kernels"]:
             database.remove_stale_views()  # and makes the one the build applies next
         picks = database.picks()
     return TuneResult(
@@ -172,26 +217,43 @@ def tune(
         tasks=[{**s.as_dict(), "applied": records.applied_summary(s.workload_hash, picks)} for s in states],
         picked=picked,
         machine_load=machine_load,
+        transferred=transferred,
+        transfer_s=transfer_s,
     )
 
 
-@dataclass
-class _Run:
-    """What every step of one tuning run shares: MetaSchedule, the database, the builder and runner
-    that measure candidates, the kernels and their states, where progress goes, and Ctrl-C."""
+def _search(measuring_run: Callable[[str], TuningRun], states: list[TaskState], records: Records, trials: int,
+            ruled: set[str]) -> int:
+    """MetaSchedule's search over the kernels still short of their budget; returns the trials it
+    measured. ``ruled``: the kernels that have a record of their default rule."""
+    # a deficit under a quarter batch on a kernel that has records (its own, or transferred) is not
+    # worth MetaSchedule's start-up (~30 s): a rerun whose budget split moved by a few trials tunes
+    # nothing, and a short budget after a transfer goes by measured time
+    todo = [
+        index for index, s in enumerate(states)
+        if not s.exhausted and s.budget > s.trials
+        and (not records.of(s.workload_hash)[1] or s.budget - s.trials >= MIN_DEFICIT)
+    ]
+    # kernels tuned before their unscheduled form was measured on this device (databases of older
+    # versions): measured once, so that tiny kernels can keep it. Where the default rule was timed
+    # (transfer does), it stands in: its tiny kernels run on one thread, as unscheduled ones do.
+    unmeasured = [i for i, s in enumerate(states)
+                  if records.of(s.workload_hash)[1] and not records.has_unscheduled(s.workload_hash)
+                  and s.workload_hash not in ruled]
+    if not (unmeasured or todo or next_by_measured_time(states, trials) is not None):
+        return 0
+    run = measuring_run(f"{len(states)} kernels, {trials} trials (half split by FLOPs, half by measured time); "
+                        "loading MetaSchedule")
+    ran = 0
+    if unmeasured:
+        ran += _measure_unscheduled(run, unmeasured, records)
+        records = run.database.read()
+    if todo or next_by_measured_time(states, trials) is not None:
+        ran += _tune_kernels(run, todo, trials, records)
+    return ran
 
-    ms: Any  # tvm.s_tir.meta_schedule
-    database: TuningDatabase
-    builder: Any
-    runner: Any
-    tasks: list
-    states: list[TaskState]
-    progress: Callable[[str], None]
-    interrupt: Interrupt
-    vector_unit: VectorUnit  # sizes the default-rule candidate (compile.rules)
 
-
-def _tune_kernels(run: _Run, todo: list[int], trials: int, records: Records, reused: int) -> int:
+def _tune_kernels(run: TuningRun, todo: list[int], trials: int, records: Records) -> int:
     """The search itself: each kernel of ``todo`` to its budget, then rounds by measured time.
     Returns how many candidates it measured."""
     ran, states = 0, run.states
@@ -201,8 +263,9 @@ def _tune_kernels(run: _Run, todo: list[int], trials: int, records: Records, reu
             KernelScratch(Path(work) / f"kernel{index}", run.database, *records.of(s.workload_hash))
             for index, s in enumerate(states)
         ]
-        if reused:
-            run.progress(f"training the cost model on the {reused} records the database holds for these kernels")
+        held = sum(scratch.published for scratch in scratches)
+        if held:
+            run.progress(f"training the cost model on the {held} records the database holds for these kernels")
         cost_model = warm_cost_model(list(zip(run.tasks, scratches)))
         run.interrupt.check()
 
@@ -226,7 +289,7 @@ def _tune_kernels(run: _Run, todo: list[int], trials: int, records: Records, reu
     return ran
 
 
-def _measure_unscheduled(run: _Run, indices: list[int], records: Records) -> int:
+def _measure_unscheduled(run: TuningRun, indices: list[int], records: Records) -> int:
     """Record the unscheduled form of kernels that have records but not that one. Returns how many."""
     run.progress(f"measuring {len(indices)} kernels as they compile unscheduled (their records lack that candidate)")
     with tempfile.TemporaryDirectory(prefix="compactdeploy-unscheduled-") as work:
@@ -236,13 +299,13 @@ def _measure_unscheduled(run: _Run, indices: list[int], records: Records) -> int
             # a scratch with the workload alone: MetaSchedule reads every record of a database on open
             scratch = KernelScratch(Path(work) / f"kernel{number}", run.database, records.of(state.workload_hash)[0], [])
             db = run.ms.database.JSONDatabase(str(scratch.workloads), str(scratch.records), allow_missing=True)
-            unscheduled_us = _record_candidate(run, index, db, scratch, None)
+            unscheduled_us = record_candidate(run, index, db, scratch, None)
             shown = f"{unscheduled_us:.1f} us" if unscheduled_us is not None else "failed to build or run"
             run.progress(f"unscheduled {number + 1}/{len(indices)} {state.name}: {shown} (best record {state.best_us} us)")
     return len(indices)
 
 
-def _tune_one(run: _Run, index: int, label: str, scratch: KernelScratch, cost_model) -> int:
+def _tune_one(run: TuningRun, index: int, label: str, scratch: KernelScratch, cost_model) -> int:
     """Tune kernel ``index`` up to its budget in a scratch database holding its records only,
     publishing after every batch. Returns how many it measured.
 
@@ -252,14 +315,14 @@ def _tune_one(run: _Run, index: int, label: str, scratch: KernelScratch, cost_mo
     ms, state = run.ms, run.states[index]
     db = ms.database.JSONDatabase(str(scratch.workloads), str(scratch.records), allow_missing=True)
     progress = _TuneProgress(run, state, label, scratch)
-    if state.trials == 0:
+    if scratch.published == 0:
         # the search starts beside the two schedules a build has without it: a kernel is never
-        # slower tuned than untuned (and the tiniest keep the unscheduled form: see _record_candidate)
-        _record_candidate(run, index, db, scratch, None)
+        # slower tuned than untuned (and the tiniest keep the unscheduled form: see record_candidate)
+        record_candidate(run, index, db, scratch, None)
         progress.measured = 1
-        rule = _default_rule(run, index)
+        rule = default_rule(run, index)
         if rule is not None:
-            _record_candidate(run, index, db, scratch, rule)
+            record_candidate(run, index, db, scratch, rule)
             progress.measured = 2
         run.interrupt.check()
     remaining = state.budget - state.trials
@@ -316,7 +379,7 @@ def warm_cost_model(kernels: list[tuple[Any, KernelScratch]]):
 class _TuneProgress:
     """After each batch: publish the scratch database atomically and report the best so far."""
 
-    def __init__(self, run: _Run, state: TaskState, label: str, scratch: KernelScratch):
+    def __init__(self, run: TuningRun, state: TaskState, label: str, scratch: KernelScratch):
         self.state, self.label, self.states = state, label, run.states
         self.database, self.scratch, self.say, self.interrupt = run.database, scratch, run.progress, run.interrupt
         self.measured = 0
@@ -369,72 +432,6 @@ class _TuneProgress:
                     raise KernelSearchStopped
 
         return _Callback()
-
-
-def _default_rule(run: _Run, index: int):
-    """Kernel ``index``'s default-rule schedule (what an untuned build compiles), or None where no rule fits."""
-    from ..compile.rules import default_schedule
-
-    task = run.tasks[index]
-    return default_schedule(task.dispatched[0], task.target, run.vector_unit)
-
-
-def _record_candidate(run: _Run, index: int, db, scratch: KernelScratch, schedule) -> float | None:
-    """Measure kernel ``index`` with ``schedule`` (None: as it compiles with no schedule) and record
-    that as a candidate: in ``db`` (the kernel's scratch), published to the persistent database,
-    counted in ``state``.
-
-    Tiny kernels (a 30x64 matmul) run faster unscheduled, on one thread, than any parallel
-    schedule the search finds; with this record in the database they keep the faster one.
-    Returns the time in microseconds, or None where it failed to build or run.
-    """
-    from tvm.s_tir import Schedule
-
-    ms, task, state = run.ms, run.tasks[index], run.states[index]
-    mod = task.dispatched[0]
-    schedule = Schedule(mod) if schedule is None else schedule
-    target = task.target
-    args_info = ms.arg_info.ArgInfo.from_entry_func(schedule.mod, remove_preproc=True)  # repacked weights' shapes
-    built = run.builder.build([ms.builder.BuilderInput(schedule.mod, target)])[0]
-    result = None
-    if built.error_msg is None:
-        result = run.runner.run([ms.runner.RunnerInput(built.artifact_path, device_type(target), args_info)])[0].result()
-    ran = result is not None and result.error_msg is None and bool(result.run_secs)
-    # a failure is recorded as MetaSchedule records one (1e10 s), so no later run measures it again
-    seconds = [float(s) for s in result.run_secs] if ran else [FAILED_SECONDS * 10]
-    db.commit_tuning_record(ms.database.TuningRecord(schedule.trace, db.commit_workload(mod), seconds, target, args_info))
-    scratch.publish()
-    state.trials += 1
-    if not ran:
-        return None
-    us = round(mean_seconds(seconds) * 1e6, 3)
-    if state.best_us is None or us < state.best_us:
-        state.best_us = us
-    return us
-
-
-class KernelScratch:
-    """One kernel's scratch database: its records from the persistent one, new ones published back."""
-
-    def __init__(self, path: Path, database: TuningDatabase, workload_line: str | None, record_lines: list[str]):
-        self.path, self.database = path, database
-        self.workloads, self.records = path / WORKLOADS_FILE, path / RECORDS_FILE
-        path.mkdir()
-        if workload_line is not None:
-            self.workloads.write_text(workload_line + "\n")
-            self.records.write_text("".join(renumbered(line, 0) + "\n" for line in record_lines))
-        self.published = len(record_lines)
-
-    def publish(self) -> None:
-        """Copy the records MetaSchedule added since the last call into the persistent database."""
-        lines = text_lines(self.records)
-        new = lines[self.published:]
-        if not new:
-            return
-        if any(workload_index_of(line) != 0 for line in new):  # the scratch holds one kernel
-            raise RuntimeError(f"a record for another kernel in {self.records}")
-        self.database.publish(text_lines(self.workloads)[0], new)
-        self.published = len(lines)
 
 
 def check_tunable(target: TargetSpec, trials: int) -> None:
