@@ -135,3 +135,16 @@ def test_a_transferred_schedule_that_does_not_fit_falls_back_to_the_default_rule
     note = report["compile"]["schedule_notes"][kernel]
     assert note.startswith("no schedule transferred from other widths applied") and donor in note
     assert report["parity"]["onnx_vs_tvm_max_abs"] <= 1e-4
+
+
+def test_a_build_that_only_transfers_does_not_wait_for_another_build_tuning_into_the_database(tmp_path):
+    from compactdeploy.errors import CompactDeployError
+
+    target = load_target("host")
+    lowered = _lowered({}, tmp_path, "full")
+    database = TuningDatabase(tmp_path / "db", {"test": "locked"})
+    with database.locked():  # another build tuning
+        result = tune(lowered, target, database, 0, local_runner(), None)
+        assert result.trials_run == 0 and "another build is tuning into" in result.summary()
+        with pytest.raises(CompactDeployError, match="another build is tuning into"):
+            tune(lowered, target, database, 8, local_runner(), None)  # tuning itself must wait its turn
