@@ -154,6 +154,7 @@ TUNED = "tuned record"  # where a kernel's schedule came from: a record of the t
 UNSCHEDULED = "unscheduled"  # none: the kernel compiles as TVM legalized it (correct, slow)
 # a record whose schedule was tuned for the same operator at another width ("transferred from <kernel>")
 TRANSFERRED = "transferred from"
+TRANSFERRED_ORIGIN = "transferred"  # such a record's ``source`` in the tuning database's origins
 
 
 def apply_database(lowered, tvm_target, schedules: Path | None) -> tuple[Any, dict[str, str], dict[str, str]]:
@@ -184,7 +185,7 @@ def apply_database(lowered, tvm_target, schedules: Path | None) -> tuple[Any, di
         origin = origins.get(str(tvm_ffi.structural_hash(task.dispatched[0])))
         if origin is None:
             sources[task.task_name] = TUNED
-        elif origin["source"] == "transferred":
+        elif origin["source"] == TRANSFERRED_ORIGIN:
             sources[task.task_name] = f"{TRANSFERRED} {origin['from']}"
         else:
             sources[task.task_name] = DEFAULT_RULE

@@ -172,18 +172,19 @@ def tune(
                 # kernels without records whose operator the database holds at other widths start
                 # from those schedules (``transfer``), before any search
                 fresh = [i for i, s in enumerate(states) if not records.of(s.workload_hash)[1]] if transfer else []
-                operators = {i: KernelShape.of(tasks[i].dispatched[0]).operator for i in fresh}
+                shapes = {i: KernelShape.of(tasks[i].dispatched[0]) for i in fresh}
                 try:
-                    donors = find_donors(records, set(operators.values()),
+                    donors = find_donors(records, {shape.operator for shape in shapes.values()},
                                          {states[i].workload_hash for i in fresh}) if fresh else {}
                 except ValueError as exc:
                     raise database.damaged(exc) from None
-                fresh = [i for i in fresh if donors.get(operators[i])]
+                shapes = {i: shape for i, shape in shapes.items() if donors.get(shape.operator)}
+                fresh = list(shapes)
                 if fresh:
                     began = time.perf_counter()
                     transferred = transfer_schedules(measuring_run(
                         f"transfer: {len(fresh)} kernels without records; the database holds their operators at "
-                        "other widths"), fresh, donors)
+                        "other widths"), shapes, donors)
                     for index in fresh:
                         states[index].trials = 0  # not trials of the budget (above)
                     transfer_s = round(time.perf_counter() - began, 1)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..compile.passes import TRANSFERRED
+from ..compile.passes import TRANSFERRED, TRANSFERRED_ORIGIN
 from ..compile.rules import DEFAULT_RULE
 from ..errors import first_line
 from .adapters import metaschedule_logging
@@ -187,15 +187,15 @@ def replay(mod, shape: KernelShape, donor: Donor, record, postprocs) -> Any:
     return schedule
 
 
-def transfer_schedules(run: TuningRun, indices: list[int], donors: dict[tuple, list[Donor]]) -> list[dict[str, Any]]:
-    """For each kernel of ``indices`` (none has a record) whose operator ``donors`` (``find_donors``)
-    hold at other widths: the nearest donors' schedules adapted, timed beside its default rule, all
-    recorded. Returns what happened per kernel (those without donors left out)."""
+def transfer_schedules(run: TuningRun, shapes: dict[int, KernelShape],
+                       donors: dict[tuple, list[Donor]]) -> list[dict[str, Any]]:
+    """For each kernel of ``shapes`` (index -> its shape; none has a record, and ``donors``
+    (``find_donors``) hold its operator at other widths): the nearest donors' schedules adapted,
+    timed beside its default rule, all recorded. Returns what happened per kernel."""
     import tvm_ffi
 
     tasks = run.tasks
-    todo = [(i, KernelShape.of(tasks[i].dispatched[0])) for i in indices]
-    todo = [(i, shape) for i, shape in todo if donors.get(shape.operator)]
+    todo = list(shapes.items())
     outcomes = []
     with tempfile.TemporaryDirectory(prefix="compactdeploy-transfer-") as work:
         for number, (index, shape) in enumerate(todo, 1):
@@ -216,8 +216,8 @@ def transfer_schedules(run: TuningRun, indices: list[int], donors: dict[tuple, l
                 key = tvm_ffi.structural_hash(schedule.mod)
                 if key not in seen:  # two records can adapt to one schedule
                     seen.add(key)
-                    candidates.append((schedule, {"source": "transferred", "from": source, "donor": donor.workload_hash,
-                                                  "by": TRANSFER}))
+                    candidates.append((schedule, {"source": TRANSFERRED_ORIGIN, "from": source,
+                                                  "donor": donor.workload_hash, "by": TRANSFER}))
             transferred = len(candidates)
             rule = default_rule(run, index)
             if rule is not None:
@@ -232,7 +232,7 @@ def transfer_schedules(run: TuningRun, indices: list[int], donors: dict[tuple, l
             db = run.ms.database.JSONDatabase(str(scratch.workloads), str(scratch.records), allow_missing=True)
             measured = record_candidates(run, index, db, scratch, candidates)
             failures += [f"from {origin['from']}: {m.error}" for (_, origin), m in zip(candidates, measured)
-                         if m.us is None and origin["source"] == "transferred"]
+                         if m.us is None and origin["source"] == TRANSFERRED_ORIGIN]
             timed = [(m.us, origin) for (_, origin), m in zip(candidates, measured) if m.us is not None]
             best_us, best = min(timed, key=lambda pair: pair[0]) if timed else (None, None)
             rule_us = measured[-1].us if rule is not None else None
@@ -241,7 +241,7 @@ def transfer_schedules(run: TuningRun, indices: list[int], donors: dict[tuple, l
                 "transferred": transferred,  # candidates from other widths that replayed here
                 "best_us": best_us,
                 "source": None if best is None else
-                          f"{TRANSFERRED} {best['from']}" if best["source"] == "transferred" else DEFAULT_RULE,
+                          f"{TRANSFERRED} {best['from']}" if best["source"] == TRANSFERRED_ORIGIN else DEFAULT_RULE,
                 "default_rule_us": rule_us,
                 "failed": failures,
             }
