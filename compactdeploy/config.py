@@ -24,6 +24,7 @@ class ModelConfig:
 class PruneConfig:
     prune: str | None = None  # "METHOD[:RATIO]"
     widths: dict[str, int] = field(default_factory=dict)  # layer -> width, overriding the ratio
+    plan: Path | None = None  # a width plan (prune.plan) to replay: method, widths and channels
     allow_grow: bool = False  # widths above a layer's own widen it (function-preserving); the search may grow
     exclude: tuple[str, ...] = ()
     finetune_epochs: int = 0  # training epochs after pruning (needs data)

@@ -57,6 +57,9 @@ model_and_pruning = _options(
     click.option("--model", required=True, help="Zoo name (see 'compactdeploy models') or path/to/file.py:factory."),
     click.option("--prune", cls=_MethodsOption, metavar="METHOD[:RATIO]", help="A pruning method."),
     click.option("--widths", callback=_parse_widths, help="Per-layer widths, e.g. 7=60,9=40 (overrides RATIO for those layers)."),
+    click.option("--plan", type=click.Path(path_type=Path), metavar="PLAN.json",
+                 help="Replay a width plan (the plan.json of a bundle or a budgeted search): its method, widths and "
+                      "channels, checked to be the same ones."),
     click.option("--allow-grow", is_flag=True,
                  help="Let --widths above a layer's width (or a budget search with room to spare) widen it: copies of its "
                       "strongest channels, function-preserving (Net2WiderNet); train it after with --finetune-epochs."),

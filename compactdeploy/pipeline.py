@@ -38,6 +38,7 @@ def build(config: BuildConfig, observer: Observer | None = None, deployment: Dep
     from .tune import check_tunable
 
     # --- checks that need no heavy work: fail before any stage runs ---
+    config, plan = with_plan(config)
     target, prune_spec = check_inputs(config)
     measure = config.measure
     if measure.repeat < 1 or measure.warmup < 0:
@@ -50,27 +51,56 @@ def build(config: BuildConfig, observer: Observer | None = None, deployment: Dep
         deployment = resolve(target, measure.device, measure.threads, measure.device_wait, clock.progress,
                              tuning=bool(config.tune.tune_trials), searching=config.fit.searching)
 
-    fitted = None
+    fitted, loaded = None, None
     if config.fit.searching:
-        config, prune_spec, fitted = _fit(config, target, deployment, linker, clock)
+        config, prune_spec, fitted, loaded = _fit(config, target, deployment, linker, clock)
+        plan = fitted.plan
     with bundle.staged(config.out) as staging:
-        report, manifest = _run_stages(config, target, deployment, prune_spec, linker, staging, clock, fitted)
+        report, manifest = _run_stages(config, target, deployment, prune_spec, linker, staging, clock, fitted, plan,
+                                       loaded)
     return BuildResult(config.out, report, manifest)
 
 
+def with_plan(config: BuildConfig):
+    """``config`` with its --plan's method, widths and seed; and the plan (None without --plan)."""
+    from .prune.plan import WidthPlan
+    from .zoo import file_sha256
+
+    if config.prune.plan is None:
+        return config, None
+    plan = WidthPlan.load(config.prune.plan)
+    model, options = config.model, config.prune
+    if options.prune or options.widths or config.fit.searching:
+        raise CompactDeployError("--plan gives the method and the widths: leave out --prune, --widths and the budgets")
+    if model.model != plan.model or (model.model_args and model.model_args != plan.model_args):
+        raise CompactDeployError(f"plan {config.prune.plan} was made for {plan.model} {plan.model_args or ''}, not "
+                                 f"{model.model} {model.model_args or ''}: build that model with it")
+    weights = file_sha256(model.weights) if model.weights else None
+    if weights != plan.weights_sha256:
+        raise CompactDeployError(f"plan {config.prune.plan} was made with other weights than "
+                                 f"{model.weights or 'the model initialised by --seed'}: give the --weights it was made with")
+    config = replace(
+        config, model=replace(model, model_args=dict(plan.model_args), seed=plan.seed),
+        prune=replace(options, prune=plan.method, widths=dict(plan.widths), exclude=tuple(plan.exclude),
+                      allow_grow=bool(plan.grown)),
+    )
+    return config, plan
+
+
 def _fit(config: BuildConfig, target: TargetSpec, deployment: Deployment, linker, clock: StageClock):
-    """The width search; returns the config that builds its choice, the prune spec, and the result."""
+    """The width search; returns the config that builds its choice, the prune spec, the result,
+    and the loaded model (the build prunes it again: loaded once)."""
     from .fit import search
+    from .fit.measure import DeviceMeasurer
     from .prepare import load
     from .prune import parse_prune_spec
-
-    def build_candidate(candidate: BuildConfig, observer: Observer) -> BuildResult:
-        return build(candidate, observer, deployment)
 
     with clock.stage("fit"):
         clock.progress("reading the model's groups and the importance of their channels")
         loaded = load(config.model, config.prune.calibration_samples)
-        fitted = search(config, target, loaded, deployment, linker, build_candidate, clock.progress)
+        with DeviceMeasurer.open(target, deployment, linker, config.measure, config.tune.transfer,
+                                 config.tune.default_schedules, clock.progress) as measurer:
+            fitted = search(config, target, loaded, measurer, clock.progress)
         chosen = fitted.report["chosen"]
         clock.summary = (
             f"{fitted.report['status']}: {len(fitted.report['verified'])} models measured, chosen "
@@ -86,11 +116,11 @@ def _fit(config: BuildConfig, target: TargetSpec, deployment: Deployment, linker
         finetune_epochs=options.finetune_epochs if pruning else 0, distill=options.distill and pruning,
         allow_grow=bool(fitted.widened),
     ))
-    return config, (parse_prune_spec(fitted.method, widths_given=True) if pruning else None), fitted
+    return config, (parse_prune_spec(fitted.method, widths_given=True) if pruning else None), fitted, loaded
 
 
 def _run_stages(config: BuildConfig, target: TargetSpec, deployment: Deployment, prune_spec, linker, staging: Path,
-                clock: StageClock, fitted=None):
+                clock: StageClock, fitted=None, plan=None, loaded=None):
     from . import bundle
     from .bench import measure_bundle
     from .compile import compile_onnx
@@ -98,9 +128,11 @@ def _run_stages(config: BuildConfig, target: TargetSpec, deployment: Deployment,
     from .export import export_onnx
     from .prepare import load_and_prune
     from .report import apply_measurement, build_report, fit_section, manifest_measured, version_of
+    from .prune.plan import PLAN_FILE
     from .resources import write_json
+    from .tune import transfers_schedules, tune_model
 
-    pruned = load_and_prune(config, target, prune_spec, clock)
+    pruned = load_and_prune(config, target, prune_spec, clock, plan, loaded)
     model, data, example = pruned.model, pruned.data, pruned.example
 
     with clock.stage("export"):
@@ -109,13 +141,10 @@ def _run_stages(config: BuildConfig, target: TargetSpec, deployment: Deployment,
 
     database = deployment.database
     tuned = None
-    # without trials the stage still transfers schedules to kernels without records, where the
-    # database holds records to transfer and a device times them
-    transfers = (config.tune.transfer and database is not None and deployment.measurable
-                 and database.record_count() > 0)
-    if config.tune.tune_trials or transfers:
+    if config.tune.tune_trials or transfers_schedules(deployment, config.tune.transfer):
         with clock.stage("tune"):
-            tuned = _tune(config, target, deployment, exported.path, linker, clock)
+            tuned = tune_model(exported.path, target, deployment, config.tune.tune_trials, linker, clock.progress,
+                               transfer=config.tune.transfer)
             clock.summary = tuned.summary()
 
     with clock.stage("compile"):
@@ -140,6 +169,8 @@ def _run_stages(config: BuildConfig, target: TargetSpec, deployment: Deployment,
         # the bundle stage's own time, up to here: only the hashing below is left out
         report["timings_s"] = {**clock.timings, "bundle": clock.elapsed()}
         write_json(staging / "report.json", report)
+        if pruned.result is not None:
+            width_plan_of(config, pruned.result, made_by="fit" if fitted is not None else "prune").save(staging / PLAN_FILE)
         bundle.add_runner(staging)
         manifest = bundle.write_manifest(
             staging,
@@ -170,18 +201,19 @@ def _run_stages(config: BuildConfig, target: TargetSpec, deployment: Deployment,
     return report, manifest
 
 
-def _tune(config: BuildConfig, target: TargetSpec, deployment: Deployment, onnx_path: Path, linker, clock: StageClock):
-    from .compile import import_onnx, lower_for_tuning
-    from .tune import tune
+def width_plan_of(config: BuildConfig, result, made_by: str):
+    """The width plan (``prune.WidthPlan``) of a prune result: what ``build --plan`` replays."""
+    from .prune.plan import WidthPlan
+    from .zoo import file_sha256
 
-    database = deployment.database
-    lowered = lower_for_tuning(import_onnx(onnx_path, target), target.tvm_target())
-    runner, pick_runner = deployment.tuning_runners()
-    try:
-        return tune(lowered, target, database, config.tune.tune_trials, runner, linker.command, clock.progress,
-                    pick_runner, read_load=deployment.machine_load, transfer=config.tune.transfer)
-    except KeyboardInterrupt:
-        raise CompactDeployError(f"tuning interrupted; {database.resume_hint()}") from None
+    model = config.model
+    return WidthPlan(
+        model=model.model, model_args=dict(model.model_args),
+        weights_sha256=file_sha256(model.weights) if model.weights else None, method=result.spec.method,
+        seed=model.seed, exclude=tuple(config.prune.exclude),
+        widths={name: group["after"] for name, group in result.groups.items()},
+        removed=result.plan, grown=result.grown, made_by=made_by,
+    )
 
 
 def prune_and_finetune(config: BuildConfig, observer: Observer | None = None):
@@ -189,8 +221,9 @@ def prune_and_finetune(config: BuildConfig, observer: Observer | None = None):
     accuracies (the benchmark scripts score the widths a search chose this way)."""
     from .prepare import load_and_prune
 
+    config, plan = with_plan(config)
     target, prune_spec = check_inputs(config)
-    return load_and_prune(config, target, prune_spec, StageClock(observer))
+    return load_and_prune(config, target, prune_spec, StageClock(observer), plan)
 
 
 def prune_to_checkpoint(config: BuildConfig, observer: Observer | None = None) -> dict[str, Any]:
@@ -198,8 +231,8 @@ def prune_to_checkpoint(config: BuildConfig, observer: Observer | None = None) -
     from .resources import check_writable_parent
     from .train import save_pruned_checkpoint
 
-    if not config.prune.prune:
-        raise CompactDeployError("prune needs --prune METHOD[:RATIO]")
+    if not (config.prune.prune or config.prune.plan):
+        raise CompactDeployError("prune needs --prune METHOD[:RATIO] (or --plan PLAN.json)")
     check_writable_parent(config.out, "--out")
     pruned = prune_and_finetune(config, observer)
     summary = {

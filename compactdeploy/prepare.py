@@ -70,13 +70,16 @@ def load(model_config: ModelConfig, calibration_samples: int = 256) -> Loaded:
     return Loaded(model, data, example, calibration, x_test)
 
 
-def load_and_prune(config: BuildConfig, target: TargetSpec, prune_spec, clock: StageClock) -> PrunedModel:
+def load_and_prune(config: BuildConfig, target: TargetSpec, prune_spec, clock: StageClock, plan=None,
+                   loaded: Loaded | None = None) -> PrunedModel:
+    """``plan``: a width plan (``prune.WidthPlan``) the pruning must reproduce; ``loaded``: the model
+    as an earlier load gave it (the width search's), pruned here in place."""
     from .prune import count_macs_params, layer_widths, prune
     from .train import evaluate, train
 
     options = config.prune
     with clock.stage("load"):
-        loaded = load(config.model, options.calibration_samples)
+        loaded = loaded or load(config.model, options.calibration_samples)
         model, data, example, x_test = loaded.model, loaded.data, loaded.example, loaded.x_test
         accuracy_before = evaluate(model.module, x_test, data.y_test) if data is not None else None
         before = Shape(layer_widths(model.module), *count_macs_params(model.module, example))
@@ -95,6 +98,8 @@ def load_and_prune(config: BuildConfig, target: TargetSpec, prune_spec, clock: S
                 model.module, example, prune_spec, target.channel_multiple, options.exclude, options.widths,
                 loaded.calibration, allow_grow=options.allow_grow, seed=seed,
             )
+            if plan is not None:
+                plan.check_replayed(prune_result.plan, prune_result.grown)
             fallbacks = sum(1 for g in prune_result.groups.values() if g["method"] != prune_spec.method)
             clock.summary = (
                 f"{options.prune}, params {prune_result.params_before:,} -> {prune_result.params_after:,}"

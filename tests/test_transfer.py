@@ -20,6 +20,7 @@ from compactdeploy.tune.transfer import KernelShape, adapt_factors
 from compactdeploy.zoo import create_model
 
 THREADS = 1  # the builds' thread count, so that they read the database the test fills
+WIDE = {"conv1": 16, "conv2": 48, "fc1": 240}  # LeNet-5 with room to narrow: no kernel of it has a record
 
 
 @pytest.mark.unit
@@ -90,6 +91,22 @@ def test_a_pruned_variant_takes_schedules_tuned_at_the_full_width_and_the_report
     plain = _build(tmp_path, "plain", "--model-arg", "conv1=5", "--no-transfer")
     assert not (plain["tuning"].get("transfer") or {}).get("kernels")
     assert not any(s.startswith("transferred") for s in plain["compile"]["schedules"].values())
+
+    # a budgeted search measures its candidates as they would ship: schedules transferred to their new
+    # widths where the database allows; the records those transfers add leave its latency table standing
+    transferred_before = sum(o.get("by") == "transfer" for o in database.origins().values())
+    code = run_cli("build", "--model", "lenet5", *(f"--model-arg={k}={v}" for k, v in WIDE.items()), "--target", "host",
+                   "--threads", THREADS, "--repeat", "20", "--latency-budget", "80%", "--fit-rounds", "2",
+                   "--out", tmp_path / "fit")
+    assert code in (0, 2)  # 2: the rounds ran out on this host's noise; the candidates are what is checked
+    (state,) = (tmp_path / "cache" / "fit").glob("*/state.json")
+    candidates = read_json(state)["candidates"]
+    assert candidates and all(c["schedules"] and c["unscheduled"] == [] for c in candidates), candidates
+    assert sum(o.get("by") == "transfer" for o in database.origins().values()) > transferred_before
+    from compactdeploy.fit.costs import table_for
+
+    (table,) = (tmp_path / "cache" / "latency").glob("host-*.json")
+    assert table_for(load_target("host"), fingerprint(threads=THREADS), database).path == table
 
 
 def _record_fixed_split(database: TuningDatabase, lowered, target) -> str:

@@ -3,6 +3,7 @@ onnxruntime does, and say where the figures come from (real hardware, emulated, 
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,11 @@ class Measured:
     onnx_vs_tvm_max_abs: float | None = None
 
 
-def measure_bundle(directory: Path, deployment, repeat: int, warmup: int, progress: Progress | None = None) -> Measured:
-    """Measure the library in ``directory`` where ``deployment`` (``deployment.Deployment``) says."""
+def measure_bundle(directory: Path, deployment, repeat: int, warmup: int, progress: Progress | None = None,
+                   open_session=None) -> Measured:
+    """Measure the library in ``directory`` where ``deployment`` (``deployment.Deployment``) says;
+    ``open_session``: a session factory already open on that device (the width search's), else one
+    is opened for this measurement (on this machine, a fresh agent: its memory figures are the model's)."""
     from ..bundle import SAMPLE_INPUT
     from ..export import check_parity, run_onnxruntime
     from ..runtime.load import describe_load, is_busy
@@ -34,7 +38,8 @@ def measure_bundle(directory: Path, deployment, repeat: int, warmup: int, progre
     if not deployment.measurable:
         return Measured(None, deployment.not_measured_reason(), "not measured: no device")
     x = np.load(directory / SAMPLE_INPUT)
-    with deployment.sessions(progress) as open_session:
+    sessions = contextlib.nullcontext(open_session) if open_session is not None else deployment.sessions(progress)
+    with sessions as open_session:
         session = open_session()
         # asked in the agent: this process may hold the build-time stand-in for the CUDA driver
         if deployment.local and deployment.backend.device == "cuda" and not session.fingerprint.get("cuda"):

@@ -163,6 +163,7 @@ def table_for(target: TargetSpec, fingerprint: dict[str, Any] | None, tuning_dat
     """The table for ``target`` on the device with ``fingerprint``, against the tuning records it compiles with."""
     from ..compile import CONV_LAYOUT, RULES_VERSION, builds_channels_last
     from ..tune import database_for
+    from ..tune.transfer import TRANSFER
 
     identity = dict(database_for(target, fingerprint).identity)
     identity.pop("format", None)  # the database's own format, not the table's
@@ -170,7 +171,9 @@ def table_for(target: TargetSpec, fingerprint: dict[str, Any] | None, tuning_dat
     identity["conv_layout"] = CONV_LAYOUT["relax.nn.conv2d"] if builds_channels_last(target) else ["NCHW", "OIHW"]
     # a layer's time depends on its schedule: new tuning records, or new default rules, make a new table
     identity["default_rules"] = RULES_VERSION
-    identity["tuning_records_sha256"] = tuning_database.records_sha256() if tuning_database is not None else None
+    # records the search's own candidates transferred leave the table standing: they follow from the others
+    identity["tuning_records_sha256"] = (tuning_database.records_sha256(excluding_by=TRANSFER)
+                                         if tuning_database is not None else None)
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     return LatencyTable(cache_dir("latency") / f"{target.name}-{digest}.json", identity)
 
@@ -219,28 +222,33 @@ def probe_module(signatures: list[LayerSignature], channels_last: bool, seed: in
 def measure_missing(
     table: LatencyTable,
     signatures: Iterable[LayerSignature],
-    target: TargetSpec,
-    session_factory: Callable[[], Any],
-    linker,
-    database,
+    time_layers: Callable[[list[LayerSignature]], list[float]],
     progress: Callable[[str], None] | None = None,
 ) -> int:
-    """Measure every signature the table lacks on the device, in batches; returns how many."""
+    """Time every signature the table lacks (``time_layers``: a batch -> ms each), in batches;
+    returns how many."""
     missing = list({s.key: s for s in signatures if s not in table}.values())
     say = progress or (lambda _: None)
     for start in range(0, len(missing), PROBE_BATCH):
         batch = missing[start : start + PROBE_BATCH]
-        say(f"latency table: compiling {len(batch)} layers ({start + len(batch)}/{len(missing)} new, "
-            f"{len(table.entries)} known)")
-        with tempfile.TemporaryDirectory(prefix="compactdeploy-probes-") as tmp:
-            lib = _compile_probes(batch, target, Path(tmp), linker, database)
-            say(f"latency table: timing {len(batch)} layers on the device")
-            times = _time_probes(session_factory, lib, batch, target)
-        for signature, ms in zip(batch, times):
+        say(f"latency table: {len(batch)} layers ({start + len(batch)}/{len(missing)} new, {len(table.entries)} known)")
+        for signature, ms in zip(batch, time_layers(batch)):
             table.entries[signature.key] = ms
         table.measured_now += len(batch)
         table.save()  # after every batch: an interrupted run keeps what it measured
     return len(missing)
+
+
+def time_layers_on_device(batch: list[LayerSignature], target: TargetSpec, session_factory: Callable[[], Any], linker,
+                          database, progress: Callable[[str], None] | None = None) -> list[float]:
+    """Each layer of ``batch`` compiled as the build compiles it (``database``'s records, else the
+    default rules) into one library, and timed on the device: ms each."""
+    say = progress or (lambda _: None)
+    with tempfile.TemporaryDirectory(prefix="compactdeploy-probes-") as tmp:
+        say(f"latency table: compiling {len(batch)} layers")
+        lib = _compile_probes(batch, target, Path(tmp), linker, database)
+        say(f"latency table: timing {len(batch)} layers on the device")
+        return _time_probes(session_factory, lib, batch, target)
 
 
 def _compile_probes(batch, target: TargetSpec, directory: Path, linker, database) -> Path:

@@ -1,33 +1,39 @@
-"""The width search: allocate on the measured table, build the pick, measure it whole on the
-device, correct the prediction with what was measured, and go again until a model meets the budget.
+"""The width search: allocate on the measured table, prune the pick, measure it whole on the
+device as it would ship, correct the prediction with what was measured, and go again until a
+model meets the budget.
 
-Every verified candidate is a real build (prune -> export -> compile -> benchmark) kept under the
-cache with the search's state, so ``--resume`` after an interruption or a lost device re-measures
+The search takes the loaded model, the target, a ``Measurer`` (``measure``: the device, or a
+stand-in) and the budget, and returns a width plan; it calls the stages itself (prune here, export,
+compile and benchmark in the measurer), so no candidate becomes a bundle. Every measured candidate
+is kept with the search's state, so ``--resume`` after an interruption or a lost device measures
 nothing it already has.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ..config import BuildConfig, FitConfig, check_finetune_options
+from ..config import BuildConfig, check_finetune_options
 from ..errors import CompactDeployError
 from ..resources import cache_dir
 from ..units import format_size
 from .allocate import GROW_LIMIT, Point, Trajectory, importance_curves, width_space
 from .budgets import parse_latency_budget, parse_memory_budget
-from .costs import measure_missing, table_for
+from .costs import measure_missing
+from .measure import Measurer
 from .report import budget_text, search_report, widths_text
 from .state import Candidate, SearchState
 
 MARGIN = 0.03  # aim this far under the budget: whole-model medians move a little between builds
 CLOSE_ENOUGH = 0.10  # a feasible model within this share of the budget ends the search
+STATE_FORMAT = 2  # what a stored search holds; a search stored in another format is not resumed
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,7 @@ class FitResult:
     changed: dict[str, int]  # the groups whose width differs from the unpruned model's: build --widths
     widened: dict[str, int]  # those of them grown wider (--allow-grow)
     report: dict[str, Any]
+    plan: Any  # prune.WidthPlan of the chosen model; None when it is the unpruned one
 
 
 def default_method(config: BuildConfig) -> str:
@@ -65,8 +72,6 @@ def check_fit_options(config: BuildConfig, target) -> None:
     check_finetune_options(prune, data)
     if prune.noise_outputs:
         raise CompactDeployError("--noise-outputs is not supported with a budget yet: build with --prune noiseout:RATIO")
-    if config.tune.tune_trials:
-        raise CompactDeployError("tune first (build --tune-trials N without a budget), then search: the table is measured with the tuned kernels")
     method = default_method(config)
     if method not in METHODS:
         raise CompactDeployError(f"unknown pruning method {method!r}: choose one of {', '.join(METHODS)}")
@@ -81,27 +86,12 @@ def check_fit_options(config: BuildConfig, target) -> None:
         raise CompactDeployError(f"--fit-rounds must be at least 1 (got {fit.fit_rounds})")
 
 
-class _Forward:
-    """Shows a candidate build's stages as progress lines of the search."""
-
-    def __init__(self, say: Callable[[str], None], label: str):
-        self.say, self.label = say, label
-
-    def started(self, stage: str) -> None:
-        self.say(f"{self.label}: {stage}")
-
-    def progress(self, stage: str, message: str) -> None:
-        self.say(f"{self.label}: {stage}: {message}")
-
-    def finished(self, stage: str, seconds: float, summary: str) -> None:
-        pass
-
-
 def _run_key(config: BuildConfig, target, method: str, fingerprint: dict[str, Any] | None) -> dict[str, Any]:
     from ..zoo import file_sha256
 
     model = config.model
     return {
+        "format": STATE_FORMAT,
         "model": model.model,
         "model_args": model.model_args,
         "weights_sha256": file_sha256(model.weights) if model.weights else None,
@@ -117,13 +107,12 @@ def _run_key(config: BuildConfig, target, method: str, fingerprint: dict[str, An
     }
 
 
-def search(config: BuildConfig, target, loaded, deployment, linker, build: Callable,
-           progress: Callable[[str], None]) -> FitResult:
+def search(config: BuildConfig, target, loaded, measurer: Measurer, progress: Callable[[str], None]) -> FitResult:
     """Find the widths of the most accurate model whose measured latency and memory meet the budgets.
 
-    ``loaded``: the model as the load stage gives it (``prepare.Loaded``); ``deployment``
-    (``deployment.Deployment``) measures; ``build(config, observer)`` builds and measures one
-    candidate (``pipeline.build`` with that deployment).
+    ``loaded``: the model as the load stage gives it (``prepare.Loaded``; candidates are pruned
+    copies of it); ``measurer`` times layers and whole candidates on the device, compiled as they
+    would ship (``measure.DeviceMeasurer``), or stands in for one.
     """
     fit, prune, say = config.fit, config.prune, progress
     method = default_method(config)
@@ -142,26 +131,21 @@ def search(config: BuildConfig, target, loaded, deployment, linker, build: Calla
                 f"can make ({format_size(floor)} at {target.channel_multiple} channels per group): raise the budget"
             )
 
-    # a session per batch of measurements, let go after (a tracker's device is then free for the
-    # candidate builds); this machine is served by one agent for the whole search
-    with deployment.sessions() as open_session:
-        fingerprint = open_session().fingerprint
-        database = deployment.database  # what the candidate builds compile with
-        table = table_for(target, fingerprint, database)
-        key = _run_key(config, target, method, fingerprint)
-        run_dir = cache_dir("fit", hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16])
-        state = SearchState.load(run_dir / "state.json", key, fit.resume)
-        context = _Search(config, target, linker, build, say, method, space, table, open_session, database, state, run_dir)
-        try:
-            return _search(context, latency_budget, memory_budget, curves)
-        except (_Impossible, _RoundsSpent):
-            raise
-        except (CompactDeployError, KeyboardInterrupt) as exc:
-            stopped = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
-            raise CompactDeployError(
-                f"{stopped}; the search keeps what it measured ({len(table.entries)} table entries, "
-                f"{len(state.candidates)} models) in {run_dir}: run the same command with --resume"
-            ) from None
+    table = measurer.table()
+    key = _run_key(config, target, method, measurer.fingerprint)
+    run_dir = cache_dir("fit", hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16])
+    state = SearchState.load(run_dir / "state.json", key, fit.resume)
+    context = _Search(config, target, loaded, measurer, say, method, space, table, state, run_dir)
+    try:
+        return _search(context, latency_budget, memory_budget, curves)
+    except (_Impossible, _RoundsSpent):
+        raise
+    except (CompactDeployError, KeyboardInterrupt) as exc:
+        stopped = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
+        raise CompactDeployError(
+            f"{stopped}; the search keeps what it measured ({len(table.entries)} table entries, "
+            f"{len(state.candidates)} models) in {run_dir}: run the same command with --resume"
+        ) from None
 
 
 class _Impossible(CompactDeployError):
@@ -178,27 +162,23 @@ class _Search:
 
     config: BuildConfig
     target: Any  # TargetSpec
-    linker: Any
-    build: Callable  # (BuildConfig, Observer) -> BuildResult: one candidate built and measured
+    loaded: Any  # prepare.Loaded: the unpruned model, its data and example input
+    measurer: Measurer
     say: Callable[[str], None]
     method: str
     space: Any  # allocate.WidthSpace
     table: Any  # costs.LatencyTable
-    open_session: Callable
-    database: Any  # tune.TuningDatabase or None
     state: SearchState
     run_dir: Any  # Path
 
 
 def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResult:
-    config, target, linker, build, say, method = (context.config, context.target, context.linker, context.build,
-                                                  context.say, context.method)
-    space, table, open_session, database, state, run_dir = (context.space, context.table, context.open_session,
-                                                            context.database, context.state, context.run_dir)
+    config, measurer, say, method = context.config, context.measurer, context.say, context.method
+    space, table, state, run_dir = context.space, context.table, context.state, context.run_dir
 
     def table_ms(widths_list):
         signatures = [s for w in widths_list for s in space.signatures(w)]
-        measure_missing(table, signatures, target, open_session, linker, database, say)
+        measure_missing(table, signatures, measurer.time_layers, say)
         return [sum(table.ms(s) for s in space.signatures(w)) for w in widths_list]
 
     trajectory = Trajectory(space, curves, table_ms)
@@ -211,22 +191,7 @@ def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResul
             return state.meet(known)
         changed = space.narrowed(point.widths)
         label = f"model {len(state.candidates) + 1} ({widths_text(changed) or 'unpruned'})"
-        out = run_dir / "candidates" / hashlib.sha256(json.dumps(point.widths, sort_keys=True).encode()).hexdigest()[:12]
-        candidate_config = replace(
-            config, out=out, fit=FitConfig(),
-            prune=replace(config.prune, prune=method if changed else None, widths=changed, finetune_epochs=0,
-                          distill=False, noise_outputs=0, allow_grow=bool(space.widened(point.widths))),
-        )
-        report = build(candidate_config, _Forward(say, label)).report
-        if report["latency_ms"] is None:
-            raise CompactDeployError(f"the device did not measure {label}: {report['figures']['latency']}")
-        candidate = Candidate(
-            widths=point.widths, table_ms=point.cost, predicted_ms=predicted_ms, measured_ms=report["latency_ms"]["median"],
-            memory_bytes=report["memory"]["params_bytes"] + report["memory"]["workspace_bytes"],
-            params=report["model"]["params"], macs=report["model"]["macs"],
-            accuracy=report["accuracy"]["after_pruning"] if report["accuracy"] else None,
-            importance_kept=trajectory.kept(point.widths), where=report["figures"]["latency"], build=str(out),
-        )
+        candidate = _measure_candidate(context, point, changed, label, predicted_ms, trajectory.kept(point.widths))
         state.candidates.append(candidate)
         state.meet(candidate)
         state.save()
@@ -288,15 +253,14 @@ def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResul
     if not feasible:
         closest = min(state.candidates, key=lambda c: c.measured_ms if latency_ms else c.memory_bytes)
         where = "measured" if "EMULATED" not in closest.where else "measured (EMULATED)"
+        smallest = min(c.measured_ms for c in state.candidates)
         closest_text = (
-            f"the closest, {widths_text(space.narrowed(closest.widths)) or 'unpruned'}, "
-            f"{where} {closest.measured_ms:.3f} ms and {format_size(closest.memory_bytes)}"
+            f"the smallest latency reached is {smallest:.3f} ms ({where}); the closest model, "
+            f"{widths_text(space.narrowed(closest.widths)) or 'unpruned'}, {closest.measured_ms:.3f} ms and "
+            f"{format_size(closest.memory_bytes)}"
         )
         if walk_ended:
-            raise _Impossible(
-                f"no model in the search space meets {budget_text(config.fit)}: {closest_text}; raise the budget "
-                f"(its build is in {closest.build})"
-            )
+            raise _Impossible(f"no model in the search space meets {budget_text(config.fit)}: {closest_text}; raise the budget")
         # the rounds ran out with narrower models left: a noisy or mispredicted round is not an impossible budget
         raise _RoundsSpent(
             f"no model of the {len(state.candidates)} built in {rounds} rounds meets {budget_text(config.fit)}, and narrower "
@@ -311,7 +275,48 @@ def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResul
     changed = space.narrowed(chosen.widths)
     report = search_report(config.fit, method, latency_budget, memory_budget, latency_ms, memory_bytes, space, trajectory,
                      state, chosen, table, rounds, status, run_dir, predict, grown)
-    return FitResult(method, chosen.widths, changed, space.widened(chosen.widths), report)
+    plan = _plan_of(config, method, chosen, changed) if changed else None
+    return FitResult(method, chosen.widths, changed, space.widened(chosen.widths), report, plan)
+
+
+def _measure_candidate(context: _Search, point: Point, changed: dict[str, int], label: str,
+                       predicted_ms: float | None, importance_kept: float) -> Candidate:
+    """A copy of the model pruned to ``point``'s widths by the search's method, scored on the test
+    data (before any fine-tuning), and measured whole by the measurer."""
+    from ..prune import PruneSpec, count_macs_params, prune
+    from ..train import evaluate
+
+    config, loaded, space = context.config, context.loaded, context.space
+    module = copy.deepcopy(loaded.model.module)
+    removed, grown = {}, {}
+    if changed:
+        context.say(f"{label}: prune")
+        result = prune(module, loaded.example, PruneSpec(context.method, None), context.target.channel_multiple,
+                       config.prune.exclude, changed, loaded.calibration, allow_grow=bool(space.widened(point.widths)),
+                       seed=config.model.seed)
+        removed, grown = result.plan, result.grown
+    accuracy = evaluate(module, loaded.x_test, loaded.data.y_test) if loaded.data is not None else None
+    macs, params = count_macs_params(module, loaded.example)
+    timing = context.measurer.time_model(module, loaded.example, label)
+    return Candidate(
+        widths=point.widths, table_ms=point.cost, predicted_ms=predicted_ms, measured_ms=timing.ms,
+        memory_bytes=timing.memory_bytes, params=params, macs=macs, accuracy=accuracy, importance_kept=importance_kept,
+        where=timing.where, key=hashlib.sha256(json.dumps(point.widths, sort_keys=True).encode()).hexdigest()[:12],
+        removed=removed, grown=grown, schedules=timing.schedules, unscheduled=timing.unscheduled,
+    )
+
+
+def _plan_of(config: BuildConfig, method: str, chosen: Candidate, changed: dict[str, int]):
+    from ..prune.plan import WidthPlan
+    from ..zoo import file_sha256
+
+    model = config.model
+    return WidthPlan(
+        model=model.model, model_args=dict(model.model_args),
+        weights_sha256=file_sha256(model.weights) if model.weights else None, method=method, seed=model.seed,
+        exclude=tuple(config.prune.exclude), widths=dict(changed), removed=chosen.removed, grown=chosen.grown,
+        made_by="fit",
+    )
 
 
 def _close(latency_ms: float | None, memory_bytes: float | None) -> tuple[float | None, float | None]:

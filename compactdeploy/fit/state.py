@@ -1,4 +1,4 @@
-"""The models a width search built and measured, kept on disk after each one: what --resume reads."""
+"""The models a width search measured, kept on disk after each one: what --resume reads."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from ..errors import CompactDeployError
 
 @dataclass
 class Candidate:
-    """A model the search built and measured whole on the device."""
+    """A model the search pruned and measured whole on the device, compiled as it would ship."""
 
     widths: dict[str, int]
     table_ms: float  # sum of its layers in the latency table
@@ -24,7 +24,11 @@ class Candidate:
     accuracy: float | None  # after pruning, before fine-tuning
     importance_kept: float
     where: str
-    build: str
+    key: str  # names the candidate (its widths) in the search's state and report
+    removed: dict[str, list[int]] = field(default_factory=dict)  # group -> channels the method removed
+    grown: dict[str, list[int]] = field(default_factory=dict)  # group -> channels copied to widen it
+    schedules: dict[str, int] = field(default_factory=dict)  # schedule source -> kernels compiled with it
+    unscheduled: list[str] = field(default_factory=list)  # conv/matmul kernels compiled without a schedule
 
     def meets(self, latency_ms: float | None, memory_bytes: float | None) -> bool:
         return (latency_ms is None or self.measured_ms <= latency_ms) and (memory_bytes is None or self.memory_bytes <= memory_bytes)

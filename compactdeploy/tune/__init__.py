@@ -23,10 +23,10 @@ from .database import (
     remove_database,
     stored_databases,
 )
-from .search import TuneResult, check_tunable, tune
+from .search import TuneResult, check_tunable, transfers_schedules, tune, tune_model
 
 __all__ = [
     "BATCH", "PICK_AMONG", "Records", "StoredDatabase", "TaskState", "TuneResult", "TuningDatabase", "check_tunable",
     "database_for", "local_runner", "newest_database", "next_by_measured_time", "plan_budgets", "remove_database",
-    "remove_stale_databases", "rpc_runner", "stored_databases", "tune",
+    "remove_stale_databases", "rpc_runner", "stored_databases", "transfers_schedules", "tune", "tune_model",
 ]

@@ -171,10 +171,18 @@ class TuningDatabase:
                 ) from None
             yield True
 
-    def records_sha256(self) -> str | None:
-        """Names the records as they stand (None: none yet): what measured against them is stale after a change."""
+    def records_sha256(self, excluding_by: str | None = None) -> str | None:
+        """Names the records as they stand (None: none yet): what measured against them is stale after
+        a change. ``excluding_by``: leave out the records whose origin was made by that step (the
+        width search's candidates add transferred records, which must not invalidate its own table)."""
         records = self.path / RECORDS_FILE
-        return hashlib.sha256(records.read_bytes()).hexdigest() if records.exists() else None
+        if not records.exists():
+            return None
+        if excluding_by is None:
+            return hashlib.sha256(records.read_bytes()).hexdigest()
+        origins = self.origins()
+        kept = [line for line in text_lines(records) if origins.get(record_key(line), {}).get("by") != excluding_by]
+        return hashlib.sha256("\n".join(kept).encode()).hexdigest() if kept else None
 
     def record_count(self) -> int:
         """Measurements held (one line each in MetaSchedule's JSON database)."""

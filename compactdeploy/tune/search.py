@@ -445,3 +445,26 @@ def check_tunable(target: TargetSpec, trials: int) -> None:
             f"target {target.name}: tuning is implemented for CPU targets only; build {target.kind} "
             "targets without --tune-trials (their kernels are scheduled by DLight)"
         )
+
+
+def transfers_schedules(deployment, enabled: bool = True) -> bool:
+    """Whether a build without trials still runs the tune stage to transfer schedules to kernels
+    without records: the database holds records to transfer, and a device times the candidates."""
+    database = deployment.database
+    return enabled and database is not None and deployment.measurable and database.record_count() > 0
+
+
+def tune_model(onnx_path, target: TargetSpec, deployment, trials: int, linker, progress=None,
+               transfer: bool = True) -> TuneResult:
+    """The tune stage: ``onnx_path`` imported and lowered as the compile stage will, tuned (or, with
+    no trials, only given transferred schedules) on ``deployment``'s device, into its database."""
+    from ..compile import import_onnx, lower_for_tuning
+
+    database = deployment.database
+    lowered = lower_for_tuning(import_onnx(onnx_path, target), target.tvm_target())
+    runner, pick_runner = deployment.tuning_runners()
+    try:
+        return tune(lowered, target, database, trials, runner, linker.command, progress, pick_runner,
+                    read_load=deployment.machine_load, transfer=transfer)
+    except KeyboardInterrupt:
+        raise CompactDeployError(f"tuning interrupted; {database.resume_hint()}") from None

@@ -1,0 +1,128 @@
+"""What the width search measures with: a ``Measurer`` times layers (for the latency table) and
+whole candidate models, compiled as they would ship.
+
+``DeviceMeasurer`` runs the build's own stages on a candidate, with nothing written but a
+scratch directory: export to ONNX, the tune stage's schedule transfer (no trials) where the
+tuning database has records to transfer, compile with the database's records and the default
+rules, and the benchmark stage on the deployment's device. Tests give the search a measurer that
+stands in for a device where the device is not the point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..errors import CompactDeployError
+
+# kernels that must never ship unscheduled on a CPU: the ones the default rules exist for
+HEAVY_KERNELS = ("conv", "matmul", "dense")
+
+
+@dataclass(frozen=True)
+class ModelTiming:
+    """A candidate compiled as it would ship and measured whole."""
+
+    ms: float  # the median latency
+    memory_bytes: int  # weights (ONNX initializers) + TVM's planned workspace
+    where: str  # where the figure comes from (real hardware, EMULATED, ...)
+    schedules: dict[str, int] = field(default_factory=dict)  # schedule source -> kernels compiled with it
+    unscheduled: list[str] = field(default_factory=list)  # conv/matmul kernels compiled without any schedule
+
+
+class Measurer(Protocol):
+    """What the search needs from a device."""
+
+    fingerprint: dict[str, Any] | None  # the measuring device (keys the latency table and the search's state)
+
+    def table(self) -> Any:
+        """The latency table (``costs.LatencyTable``) of this device and the schedules it compiles with."""
+
+    def time_layers(self, batch: list[Any]) -> list[float]:
+        """Milliseconds of each layer signature (``costs.LayerSignature``) of ``batch``."""
+
+    def time_model(self, module: Any, example: Any, label: str) -> ModelTiming:
+        """One candidate model (a torch module and an example input) compiled as it would ship, measured whole."""
+
+
+def unscheduled_heavy_kernels(schedules: dict[str, str]) -> list[str]:
+    """The conv/matmul kernels of a compile result's ``schedules`` that got no schedule at all."""
+    from ..compile.passes import UNSCHEDULED
+
+    return sorted(k for k, source in schedules.items()
+                  if source == UNSCHEDULED and any(word in k for word in HEAVY_KERNELS))
+
+
+class DeviceMeasurer:
+    """Measures on a deployment's device; open it with ``DeviceMeasurer.open`` for a whole search."""
+
+    def __init__(self, target, deployment, linker, open_session: Callable, fingerprint, measure_config,
+                 transfer: bool, default_schedules: bool, progress: Callable[[str], None]):
+        self.target, self.deployment, self.linker = target, deployment, linker
+        self.open_session, self.fingerprint = open_session, fingerprint
+        self.measure_config, self.transfer, self.default_schedules = measure_config, transfer, default_schedules
+        self.say = progress
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, target, deployment, linker, measure_config, transfer: bool = True, default_schedules: bool = True,
+             progress: Callable[[str], None] | None = None) -> Iterator[DeviceMeasurer]:
+        """A session per batch of measurements, let go after (a tracker's device is then free
+        between them); this machine is served by one agent for the whole search."""
+        say = progress or (lambda _: None)
+        with deployment.sessions() as open_session:
+            fingerprint = open_session().fingerprint
+            yield cls(target, deployment, linker, open_session, fingerprint, measure_config, transfer,
+                      default_schedules, say)
+
+    def table(self):
+        from .costs import table_for
+
+        return table_for(self.target, self.fingerprint, self.deployment.database)
+
+    def time_layers(self, batch):
+        from .costs import time_layers_on_device
+
+        return time_layers_on_device(batch, self.target, self.open_session, self.linker, self.deployment.database,
+                                     self.say)
+
+    def time_model(self, module, example, label: str) -> ModelTiming:
+        import numpy as np
+
+        from ..bench import measure_bundle
+        from ..bundle import SAMPLE_INPUT
+        from ..compile import compile_onnx
+        from ..export import export_onnx
+        from ..report import count_by_source
+        from ..tune import transfers_schedules, tune_model
+
+        def say(message: str) -> None:
+            self.say(f"{label}: {message}")
+
+        deployment = self.deployment
+        with tempfile.TemporaryDirectory(prefix="compactdeploy-candidate-") as tmp:
+            directory = Path(tmp)
+            say("export")
+            exported = export_onnx(module, example, directory / "model.onnx")
+            if transfers_schedules(deployment, self.transfer):
+                say("schedule transfer")
+                tune_model(exported.path, self.target, deployment, 0, self.linker, say, transfer=True)
+            say("compile")
+            compiled = compile_onnx(exported.path, self.target, directory, self.linker, deployment.database,
+                                    self.default_schedules)
+            np.save(directory / SAMPLE_INPUT, example.numpy())
+            say("measure")
+            # in the search's own session: on this machine, the agent that timed the layers
+            measured = measure_bundle(directory, deployment, self.measure_config.repeat, self.measure_config.warmup, say,
+                                      self.open_session)
+        if measured.measurement is None:
+            raise CompactDeployError(f"the device did not measure {label}: {measured.where}")
+        return ModelTiming(
+            ms=measured.measurement.latency_ms["median"], memory_bytes=exported.params_bytes + compiled.workspace_bytes,
+            where=measured.where, schedules=count_by_source(compiled.schedules),
+            unscheduled=unscheduled_heavy_kernels(compiled.schedules),
+        )
