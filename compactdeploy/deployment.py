@@ -64,14 +64,21 @@ class Deployment:
         else:
             yield lambda: connect(self.device, self.wait_s, progress)
 
+    def boards(self) -> int:
+        """How many boards measure at once: every one registered under a tracker key, else one."""
+        from .device import boards_under
+
+        return boards_under(self.device) if self.device is not None else 1
+
     def tuning_runners(self) -> tuple[Any, Callable[[], Any]]:
-        """MetaSchedule's runner for the search, and a maker of the second timing's runner."""
+        """MetaSchedule's runner for the search (one worker per board of the key), and a maker of the
+        second timing's runner (one board: its choice compares times, so they come from one board)."""
         from .tune import local_runner, rpc_runner
 
         if self.device is None:
             return (local_runner(threads=self.threads),
                     lambda: local_runner(after_pause=True, threads=self.threads))
-        return rpc_runner(self.device), lambda: rpc_runner(self.device, after_pause=True)
+        return rpc_runner(self.device, workers=self.boards()), lambda: rpc_runner(self.device, after_pause=True)
 
     def machine_load(self, seconds: float = 1.0) -> dict[str, Any] | None:
         """What else the measuring machine does, over ``seconds`` (``runtime.load``). None where

@@ -127,7 +127,8 @@ def _run_stages(config: BuildConfig, target: TargetSpec, deployment: Deployment,
     from .data import preprocessing_for
     from .export import export_onnx
     from .prepare import load_and_prune
-    from .report import apply_measurement, build_report, fit_section, manifest_measured, version_of
+    from .fit.report import fit_section
+    from .report import apply_measurement, build_report, manifest_measured, version_of
     from .prune.plan import PLAN_FILE
     from .resources import write_json
     from .tune import transfers_schedules, tune_model

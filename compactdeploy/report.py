@@ -7,7 +7,6 @@ what the device measured, for ``build`` and ``bench`` alike. The CLI renders rep
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -134,22 +133,6 @@ def tuning_section(database, tuned, compiled) -> dict[str, Any] | None:
             # measurement; null where this build measured nothing
             machine_load=tuned.machine_load,
         )
-    return section
-
-
-def fit_section(fitted, report: dict[str, Any], staging: Path) -> dict[str, Any]:
-    """The search's report (``fit.FitResult``), with this final build's own measurement, and its plots."""
-    from .fit.plots import draw
-
-    section = dict(fitted.report)
-    latency, budget = report["latency_ms"], section["budget"]["latency_ms"]
-    section["final"] = {
-        "measured_ms": latency["median"] if latency else None,
-        "meets_latency_budget": None if not (latency and budget) else latency["median"] <= budget,
-        "note": "the chosen widths built again (fine-tuned where --finetune-epochs is given) and measured again; "
-                "its median can differ from the search's by the device's run-to-run noise",
-    }
-    section["plots"] = draw(section, staging)
     return section
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -499,3 +500,104 @@ def test_search_runs_against_the_emulated_pi(tmp_path, emulated_pi, lenet5_check
     assert all("EMULATED" in c["where"] for c in fit["verified"])
     assert fit["chosen"]["measured_ms"] <= fit["budget"]["latency_ms"]
     assert fit["latency_table"]["path"].split("/")[-1].startswith("rpi4-")
+
+
+@pytest.mark.serial
+@needs_emulator
+def test_the_loop_times_its_table_on_two_boards_and_loses_nothing_when_one_drops_out(tmp_path, lenet5_checkpoint,
+                                                                                     monkeypatch):
+    """Two emulated Pis under one tracker key: the latency table is cut in two and timed on both at
+    once; one board stopped while the table is measured loses no finished measurement, and the
+    search finishes on the other."""
+    import secrets
+
+    from tvm.rpc.tracker import Tracker
+
+    from compactdeploy.config import BuildConfig, FitConfig, MeasureConfig, ModelConfig
+    from compactdeploy.device import DeviceAddress, _free_port
+    from compactdeploy.device.emulate import emulated_agent
+    from compactdeploy.pipeline import build
+
+    monkeypatch.setenv("COMPACTDEPLOY_CACHE", str(tmp_path / "cache"))  # a table of its own, measured here
+    port = _free_port()
+    tracker = Tracker("127.0.0.1", port=port, port_end=port + 20, silent=True)
+    token = secrets.token_urlsafe(12)
+    messages = []
+
+    class StopSecondBoard:
+        """Stops one board once the table's second part compiles: the first part is being timed."""
+
+        def __init__(self, board):
+            self.board = board
+
+        def started(self, stage):
+            pass
+
+        def progress(self, stage, message):
+            messages.append(message)
+            if "(part 2/2)" in message:
+                self.board.stop()
+
+        def finished(self, stage, seconds, summary):
+            pass
+
+    try:
+        with emulated_agent("cortex-a72", tracker=f"127.0.0.1:{port}", key="pi", token=token) as first, \
+                emulated_agent("cortex-a72", tracker=f"127.0.0.1:{port}", key="pi", token=token) as second:
+            from compactdeploy.device import boards_under
+
+            address = DeviceAddress("127.0.0.1", port, "pi", token=token)
+            deadline = time.monotonic() + 60
+            while boards_under(address) < 2 and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert boards_under(address) == 2
+            config = BuildConfig(
+                model=ModelConfig("lenet5", weights=lenet5_checkpoint), target="rpi4", out=tmp_path / "fit",
+                fit=FitConfig(latency_budget="70%", fit_points=4), measure=MeasureConfig(repeat=20, device=address.url()),
+            )
+            result = build(config, StopSecondBoard(second))
+            assert first.address != second.address
+    finally:
+        tracker.terminate()
+    fit = result.report["fit"]
+    assert any("2 boards under" in m for m in messages) and any("on 2 boards" in m for m in messages), [m for m in messages if "board" in m or "latency" in m]
+    # every layer of the table was timed once, the part the stopped board held on the board left
+    assert fit["latency_table"]["measured_this_run"] == fit["latency_table"]["entries"] > 0
+    assert fit["chosen"]["measured_ms"] <= fit["budget"]["latency_ms"]
+    assert all("EMULATED" in c["where"] for c in fit["verified"])
+
+
+def test_a_table_part_whose_board_drops_out_is_timed_on_another_and_what_finished_is_kept(tmp_path, monkeypatch):
+    from compactdeploy.compile import resolve_linker
+    from compactdeploy.fit import costs
+    from compactdeploy.fit.costs import LatencyTable, LayerSignature
+    from compactdeploy.targets import load_target
+
+    target = load_target("host")
+    linker = resolve_linker(target)
+    signatures = [LayerSignature("linear", 8, n) for n in (8, 16, 24, 32)]
+    calls = []
+
+    def drops_once(session_factory, lib, part, target):
+        calls.append([s.out_channels for s in part])
+        if len(calls) == 1:
+            raise CompactDeployError("127.0.0.1:9 failed while timing layers for the latency table: connection lost")
+        return [float(s.out_channels) for s in part]
+
+    monkeypatch.setattr(costs, "_time_probes", drops_once)
+    # two boards: two parts timed at once; the part the lost board held is timed again
+    assert costs.time_layers_on_device(signatures, target, None, linker, None, boards=2) == [8.0, 16.0, 24.0, 32.0]
+    assert len(calls) == 3 and calls[0] in calls[1:]
+
+    def one_part_always_lost(session_factory, lib, part, target):
+        if part[0].out_channels == 8:
+            raise CompactDeployError("127.0.0.1:9 failed while timing layers for the latency table: connection lost")
+        return [1.0] * len(part)
+
+    monkeypatch.setattr(costs, "_time_probes", one_part_always_lost)
+    table = LatencyTable(tmp_path / "table.json", {})
+    with pytest.raises(CompactDeployError, match="2 layers of the latency table were not timed"):
+        costs.measure_missing(table, signatures,
+                              lambda batch: costs.time_layers_on_device(batch, target, None, linker, None, boards=2))
+    kept = LatencyTable(tmp_path / "table.json", {}).entries  # on disk: the other board's part
+    assert set(kept) == {signatures[1].key, signatures[3].key}

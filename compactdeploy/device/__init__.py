@@ -170,6 +170,21 @@ def connect(
     return Session(remote, address, fingerprint)
 
 
+def boards_under(address: DeviceAddress) -> int:
+    """How many boards can measure at once: those registered under a tracker key (at least 1); 1 for
+    a device addressed directly. Registered, not free: a board just handed back re-registers a moment
+    later, and work for a busy one waits for it as any request does."""
+    if address.key is None:
+        return 1
+    from tvm import rpc
+
+    try:
+        servers = rpc.connect_tracker(address.host, address.port).summary().get("server_info", [])
+    except Exception:  # the tracker is checked, with a clear message, when a session is opened
+        return 1
+    return max(1, sum(1 for server in servers if server.get("key") == f"server:{address.key}"))
+
+
 def _request_from_tracker(address: DeviceAddress, wait_s: float, progress):
     from tvm import rpc
 

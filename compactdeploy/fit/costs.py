@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -225,30 +226,63 @@ def measure_missing(
     time_layers: Callable[[list[LayerSignature]], list[float]],
     progress: Callable[[str], None] | None = None,
 ) -> int:
-    """Time every signature the table lacks (``time_layers``: a batch -> ms each), in batches;
-    returns how many."""
+    """Time every signature the table lacks (``time_layers``: a batch -> ms each, None where a board
+    dropped out before timing it), in batches; returns how many."""
     missing = list({s.key: s for s in signatures if s not in table}.values())
     say = progress or (lambda _: None)
     for start in range(0, len(missing), PROBE_BATCH):
         batch = missing[start : start + PROBE_BATCH]
         say(f"latency table: {len(batch)} layers ({start + len(batch)}/{len(missing)} new, {len(table.entries)} known)")
-        for signature, ms in zip(batch, time_layers(batch)):
+        times = time_layers(batch)
+        finished = [(signature, ms) for signature, ms in zip(batch, times) if ms is not None]
+        for signature, ms in finished:
             table.entries[signature.key] = ms
-        table.measured_now += len(batch)
+        table.measured_now += len(finished)
         table.save()  # after every batch: an interrupted run keeps what it measured
+        if len(finished) < len(batch):
+            raise CompactDeployError(f"{len(batch) - len(finished)} layers of the latency table were not timed: "
+                                     "their board dropped out and no other took them")
     return len(missing)
 
 
 def time_layers_on_device(batch: list[LayerSignature], target: TargetSpec, session_factory: Callable[[], Any], linker,
-                          database, progress: Callable[[str], None] | None = None) -> list[float]:
+                          database, progress: Callable[[str], None] | None = None, boards: int = 1) -> list[float | None]:
     """Each layer of ``batch`` compiled as the build compiles it (``database``'s records, else the
-    default rules) into one library, and timed on the device: ms each."""
+    default rules), and timed on the device: ms each.
+
+    With ``boards`` > 1 (the boards of a tracker key) the batch is cut in as many
+    libraries, each timed in a session of its own while the next compiles; a part whose board drops
+    out is timed again on another, and is None only if that fails too, so the rest is kept."""
     say = progress or (lambda _: None)
-    with tempfile.TemporaryDirectory(prefix="compactdeploy-probes-") as tmp:
-        say(f"latency table: compiling {len(batch)} layers")
-        lib = _compile_probes(batch, target, Path(tmp), linker, database)
-        say(f"latency table: timing {len(batch)} layers on the device")
-        return _time_probes(session_factory, lib, batch, target)
+    parts = [batch[i::boards] for i in range(min(boards, len(batch)))]
+    with tempfile.TemporaryDirectory(prefix="compactdeploy-probes-") as tmp, \
+            ThreadPoolExecutor(max_workers=len(parts)) as pool:
+        timed = []
+        for index, part in enumerate(parts):
+            say(f"latency table: compiling {len(part)} layers" + (f" (part {index + 1}/{len(parts)})" if len(parts) > 1 else ""))
+            directory = Path(tmp) / str(index)
+            directory.mkdir()
+            lib = _compile_probes(part, target, directory, linker, database)
+            timed.append(pool.submit(_time_part, session_factory, lib, part, target, retry=len(parts) > 1, say=say))
+        say(f"latency table: timing {len(batch)} layers on " + (f"{len(parts)} boards" if len(parts) > 1 else "the device"))
+        by_key = {}
+        for part, future in zip(parts, timed):
+            by_key.update(zip((s.key for s in part), future.result()))
+    return [by_key[s.key] for s in batch]
+
+
+def _time_part(session_factory, lib: Path, part: list[LayerSignature], target: TargetSpec, retry: bool, say) -> list:
+    try:
+        return _time_probes(session_factory, lib, part, target)
+    except CompactDeployError as exc:
+        if not retry:
+            raise
+        say(f"latency table: {exc}; timing its {len(part)} layers on another board")
+    try:
+        return _time_probes(session_factory, lib, part, target)
+    except CompactDeployError as exc:
+        say(f"latency table: {exc}")
+        return [None] * len(part)
 
 
 def _compile_probes(batch, target: TargetSpec, directory: Path, linker, database) -> Path:

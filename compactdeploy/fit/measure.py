@@ -42,8 +42,9 @@ class Measurer(Protocol):
     def table(self) -> Any:
         """The latency table (``costs.LatencyTable``) of this device and the schedules it compiles with."""
 
-    def time_layers(self, batch: list[Any]) -> list[float]:
-        """Milliseconds of each layer signature (``costs.LayerSignature``) of ``batch``."""
+    def time_layers(self, batch: list[Any]) -> list[float | None]:
+        """Milliseconds of each layer signature (``costs.LayerSignature``) of ``batch``; None for
+        those a board that dropped out left untimed."""
 
     def time_model(self, module: Any, example: Any, label: str) -> ModelTiming:
         """One candidate model (a torch module and an example input) compiled as it would ship, measured whole."""
@@ -61,9 +62,9 @@ class DeviceMeasurer:
     """Measures on a deployment's device; open it with ``DeviceMeasurer.open`` for a whole search."""
 
     def __init__(self, target, deployment, linker, open_session: Callable, fingerprint, measure_config,
-                 transfer: bool, default_schedules: bool, progress: Callable[[str], None]):
+                 transfer: bool, default_schedules: bool, progress: Callable[[str], None], boards: int = 1):
         self.target, self.deployment, self.linker = target, deployment, linker
-        self.open_session, self.fingerprint = open_session, fingerprint
+        self.open_session, self.fingerprint, self.boards = open_session, fingerprint, boards
         self.measure_config, self.transfer, self.default_schedules = measure_config, transfer, default_schedules
         self.say = progress
 
@@ -74,10 +75,13 @@ class DeviceMeasurer:
         """A session per batch of measurements, let go after (a tracker's device is then free
         between them); this machine is served by one agent for the whole search."""
         say = progress or (lambda _: None)
+        boards = deployment.boards()  # counted before this search holds one
+        if boards > 1:
+            say(f"{boards} boards under {deployment.device}: the latency table is timed on all of them")
         with deployment.sessions() as open_session:
             fingerprint = open_session().fingerprint
             yield cls(target, deployment, linker, open_session, fingerprint, measure_config, transfer,
-                      default_schedules, say)
+                      default_schedules, say, boards)
 
     def table(self):
         from .costs import table_for
@@ -88,7 +92,7 @@ class DeviceMeasurer:
         from .costs import time_layers_on_device
 
         return time_layers_on_device(batch, self.target, self.open_session, self.linker, self.deployment.database,
-                                     self.say)
+                                     self.say, self.boards)
 
     def time_model(self, module, example, label: str) -> ModelTiming:
         import numpy as np

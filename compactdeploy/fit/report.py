@@ -4,6 +4,7 @@ well the table predicted them, and each group's latency steps."""
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -94,3 +95,19 @@ def widths_text(widths: dict[str, int]) -> str:
 def budget_text(config) -> str:
     parts = [f"latency {config.latency_budget}" if config.latency_budget else "", f"memory {config.memory_budget}" if config.memory_budget else ""]
     return " and ".join(p for p in parts if p)
+
+
+def fit_section(fitted, report: dict[str, Any], staging: Path) -> dict[str, Any]:
+    """The search's report (``fit.FitResult``), with this final build's own measurement, and its plots."""
+    from .plots import draw
+
+    section = dict(fitted.report)
+    latency, budget = report["latency_ms"], section["budget"]["latency_ms"]
+    section["final"] = {
+        "measured_ms": latency["median"] if latency else None,
+        "meets_latency_budget": None if not (latency and budget) else latency["median"] <= budget,
+        "note": "the chosen widths built again (fine-tuned where --finetune-epochs is given) and measured again; "
+                "its median can differ from the search's by the device's run-to-run noise",
+    }
+    section["plots"] = draw(section, staging)
+    return section

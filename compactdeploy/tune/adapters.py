@@ -200,10 +200,12 @@ def worker_setup(threads: int | None) -> None:
     ignore_interrupts()
 
 
-def rpc_runner(address, after_pause: bool = False):
+def rpc_runner(address, after_pause: bool = False, workers: int = 1):
     """Measure candidates on a device over TVM RPC (a server, or a tracker and a key).
 
     ``after_pause``: each call after a pause, as ``pick_records`` times them; else back to back.
+    ``workers``: candidates measured at once, each in a session of its own (a tracker hands each a
+    free board of the key); a board that drops out fails only the candidates it was running.
     """
     from tvm.s_tir.meta_schedule.runner import RPCConfig, RPCRunner
 
@@ -217,7 +219,7 @@ def rpc_runner(address, after_pause: bool = False):
     # the tracker fields are unused: connect_server opens every session, presenting the token
     config = RPCConfig(tracker_host="unused", tracker_port=1, tracker_key="unused", session_timeout_sec=120)
     runner = RPCRunner(rpc_config=config, evaluator_config=_evaluator(), f_create_session=connect_server,
-                       f_run_evaluator=evaluator)
+                       f_run_evaluator=evaluator, max_workers=workers)
     return _named_device_runner(runner)
 
 
