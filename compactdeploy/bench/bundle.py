@@ -27,10 +27,11 @@ class Measured:
 
 
 def measure_bundle(directory: Path, deployment, repeat: int, warmup: int, progress: Progress | None = None,
-                   open_session=None) -> Measured:
+                   open_session=None, profile: bool = True, min_timed_ms: float = 0.0) -> Measured:
     """Measure the library in ``directory`` where ``deployment`` (``deployment.Deployment``) says;
     ``open_session``: a session factory already open on that device (the width search's), else one
-    is opened for this measurement (on this machine, a fresh agent: its memory figures are the model's)."""
+    is opened for this measurement (on this machine, a fresh agent: its memory figures are the model's).
+    ``profile``: also time each kernel and onnxruntime on the device; ``min_timed_ms``: see ``measure``."""
     from ..bundle import SAMPLE_INPUT
     from ..export import check_parity, run_onnxruntime
     from ..runtime.load import describe_load, is_busy
@@ -47,8 +48,8 @@ def measure_bundle(directory: Path, deployment, repeat: int, warmup: int, progre
                             "not measured: no GPU")
         measurement = measure(
             session, directory / "model.so", x, arch=deployment.arch, backend=deployment.backend, repeat=repeat,
-            warmup=warmup, kernels_path=directory / "kernels.json", onnx_path=directory / "model.onnx",
-            progress=progress,
+            warmup=warmup, kernels_path=directory / "kernels.json" if profile else None,
+            onnx_path=directory / "model.onnx" if profile else None, progress=progress, min_timed_ms=min_timed_ms,
         )
         del session
     address = deployment.where()

@@ -4,6 +4,7 @@ time beside it, all on the device."""
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from ..device import answering
 from ..errors import CompactDeployError
 
 CHUNK_RUNS = 20  # timed runs per RPC call: a device that drops keeps all finished chunks
+MAX_RUNS_FACTOR = 20  # min_timed_ms adds runs up to this many times those asked for
 PER_LAYER_TOLERANCE = 0.25  # kernels timed alone may sum to within 25 % of the whole model
 
 
@@ -48,9 +50,12 @@ def measure(
     kernels_path: str | Path | None = None,
     onnx_path: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
+    min_timed_ms: float = 0.0,
 ) -> Measurement:
     """Upload ``lib_path`` to the device of ``session`` and measure it there (``backend``: the
-    library's, by default the CPU's)."""
+    library's, by default the CPU's). ``min_timed_ms``: time more than ``repeat`` runs, up to
+    MAX_RUNS_FACTOR times as many, until they add up to this long (a sub-millisecond model's
+    ``repeat`` runs would otherwise sample a few milliseconds of a noisy device)."""
     from tvm import relax
     from tvm import runtime as tvm_runtime
 
@@ -87,17 +92,26 @@ def measure(
 
     times_ms, cut_short = [], None
     session.cpu_load(mark=True)  # other work while timing, the model's own runs left out
-    while len(times_ms) < repeat:
-        runs = min(CHUNK_RUNS, repeat - len(times_ms))
+    wanted = repeat
+
+    def more_runs() -> bool:
+        nonlocal wanted
+        if len(times_ms) >= wanted and sum(times_ms) < min_timed_ms and wanted < MAX_RUNS_FACTOR * repeat:
+            per_run = sum(times_ms) / len(times_ms)
+            wanted = min(MAX_RUNS_FACTOR * repeat, len(times_ms) + math.ceil((min_timed_ms - sum(times_ms)) / per_run))
+        return len(times_ms) < wanted
+
+    while more_runs():
+        runs = min(CHUNK_RUNS, wanted - len(times_ms))
         try:
             # number=1: each repeat is one inference, so the results are the distribution itself
             with answering(session.address, "timing"):
                 result = vm.time_evaluator("main", dev, number=1, repeat=runs)(x_device)
         except CompactDeployError as exc:  # the connection dropped or the device died: keep what finished
-            cut_short = f"stopped after {len(times_ms)} of {repeat} runs ({exc})"
+            cut_short = f"stopped after {len(times_ms)} of {wanted} runs ({exc})"
             break
         times_ms += [t * 1e3 for t in result.results]
-        say(f"timed {len(times_ms)}/{repeat} runs")
+        say(f"timed {len(times_ms)}/{wanted} runs")
     if not times_ms:
         raise CompactDeployError(cut_short)
     load = session.cpu_load(mark=False) if cut_short is None else None

@@ -146,13 +146,23 @@ def importance_curves(module, example_input, method_name: str, calibration, excl
     return curves
 
 
+def group_weights(space: WidthSpace, groups) -> dict[str, float]:
+    """group -> the share of the grouped parameters its channels hold (they sum to 1): what one
+    channel of the group owns across every layer it shapes, times its width."""
+    full = space.params(space.full)
+    held = {g: max(1, space.full[g] * (full - space.params({**space.full, g: space.full[g] - 1})))
+            if space.full[g] > 1 else 1 for g in groups}
+    total = sum(held.values())
+    return {g: n / total for g, n in held.items()}
+
+
 @dataclass(frozen=True)
 class Point:
     """One model on the trajectory: its widths, predicted cost (ms, before correction) and importance kept."""
 
     widths: dict[str, int]
     cost: float
-    importance_kept: float  # mean over groups of the share of importance kept, 1.0 = the full model
+    importance_kept: float  # the importance kept, each group's share weighted by its parameters; 1.0 = the full model
     changed: str | None = None  # the group this step shrank
 
 
@@ -167,14 +177,19 @@ class Trajectory:
     points: list[Point] = field(default_factory=list)
     done: bool = False
     step: float = 0.0  # set by start()
+    weights: dict[str, float] | None = None  # group -> its share of the importance (group_weights)
 
     def lost(self, group: str, width: int) -> float:
-        """Share of ``group``'s importance lost at ``width`` (none when it is grown)."""
-        return float(self.curves[group][max(0, self.space.full[group] - width)])
+        """The model's importance lost when ``group`` is at ``width`` (none when it is grown): the
+        share of the group's own importance lost, weighted by the group's share of the parameters
+        (``group_weights``), so a residual stream that runs through every block of a stage weighs
+        what its channels hold, not what one block's inner convolution does."""
+        if self.weights is None:
+            self.weights = group_weights(self.space, self.curves)
+        return self.weights[group] * float(self.curves[group][max(0, self.space.full[group] - width)])
 
     def kept(self, widths: dict[str, int]) -> float:
-        lost = [self.lost(g, w) for g, w in widths.items() if g in self.curves]
-        return 1.0 - float(np.mean(lost)) if lost else 1.0
+        return 1.0 - sum(self.lost(g, w) for g, w in widths.items() if g in self.curves)
 
     def _priced(self, proposals: list[tuple[str, list[dict[str, int]]]]) -> list[tuple[str, list[tuple[dict[str, int], float]]]]:
         """Each group's trial widths with their predicted costs, all priced in one call (one

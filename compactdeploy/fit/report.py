@@ -31,7 +31,8 @@ def search_report(config, method, latency_budget, memory_budget, latency_ms, mem
             "memory_means": "weights (ONNX initializers) + TVM's planned workspace for intermediates",
         },
         "method": method,
-        "importance": f"{method}: per group, the share of its channel importance that stays (mean over groups)",
+        "importance": f"{method}: per group, the share of its channel importance that stays, weighted by the share of "
+                      "the parameters the group's channels hold",
         "allocation": (
             "NetAdapt-style greedy on the measured latency table: from the full model, each step shrinks the group "
             "whose smallest cut saving a step of predicted latency loses the least importance per ms; "
