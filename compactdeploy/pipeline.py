@@ -129,6 +129,7 @@ def _run_stages(config: BuildConfig, target: TargetSpec, deployment: Deployment,
     from .prepare import load_and_prune
     from .fit.report import fit_section
     from .report import apply_measurement, build_report, manifest_measured, version_of
+    from .prepare import width_plan
     from .prune.plan import PLAN_FILE
     from .resources import write_json
     from .tune import transfers_schedules, tune_model
@@ -171,7 +172,9 @@ def _run_stages(config: BuildConfig, target: TargetSpec, deployment: Deployment,
         report["timings_s"] = {**clock.timings, "bundle": clock.elapsed()}
         write_json(staging / "report.json", report)
         if pruned.result is not None:
-            width_plan_of(config, pruned.result, made_by="fit" if fitted is not None else "prune").save(staging / PLAN_FILE)
+            result = pruned.result
+            width_plan(config, result.spec.method, {name: group["after"] for name, group in result.groups.items()},
+                       result.plan, result.grown, made_by="fit" if fitted is not None else "prune").save(staging / PLAN_FILE)
         bundle.add_runner(staging)
         manifest = bundle.write_manifest(
             staging,
@@ -200,21 +203,6 @@ def _run_stages(config: BuildConfig, target: TargetSpec, deployment: Deployment,
         )
         clock.summary = str(config.out)
     return report, manifest
-
-
-def width_plan_of(config: BuildConfig, result, made_by: str):
-    """The width plan (``prune.WidthPlan``) of a prune result: what ``build --plan`` replays."""
-    from .prune.plan import WidthPlan
-    from .zoo import file_sha256
-
-    model = config.model
-    return WidthPlan(
-        model=model.model, model_args=dict(model.model_args),
-        weights_sha256=file_sha256(model.weights) if model.weights else None, method=result.spec.method,
-        seed=model.seed, exclude=tuple(config.prune.exclude),
-        widths={name: group["after"] for name, group in result.groups.items()},
-        removed=result.plan, grown=result.grown, made_by=made_by,
-    )
 
 
 def prune_and_finetune(config: BuildConfig, observer: Observer | None = None):

@@ -115,3 +115,18 @@ def load_and_prune(config: BuildConfig, target: TargetSpec, prune_spec, clock: S
             clock.summary += f", fine-tuned {options.finetune_epochs} epochs"
         after = Shape(layer_widths(model.module), *count_macs_params(model.module, example))
     return PrunedModel(model, data, example, (before, after), (accuracy_before, accuracy_pruned, accuracy_after), prune_result)
+
+
+def width_plan(config: BuildConfig, method: str, widths: dict[str, int], removed: dict[str, list[int]],
+               grown: dict[str, list[int]], made_by: str):
+    """The width plan (``prune.WidthPlan``) of ``config``'s model pruned by ``method``: what
+    ``build --plan`` replays; the build and the width search both record theirs this way."""
+    from .prune.plan import WidthPlan
+    from .zoo import file_sha256
+
+    model = config.model
+    return WidthPlan(
+        model=model.model, model_args=dict(model.model_args),
+        weights_sha256=file_sha256(model.weights) if model.weights else None, method=method, seed=model.seed,
+        exclude=tuple(config.prune.exclude), widths=dict(widths), removed=removed, grown=grown, made_by=made_by,
+    )

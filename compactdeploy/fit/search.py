@@ -22,6 +22,7 @@ import numpy as np
 
 from ..config import BuildConfig, check_finetune_options
 from ..errors import CompactDeployError
+from ..prepare import width_plan
 from ..resources import cache_dir
 from ..units import format_size
 from .allocate import GROW_LIMIT, Point, Trajectory, importance_curves, width_space
@@ -275,7 +276,7 @@ def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResul
     changed = space.narrowed(chosen.widths)
     report = search_report(config.fit, method, latency_budget, memory_budget, latency_ms, memory_bytes, space, trajectory,
                      state, chosen, table, rounds, status, run_dir, predict, grown)
-    plan = _plan_of(config, method, chosen, changed) if changed else None
+    plan = width_plan(config, method, changed, chosen.removed, chosen.grown, made_by="fit") if changed else None
     return FitResult(method, chosen.widths, changed, space.widened(chosen.widths), report, plan)
 
 
@@ -303,19 +304,6 @@ def _measure_candidate(context: _Search, point: Point, changed: dict[str, int], 
         memory_bytes=timing.memory_bytes, params=params, macs=macs, accuracy=accuracy, importance_kept=importance_kept,
         where=timing.where, key=hashlib.sha256(json.dumps(point.widths, sort_keys=True).encode()).hexdigest()[:12],
         removed=removed, grown=grown, schedules=timing.schedules, unscheduled=timing.unscheduled,
-    )
-
-
-def _plan_of(config: BuildConfig, method: str, chosen: Candidate, changed: dict[str, int]):
-    from ..prune.plan import WidthPlan
-    from ..zoo import file_sha256
-
-    model = config.model
-    return WidthPlan(
-        model=model.model, model_args=dict(model.model_args),
-        weights_sha256=file_sha256(model.weights) if model.weights else None, method=method, seed=model.seed,
-        exclude=tuple(config.prune.exclude), widths=dict(changed), removed=chosen.removed, grown=chosen.grown,
-        made_by="fit",
     )
 
 
