@@ -5,6 +5,7 @@ Every server here binds 127.0.0.1, is started by the test and stopped by it.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import subprocess
@@ -267,6 +268,52 @@ def test_cuda_build_runs_on_this_gpu_and_matches_onnxruntime(tmp_path):
     assert report["parity"]["onnx_vs_tvm_max_abs"] <= 1e-4
 
 
+_RUNTIME_ONLY_CUDA = """
+import ctypes, sys
+from compactdeploy.runtime.run import BundleError, load_cuda_plugin, tvm_device
+if sys.argv[1] == "stub":
+    from compactdeploy.compile.cuda import _driver_stub
+    ctypes.CDLL(str(_driver_stub()), mode=ctypes.RTLD_GLOBAL)  # a driver that finds no GPU
+print("reason:", load_cuda_plugin())
+from tvm.base import _LOADED_LIBS
+print("plugin loaded:", "tvm_runtime_cuda" in _LOADED_LIBS)
+try:
+    tvm_device("cuda")
+except BundleError as exc:
+    print("error:", exc)
+"""
+
+
+def _cuda_runtime_installed() -> bool:
+    try:
+        ctypes.CDLL("libcudart.so.13")
+    except OSError:
+        return False
+    return shutil.which("cc") is not None
+
+
+@pytest.mark.skipif(not _cuda_runtime_installed(), reason="CUDA 13's runtime (libcudart.so.13) is not installed")
+def test_a_runtime_only_tvm_loads_its_cuda_plugin_and_says_why_there_is_no_gpu(tmp_path):
+    # TVM_USE_RUNTIME_LIB=1 (the device agent, a bundle's run.py) autoloads no backend: on an H200
+    # the build's agent found no GPU until the runtime loaded the plugin itself
+    env = dict(os.environ, TVM_USE_RUNTIME_LIB="1", COMPACTDEPLOY_CACHE=str(tmp_path))
+
+    def run(driver: str) -> str:
+        done = subprocess.run([sys.executable, "-c", _RUNTIME_ONLY_CUDA, driver], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    with_driver = run("stub")
+    assert "reason: None" in with_driver and "plugin loaded: True" in with_driver
+    assert "error: TVM finds no CUDA GPU on this machine\n" in with_driver
+    if not _has_nvidia_gpu():
+        without = run("none")
+        assert "plugin loaded: False" in without
+        assert "error: TVM finds no CUDA GPU on this machine (TVM's CUDA plugin does not load" in without
+        assert "libcuda.so.1" in without
+
+
 def test_cuda_build_without_a_gpu_is_compiled_and_says_not_measured(tmp_path):
     if _has_nvidia_gpu():
         pytest.skip("this machine has a GPU: the test above measures it")
@@ -274,5 +321,5 @@ def test_cuda_build_without_a_gpu_is_compiled_and_says_not_measured(tmp_path):
     assert run_cli("build", "--model", "lenet300", "--target", "cuda", "--out", out) == 0
     report = read_json(out / "report.json")
     assert report["latency_ms"] is None
-    assert report["figures"]["latency"].startswith("not measured: no NVIDIA GPU")
+    assert report["figures"]["latency"].startswith("not measured: TVM finds no CUDA GPU on this machine")
     assert report["target"]["device_code"].startswith("cuda")

@@ -44,7 +44,8 @@ def measure_bundle(directory: Path, deployment, repeat: int, warmup: int, progre
         session = open_session()
         # asked in the agent: this process may hold the build-time stand-in for the CUDA driver
         if deployment.local and deployment.backend.device == "cuda" and not session.fingerprint.get("cuda"):
-            return Measured(None, "not measured: no NVIDIA GPU on this host (TVM finds no CUDA device)",
+            why = session.fingerprint.get("cuda_missing")
+            return Measured(None, f"not measured: {why or 'TVM finds no CUDA GPU on this machine'}",
                             "not measured: no GPU")
         measurement = measure(
             session, directory / "model.so", x, arch=deployment.arch, backend=deployment.backend, repeat=repeat,

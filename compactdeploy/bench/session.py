@@ -71,7 +71,9 @@ def measure(
             "build for that device's target (see 'compactdeploy targets')"
         )
     if fingerprint is not None and device_kind == "cuda" and not fingerprint.get("cuda"):
-        raise CompactDeployError(f"{session.address} has no CUDA GPU that TVM can use; the library needs one")
+        why = fingerprint.get("cuda_missing")
+        raise CompactDeployError(f"{session.address} has no CUDA GPU that TVM can use"
+                                 + (f" ({why})" if why else "") + "; the library needs one")
     agent = fingerprint is not None
     remote, dev = session.remote, session.device(device_kind)
 

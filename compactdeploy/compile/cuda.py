@@ -69,9 +69,6 @@ def _load_plugin() -> str | None:
     """Load TVM's CUDA plugin; returns why it cannot be, or None."""
     if _plugin_loaded():
         return None
-    from tvm.base import _LOADED_LIBS
-    from tvm_ffi.libinfo import load_lib_ctypes
-
     try:
         ctypes.CDLL("libcuda.so.1", mode=ctypes.RTLD_GLOBAL)  # a real driver, where there is one
     except OSError:
@@ -81,15 +78,9 @@ def _load_plugin() -> str | None:
             ctypes.CDLL(str(_driver_stub()), mode=ctypes.RTLD_GLOBAL)
         except (OSError, subprocess.CalledProcessError) as exc:
             return f"the driver stand-in did not build or load ({exc})"
-    runtime_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
-    try:
-        _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
-            package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[runtime_dir], mode="RTLD_LOCAL"
-        )
-    except (OSError, RuntimeError) as exc:
-        # typically libcudart.so.13 is missing: the CUDA toolkit's runtime is not installed
-        return f"TVM's CUDA plugin does not load ({str(exc).splitlines()[0][:160]})"
-    return None
+    from ..runtime.run import load_cuda_plugin  # the plugin links the driver: it must be loaded first
+
+    return load_cuda_plugin()
 
 
 def _nvcc_release(nvcc: str) -> str:

@@ -87,7 +87,7 @@ def fingerprint(threads: int | None = None) -> dict:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "tvm_version": tvm.__version__,
-        "cuda": _cuda_name(),
+        **_cuda_fields(),
         "threads": str(threads) if threads else threads_in_use(),
         "threads_pinned": threads_pinned(),  # one per core (TVM's default) or not (compactdeploy's)
         # qemu-user reports the guest's machine; only its launcher knows the CPU is emulated
@@ -95,15 +95,13 @@ def fingerprint(threads: int | None = None) -> dict:
     }
 
 
-def _cuda_name() -> str | None:
-    """The first CUDA GPU's name, or None where there is none (or no CUDA runtime)."""
+def _cuda_fields() -> dict:
+    """``cuda``: the first CUDA GPU's name, or None; ``cuda_missing``: why TVM finds none (plugin, CUDA
+    runtime or driver missing), None where it finds one."""
     try:
-        import tvm
-
-        device = tvm.cuda(0)
-        return str(device.device_name) if device.exist else None
-    except Exception:  # no CUDA plugin or driver: no GPU as far as TVM is concerned
-        return None
+        return {"cuda": str(_device("cuda").device_name), "cuda_missing": None}
+    except Exception as exc:  # no CUDA plugin, runtime or driver: no GPU as far as TVM is concerned
+        return {"cuda": None, "cuda_missing": str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}
 
 
 def _workpath(name: str) -> str:
@@ -149,9 +147,9 @@ def cpu_load(mark: int) -> str:
 
 
 def _device(kind: str):
-    import tvm
+    from compactdeploy.runtime.run import tvm_device
 
-    return tvm.cuda(0) if kind == "cuda" else tvm.cpu(0)
+    return tvm_device(kind)
 
 
 def first_run(lib_name: str, input_name: str, device_kind: str) -> str:

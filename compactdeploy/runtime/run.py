@@ -191,6 +191,41 @@ def latency_stats(times_ms) -> dict:
     }
 
 
+def load_cuda_plugin() -> str | None:
+    """Load TVM's CUDA runtime plugin; returns why it cannot be, or None.
+
+    A runtime-only TVM (``TVM_USE_RUNTIME_LIB=1``, what a device runs) does not autoload its backends,
+    so without this ``tvm.cuda(0)`` finds no GPU even on a machine that has one.
+    """
+    from tvm.base import _LOADED_LIBS  # importing tvm loads libtvm_runtime
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    if "tvm_runtime_cuda" in _LOADED_LIBS:
+        return None
+    runtime_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+    try:
+        _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
+            package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[runtime_dir], mode="RTLD_LOCAL"
+        )
+    except (OSError, RuntimeError) as exc:
+        # typically libcudart.so.13 (CUDA 13's runtime) or the driver's libcuda.so.1 is not installed
+        return f"TVM's CUDA plugin does not load ({str(exc).splitlines()[0][:160]})"
+    return None
+
+
+def tvm_device(kind: str):
+    """``tvm.cuda(0)`` (its plugin loaded) or ``tvm.cpu(0)``; raises BundleError where there is no GPU."""
+    import tvm
+
+    if kind != "cuda":
+        return tvm.cpu(0)
+    reason = load_cuda_plugin()
+    device = tvm.cuda(0)
+    if not device.exist:
+        raise BundleError("TVM finds no CUDA GPU on this machine" + (f" ({reason})" if reason else ""))
+    return device
+
+
 class Model:
     """A verified bundle, loaded: ``model(x)`` runs one inference."""
 
@@ -201,10 +236,10 @@ class Model:
         self.bundle = Path(bundle)
         self.manifest = verify(self.bundle)
         self.input = self.manifest["inputs"][0]
-        cuda = self.manifest["target"]["kind"] == "cuda"
-        self.device = tvm.cuda(0) if cuda else tvm.cpu(0)
-        if cuda and not self.device.exist:
-            raise BundleError(f"{self.bundle} needs an NVIDIA GPU, and TVM finds none on this machine")
+        try:
+            self.device = tvm_device(self.manifest["target"]["kind"])
+        except BundleError as exc:
+            raise BundleError(f"{self.bundle} needs an NVIDIA GPU: {exc}") from None
         library = self.bundle / self.manifest["library"]
         self.threads = use_default_threads()  # before the first run starts TVM's thread pool
         self.vm = VirtualMachine(tvm.runtime.load_module(str(library)), self.device)
