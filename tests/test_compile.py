@@ -133,3 +133,23 @@ def test_a_model_the_layout_pass_cannot_convert_keeps_its_layout_and_its_numbers
     with pytest.warns(UserWarning, match="convolutions stay NCHW"):
         built = compile_onnx(path, target, tmp_path, linker)
     np.testing.assert_allclose(run_tvm(built.lib_path, x), run_onnxruntime(path, x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_layout_pass_runs_only_where_there_is_a_convolution(tmp_path):
+    # a Transformer build warned "convolutions stay NCHW ... std::bad_alloc" though it had no convolution
+    import warnings
+
+    from compactdeploy.compile import import_onnx
+    from compactdeploy.compile.passes import to_channels_last
+
+    encoder = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), 1).eval()
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()).eval()
+    for name, module, x, converted in [("encoder", encoder, torch.randn(1, 5, 16), False),
+                                       ("conv", conv, torch.randn(1, 3, 8, 8), True)]:
+        export_onnx(module, x, tmp_path / f"{name}.onnx")
+        mod = import_onnx(tmp_path / f"{name}.onnx", load_target("host"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = to_channels_last(mod)
+        assert not [w for w in caught if "NCHW" in str(w.message)]
+        assert (out is not mod) == converted

@@ -142,12 +142,30 @@ def to_channels_last(mod):
 
     from tvm import relax
 
+    if not _has_convolution(mod):  # nothing to convert: no pass to run, and no warning to give
+        return mod
     try:
         return relax.transform.ConvertLayout(CONV_LAYOUT)(mod)
     except Exception as exc:  # TVM raises InternalError and friends from inside the pass
         warnings.warn(f"convolutions stay NCHW (slower kernels): TVM's layout pass failed: {first_line(exc)}",
                       stacklevel=2)
         return mod
+
+
+def _has_convolution(mod) -> bool:
+    import tvm
+    from tvm import relax
+
+    found = []
+
+    def visit(expr) -> None:
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name.startswith("relax.nn.conv"):
+            found.append(expr)
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function) and not found:
+            relax.analysis.post_order_visit(func.body, visit)
+    return bool(found)
 
 
 TUNED = "tuned record"  # where a kernel's schedule came from: a record of the tuning database

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import CompactDeployError
+from ..errors import CompactDeployError, first_line
 from .groups import channel_group
 from .grow import growth_problem, sources_for, widen
 from .methods import AUTO, METHODS, Calibration
@@ -169,7 +169,7 @@ def prune(
 ) -> PruneResult:
     """Prune every prunable group of ``module`` in place, by ``spec`` and the per-layer ``widths``;
     with ``allow_grow``, a width above a group's own widens it, function-preserving (``grow``)."""
-    method = METHODS[spec.method]()
+    method = METHODS[spec.method](seed=seed)
     if method.needs_data and calibration is None:
         raise CompactDeployError(f"pruning method {spec.method} needs data: pass --data (a dataset or a .npz)")
     widths = dict(widths or {})
@@ -181,7 +181,7 @@ def prune(
     method.prepare(module, views, calibration)
     plan: dict[str, list[int]] = {}
     groups: dict[str, dict[str, Any]] = {}
-    growing = []
+    growing, narrowing = [], []
     for root, view in zip(roots, views):
         name = name_of[root]
         if name in widths and widths[name] > view.width:
@@ -195,22 +195,41 @@ def prune(
             n_remove = view.width - kept_width(view.width, spec.ratio, channel_multiple)
         else:
             continue
-        if n_remove == 0:
-            continue
-        selection = method.select(view, n_remove, channel_multiple)
+        if n_remove != 0:
+            narrowing.append((root, view, name, n_remove))
+    _refuse_grouped_convolutions([(name, view) for _, view, name, _ in narrowing], name_of)
+    for root, view, name, n_remove in narrowing:
+        try:
+            view.refresh(graph)  # the same view (what prepare() saw), its indices as they are now
+            selection = method.select(view, n_remove, channel_multiple)
+            if selection.remove:
+                _remove_channels(graph, root, selection.remove)
+        except CompactDeployError:
+            raise
+        except Exception as exc:  # a construct the channel views do not model: say where, and the way out
+            raise CompactDeployError(
+                f"prune: narrowing layer {name!r} by {spec.method} failed ({type(exc).__name__}: {first_line(exc)}); "
+                f"something on its channels is not supported yet (a concatenation or a channel shuffle): "
+                f"pass --exclude {name}"
+            ) from exc
         groups[name] = {"method": selection.method, "before": view.width, "after": view.width - len(selection.remove)}
         if selection.remove:
-            _remove_channels(graph, root, selection.remove)
             plan[name] = selection.remove
-    # after every removal: torch-pruning's graph was traced at the original widths; each group's
-    # indices stay valid, since no other group's change touches its own dimension of a layer
     grown: dict[str, list[int]] = {}
     for name, view in growing:
         before = view.width
         grown[name] = sources_for(view, widths[name] - before)
         widen(view, grown[name], seed)
         groups[name] = {"method": "net2wider", "before": before, "after": view.width}
-    macs_after, params_after = count_macs_params(module, example_input)
+    try:
+        macs_after, params_after = count_macs_params(module, example_input)
+    except RuntimeError as exc:  # shapes no longer agree: a reshape moved channels between groups
+        raise CompactDeployError(
+            f"prune: the narrowed model no longer runs ({first_line(exc)[:160]}); a reshape that moves channels "
+            f"between layers (a channel shuffle) is the usual cause"
+            + (f": pass --exclude for the layers whose channels it reshapes ({', '.join(sorted(suspects))})"
+               if (suspects := _reshaped_groups(narrowing)) else ": exclude the layers before it (--exclude LAYER)")
+        ) from exc
     return PruneResult(
         spec=spec,
         channel_multiple=channel_multiple,
@@ -224,6 +243,32 @@ def prune(
         groups=groups,
         grown=grown,
     )
+
+
+def _refuse_grouped_convolutions(narrowing, name_of) -> None:
+    """Grouped convolutions (not depthwise) are neither narrowed by whole groups nor balanced across
+    them yet; narrowing through one would silently move channels between its groups."""
+    from torch import nn
+
+    refused = {}
+    for name, view in narrowing:
+        for part in view.producers + view.consumers:
+            layer = part.module
+            if isinstance(layer, (nn.Conv1d, nn.Conv2d)) and layer.groups > 1:
+                refused[name] = f"{name_of.get(layer, '?')} (groups={layer.groups})"
+    if refused:
+        first = next(iter(refused))
+        raise CompactDeployError(
+            f"prune: layer {first!r} cannot be narrowed: its channels pass through grouped convolution "
+            f"{refused[first]}, which compactdeploy does not narrow yet; pass "
+            + " ".join(f"--exclude {name}" for name in refused)
+        )
+
+
+def _reshaped_groups(narrowing) -> list[str]:
+    """Narrowed groups whose channels pass a reshape with a transpose (what a channel shuffle traces to)."""
+    return [name for _, view, name, _ in narrowing
+            if view.ops & {"View", "Reshape"} and view.ops & {"Transpose", "Permute"}]
 
 
 def _check_widths(widths, roots, views, name_of, all_widths, allow_grow: bool = False) -> None:

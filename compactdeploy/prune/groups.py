@@ -19,13 +19,17 @@ _GRAD_FN = re.compile(r"\((\w+)Backward\d*\)")
 # how torch-pruning traces a consuming layer itself (a Linear's matmul and transpose, a conv);
 # depthwise convolutions are caught by their modules, not here
 _CONSUMER_OPS = {"Addmm", "Mm", "T", "Linear", "Convolution", "Unsqueeze"}
+# activations that map each value alone (grad_fn names: SiLU is Silu, SELU and ELU are Elu, ReLU6 Hardtanh)
+_ELEMENTWISE_ACTIVATIONS = {"Relu", "LeakyRelu", "Hardtanh", "Silu", "Hardswish", "Hardsigmoid", "Gelu", "Sigmoid",
+                            "Tanh", "Elu", "Celu", "Mish", "Softplus", "Hardshrink", "Softshrink", "Threshold"}
 # ops that act on each channel alone and keep "equal inputs -> equal outputs"
-_CHANNELWISE = {"Relu", "MaxPool2DWithIndices", "MaxPool2D", "AvgPool2D", "AdaptiveAvgPool2D", "Mean", "View",
-                "Reshape", "Flatten", "Hardtanh", "Clone", "Contiguous", "T", "Permute", "Transpose", "Squeeze",
-                "Unsqueeze", "NativeBatchNorm", "Dropout"} | _CONSUMER_OPS
-# ops for which positive scaling commutes: f(c*x) = c*f(x) for c > 0
-_POSITIVELY_HOMOGENEOUS = {"Relu", "MaxPool2DWithIndices", "MaxPool2D", "AvgPool2D", "AdaptiveAvgPool2D", "Mean",
-                           "View", "Reshape", "Flatten", "Clone", "Contiguous", "T", "Permute", "Transpose",
+_CHANNELWISE = {"MaxPool2DWithIndices", "MaxPool2D", "AvgPool2D", "AdaptiveAvgPool2D", "Mean", "View",
+                "Reshape", "Flatten", "Clone", "Contiguous", "T", "Permute", "Transpose", "Squeeze",
+                "Unsqueeze", "NativeBatchNorm", "Dropout"} | _ELEMENTWISE_ACTIVATIONS | _CONSUMER_OPS
+# ops for which positive scaling commutes: f(c*x) = c*f(x) for c > 0 (SiLU, GELU... do not: their
+# merges compare weights as they are, not their directions)
+_POSITIVELY_HOMOGENEOUS = {"Relu", "LeakyRelu", "MaxPool2DWithIndices", "MaxPool2D", "AvgPool2D", "AdaptiveAvgPool2D",
+                           "Mean", "View", "Reshape", "Flatten", "Clone", "Contiguous", "T", "Permute", "Transpose",
                            "Squeeze", "Unsqueeze", "Dropout"} | _CONSUMER_OPS
 
 
@@ -46,6 +50,13 @@ class ChannelGroup:
     others: list[nn.Module] = field(default_factory=list)  # layers with parameters on the channels, of no kind above
     ops: set[str] = field(default_factory=set)  # elementwise ops on the channel (grad_fn names)
 
+    def refresh(self, graph) -> None:
+        """Re-read the channel indices from ``graph`` after other groups were pruned: behind a
+        concatenation, a group's channels move when an earlier input of it narrows."""
+        fresh = channel_group(graph, self.root)
+        self.producers, self.norms, self.consumers = fresh.producers, fresh.norms, fresh.consumers
+        self.depthwise_slices, self.others, self.ops = fresh.depthwise_slices, fresh.others, fresh.ops
+
     @property
     def depthwise(self) -> list[nn.Module]:
         return [s.module for s in self.depthwise_slices]
@@ -54,6 +65,8 @@ class ChannelGroup:
     def merge_problem(self) -> str | None:
         """Why merging with compensation is not exact here, or None when it is well defined."""
         if len(self.producers) != 1:
+            if "Mul" in self.ops and "Add" not in self.ops:
+                return "its channels are multiplied by another layer's (a squeeze-excitation gate)"
             return "its channels are a sum of several layers (a residual addition)"
         if self.depthwise:
             return "a depthwise convolution sits between producer and consumer"

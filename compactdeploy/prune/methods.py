@@ -52,6 +52,9 @@ class Method:
     description = ""
     needs_data = False
 
+    def __init__(self, seed: int = 0):
+        self.seed = seed  # --seed: every method takes it; those that draw (random) use it
+
     def prepare(self, module: torch.nn.Module, views: list[ChannelGroup], data: Calibration | None) -> None:
         """Collect what the method needs, once, on the unpruned model."""
 
@@ -109,6 +112,7 @@ class Random(Scorer):
     name, description = "random", "uniformly random channels, the sanity baseline"
 
     def __init__(self, seed: int = 0):
+        super().__init__(seed)
         self.generator = torch.Generator().manual_seed(seed)
 
     def scores(self, view: ChannelGroup) -> torch.Tensor:

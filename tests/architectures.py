@@ -1,0 +1,89 @@
+"""Small, faithful re-implementations of constructs users deploy (torchvision's CPU wheels are not on
+the package index here): a dense block, a grouped-convolution bottleneck, a ShuffleNetV2 unit and an
+MBConv block with squeeze-excitation and SiLU. Each takes a 3x8x8 input; ``--model
+tests/architectures.py:NAME --input-shape 3,8,8`` builds one."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class DenseBlock(nn.Module):
+    """DenseNet-style: every layer reads the concatenation of all before it (``new_first``: each
+    layer's new channels ahead of the old ones, so narrowing a later layer moves the stem's)."""
+    def __init__(self, classes=10, new_first=False):
+        super().__init__()
+        self.new_first = new_first
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.conv1 = nn.Conv2d(8, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(14)
+        self.conv2 = nn.Conv2d(14, 6, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(20)
+        self.head = nn.Linear(20, classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)))
+        x = self._cat(x, self.conv1(x))
+        x = self._cat(x, self.conv2(F.relu(self.bn1(x))))
+        return self.head(F.adaptive_avg_pool2d(F.relu(self.bn2(x)), 1).flatten(1))
+
+    def _cat(self, old, new):
+        return torch.cat([new, old] if self.new_first else [old, new], 1)
+
+
+class GroupedBottleneck(nn.Module):
+    """ResNeXt/RegNet: a 3x3 convolution in groups of 8 channels between two 1x1s."""
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.reduce = nn.Conv2d(16, 32, 1)
+        self.grouped = nn.Conv2d(32, 32, 3, padding=1, groups=4)
+        self.expand = nn.Conv2d(32, 16, 1)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        y = self.expand(F.relu(self.grouped(F.relu(self.reduce(x)))))
+        return self.head(F.adaptive_avg_pool2d(F.relu(x + y), 1).flatten(1))
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNetV2's basic unit: split, a branch on half, concatenate, shuffle channels."""
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.pw1 = nn.Conv2d(8, 8, 1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pw2 = nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        a, b = x.chunk(2, dim=1)
+        x = torch.cat([a, F.relu(self.pw2(self.dw(F.relu(self.pw1(b)))))], 1)
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class MBConvSE(nn.Module):
+    """EfficientNet's MBConv: expand, depthwise, squeeze-excitation, project; SiLU throughout."""
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.expand = nn.Conv2d(16, 32, 1)
+        self.bn = nn.BatchNorm2d(32)
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.se_reduce = nn.Conv2d(32, 8, 1)
+        self.se_expand = nn.Conv2d(8, 32, 1)
+        self.project = nn.Conv2d(32, 16, 1)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = F.silu(self.stem(x))
+        y = F.silu(self.dw(F.silu(self.bn(self.expand(x)))))
+        s = torch.sigmoid(self.se_expand(F.silu(self.se_reduce(F.adaptive_avg_pool2d(y, 1)))))
+        return self.head(F.adaptive_avg_pool2d(x + self.project(y * s), 1).flatten(1))

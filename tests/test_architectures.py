@@ -1,0 +1,125 @@
+"""Constructs users deploy that the zoo does not have: narrowed where compactdeploy can, refused in one
+line naming the layer and the way out where it cannot (tests/architectures.py holds the models)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from architectures import DenseBlock, GroupedBottleneck, MBConvSE, ShuffleUnit
+from conftest import read_json, run_cli
+from torch import nn
+
+from compactdeploy.errors import CompactDeployError
+from compactdeploy.prune import METHODS, Calibration, PruneSpec, prune
+
+ACTIVATIONS = [nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.GELU, lambda: nn.LeakyReLU(0.1), nn.Sigmoid, nn.Tanh,
+               nn.ELU, nn.Mish, nn.Softplus, nn.ReLU6]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=lambda a: type(a()).__name__)
+def test_data_free_merges_planted_duplicates_exactly_through_every_elementwise_activation(activation):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(10, 8), activation(), nn.Linear(8, 4)).eval()
+    with torch.no_grad():  # neurons 5 and 7 copy 0 and 2: equal inputs, equal outputs through any of them
+        for copy, original in [(5, 0), (7, 2)]:
+            net[0].weight[copy] = net[0].weight[original]
+            net[0].bias[copy] = net[0].bias[original]
+    x = torch.randn(200, 10)
+    expected = net(x)
+    result = prune(net, x[:1], PruneSpec("data-free", None), widths={"0": 6})
+    assert result.groups["0"]["method"] == "data-free"  # not an l1 fallback
+    assert net[0].out_features == 6 and net[2].in_features == 6
+    assert ((net(x) - expected).abs().max() / expected.abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("new_first", [False, True])
+def test_data_free_merges_planted_duplicates_exactly_behind_dense_concatenations(new_first):
+    # conv1 narrows before the stem: with its new channels first, the stem's channels move in both
+    # concatenations, and the stem's view must be read again (it indexed past the end before)
+    torch.manual_seed(0)
+    net = DenseBlock(new_first=new_first).eval()
+    with torch.no_grad():  # batch norms at their defaults treat every channel alike
+        net.conv1.weight[4], net.conv1.bias[4] = net.conv1.weight[0], net.conv1.bias[0]
+        net.stem.weight[6], net.stem.bias[6] = net.stem.weight[2], net.stem.bias[2]
+    x = torch.randn(16, 3, 8, 8)
+    expected = net(x)
+    result = prune(net, x[:1], PruneSpec("data-free", None), widths={"conv1": 5, "stem": 7})
+    assert {name: g["method"] for name, g in result.groups.items()} == {"conv1": "data-free", "stem": "data-free"}
+    assert net.stem.out_channels == 7 and net.conv1.out_channels == 5 and net.bn2.num_features == 18
+    assert ((net(x) - expected).abs().max() / expected.abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_narrows_a_dense_block_and_a_squeeze_excitation_block(method):
+    rng = np.random.default_rng(0)
+    calibration = Calibration(rng.standard_normal((32, 3, 8, 8)).astype(np.float32), rng.integers(0, 10, 32))
+    x = torch.randn(2, 3, 8, 8)
+    for net in (DenseBlock(new_first=True).eval(), MBConvSE().eval()):
+        result = prune(net, x[:1], PruneSpec(method, 0.5), calibration=calibration)
+        assert result.params_after < result.params_before and net(x).shape == (2, 10)
+
+
+def test_the_random_method_takes_the_seed():
+    def plan(seed: int) -> dict:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+        return prune(net, torch.randn(1, 10), PruneSpec("random", 0.5), seed=seed).plan
+
+    assert plan(3) == plan(3)
+    assert plan(3) != plan(4)
+
+
+def test_a_grouped_convolution_is_refused_naming_every_layer_to_exclude():
+    x = torch.randn(2, 3, 8, 8)
+    for method in ("l1", "data-free"):
+        with pytest.raises(CompactDeployError) as refused:
+            prune(GroupedBottleneck().eval(), x[:1], PruneSpec(method, 0.5))
+        message = str(refused.value)
+        assert "grouped convolution grouped (groups=4)" in message
+        assert "--exclude grouped --exclude reduce" in message and "\n" not in message
+    net = GroupedBottleneck().eval()
+    result = prune(net, x[:1], PruneSpec("l1", 0.5), exclude=("grouped", "reduce"))
+    assert net.grouped.in_channels == net.grouped.out_channels == 32  # left whole, its groups intact
+    assert result.params_after < result.params_before and net(x).shape == (2, 10)
+
+
+def test_a_channel_shuffle_that_breaks_the_narrowed_model_names_the_layers_to_exclude():
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(CompactDeployError) as refused:
+        prune(ShuffleUnit().eval(), x[:1], PruneSpec("l1", 0.5))
+    assert "channel shuffle" in str(refused.value) and "--exclude" in str(refused.value) and "(pw2)" in str(refused.value)
+    net = ShuffleUnit().eval()
+    result = prune(net, x[:1], PruneSpec("l1", 0.5), exclude=("pw2",))
+    assert result.plan and net(x).shape == (2, 10)
+
+
+def test_a_squeeze_excitation_gate_is_named_as_such_where_merging_falls_back():
+    net = MBConvSE().eval()
+    result = prune(net, torch.randn(1, 3, 8, 8), PruneSpec("data-free", 0.5))
+    assert "squeeze-excitation" in result.groups["se_expand"]["method"]
+    assert "residual" in result.groups["project"]["method"]
+    assert result.groups["se_reduce"]["method"] == "data-free"  # SiLU no longer forces a fallback
+
+
+def test_the_cli_refuses_a_grouped_convolution_in_one_line_with_exit_2(tmp_path, capsys):
+    status = run_cli("prune", "--model", "tests/architectures.py:GroupedBottleneck", "--input-shape", "3,8,8",
+                     "--prune", "l1:0.5", "--out", tmp_path / "pruned.pt")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and err[-1].startswith("error: prune: layer")  # after the load stage's progress line
+    assert "--exclude grouped --exclude reduce" in err[-1]
+    assert not (tmp_path / "pruned.pt").exists()
+
+
+@pytest.mark.parametrize("model, args", [
+    ("DenseBlock", ["--model-arg", "new_first=true", "--prune", "data-free", "--widths", "stem=5,conv1=4,conv2=3"]),
+    ("MBConvSE", ["--prune", "data-free:0.5"]),
+    ("GroupedBottleneck", ["--prune", "l1:0.5", "--exclude", "grouped", "--exclude", "reduce"]),
+], ids=["dense-block", "mbconv-se", "grouped-excluded"])
+def test_narrowed_constructs_export_compile_and_match_onnxruntime(model, args, tmp_path):
+    out = tmp_path / model
+    assert run_cli("build", "--model", f"tests/architectures.py:{model}", "--input-shape", "3,8,8", *args,
+                   "--target", "host", "--out", out) == 0
+    report = read_json(out / "report.json")
+    assert report["model"]["params"] < report["model"]["params_before"]
+    assert report["parity"]["onnx_vs_tvm_max_abs"] <= 1e-4 and report["parity"]["torch_vs_onnx_max_abs"] <= 1e-4
