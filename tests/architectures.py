@@ -87,3 +87,19 @@ class MBConvSE(nn.Module):
         y = F.silu(self.dw(F.silu(self.bn(self.expand(x)))))
         s = torch.sigmoid(self.se_expand(F.silu(self.se_reduce(F.adaptive_avg_pool2d(y, 1)))))
         return self.head(F.adaptive_avg_pool2d(x + self.project(y * s), 1).flatten(1))
+
+
+class TinyEncoder(nn.Module):
+    """A 2-layer Transformer encoder on 5 tokens (``project``: an input projection, else the residual
+    stream is the model's input itself) and a classifier on the mean token."""
+    def __init__(self, classes=10, width=32, heads=4, project=True):
+        super().__init__()
+        self.project = nn.Linear(8, width) if project else None
+        layer = nn.TransformerEncoderLayer(width if project else 8, heads if project else 2, 64, dropout=0.0,
+                                           batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(width if project else 8, classes)
+
+    def forward(self, x):
+        x = self.project(x) if self.project is not None else x
+        return self.head(self.encoder(x).mean(1))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from architectures import DenseBlock, GroupedBottleneck, MBConvSE, ShuffleUnit
+from architectures import DenseBlock, GroupedBottleneck, MBConvSE, ShuffleUnit, TinyEncoder
 from conftest import read_json, run_cli
 from torch import nn
 
@@ -115,11 +115,57 @@ def test_the_cli_refuses_a_grouped_convolution_in_one_line_with_exit_2(tmp_path,
     ("DenseBlock", ["--model-arg", "new_first=true", "--prune", "data-free", "--widths", "stem=5,conv1=4,conv2=3"]),
     ("MBConvSE", ["--prune", "data-free:0.5"]),
     ("GroupedBottleneck", ["--prune", "l1:0.5", "--exclude", "grouped", "--exclude", "reduce"]),
-], ids=["dense-block", "mbconv-se", "grouped-excluded"])
+    ("TinyEncoder", ["--input-shape", "5,8", "--prune", "l1:0.5"]),
+], ids=["dense-block", "mbconv-se", "grouped-excluded", "transformer"])
 def test_narrowed_constructs_export_compile_and_match_onnxruntime(model, args, tmp_path):
     out = tmp_path / model
-    assert run_cli("build", "--model", f"tests/architectures.py:{model}", "--input-shape", "3,8,8", *args,
+    shape = [] if "--input-shape" in args else ["--input-shape", "3,8,8"]
+    assert run_cli("build", "--model", f"tests/architectures.py:{model}", *shape, *args,
                    "--target", "host", "--out", out) == 0
     report = read_json(out / "report.json")
     assert report["model"]["params"] < report["model"]["params_before"]
     assert report["parity"]["onnx_vs_tvm_max_abs"] <= 1e-4 and report["parity"]["torch_vs_onnx_max_abs"] <= 1e-4
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.project = nn.Linear(8, 16)
+        self.attention = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = self.project(x)
+        return self.head(self.attention(x, x, x, need_weights=False)[0].mean(1))
+
+
+def test_attention_loses_the_same_channels_in_every_head_and_keeps_its_scale():
+    torch.manual_seed(0)
+    net = _Attention().eval()
+    dead = [3, 6, 9, 14]  # two channels of each 8-channel head write and read nothing
+    with torch.no_grad():
+        net.project.weight[dead], net.project.bias[dead] = 0.0, 0.0
+        for part in range(3):  # their query, key and value rows
+            rows = [part * 16 + c for c in dead]
+            net.attention.in_proj_weight[rows], net.attention.in_proj_bias[rows] = 0.0, 0.0
+        net.attention.out_proj.weight[dead], net.attention.out_proj.bias[dead] = 0.0, 0.0
+    x = torch.randn(4, 5, 8)
+    expected = net(x)
+    result = prune(net, x[:1], PruneSpec("l1", None), widths={"project": 12})
+    assert result.plan == {"project": dead} and net.attention.head_dim == 6
+    assert "2 channels from each of the 2 heads" in result.groups["project"]["attention"]
+    # exact only if the queries were rescaled: the heads are narrower, and q.k is divided by sqrt(head_dim)
+    assert ((net(x) - expected).abs().max() / expected.abs().max()) <= 1e-5
+
+
+def test_a_transformer_is_narrowed_by_whole_heads_and_an_uneven_width_is_refused():
+    x = torch.randn(2, 5, 8)
+    for method in ("l1", "data-free"):
+        net = TinyEncoder().eval()
+        result = prune(net, x[:1], PruneSpec(method, 0.5))
+        residual = next(name for name, group in result.groups.items() if "attention" in group)
+        removed = result.plan[residual]
+        assert [sum(1 for c in removed if c // 8 == head) for head in range(4)] == [4, 4, 4, 4]
+        assert net.encoder.layers[1].self_attn.head_dim == 4 and net(x).shape == (2, 10)
+    with pytest.raises(CompactDeployError, match="give a multiple of 4"):
+        prune(TinyEncoder().eval(), x[:1], PruneSpec("l1", None), widths={"encoder.layers.1.linear2": 30})
