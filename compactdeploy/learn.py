@@ -88,8 +88,11 @@ class ArchLearner:
             root = group[0].dep.target.module
             view = channel_group(graph, root)
             name = name_of[root]
-            if view.merge_problem is not None:
-                self.skipped[name] = view.merge_problem
+            problem = view.merge_problem
+            if problem is None and not view.single_path:  # a gate here would not sit where one layer's d can act
+                problem = "a depthwise convolution or a squeeze-excitation gate acts on its channels"
+            if problem is not None:
+                self.skipped[name] = problem
                 continue
             start = GATE_INIT if self.config.method == "gates" else KEEP_INIT
             gated = _GatedGroup(name, view, nn.Parameter(torch.full((view.width,), start)))

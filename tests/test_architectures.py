@@ -94,12 +94,24 @@ def test_a_channel_shuffle_that_breaks_the_narrowed_model_names_the_layers_to_ex
     assert result.plan and net(x).shape == (2, 10)
 
 
-def test_a_squeeze_excitation_gate_is_named_as_such_where_merging_falls_back():
+def test_data_free_merges_planted_duplicates_exactly_through_a_depthwise_convolution_and_a_gate():
+    torch.manual_seed(0)
     net = MBConvSE().eval()
-    result = prune(net, torch.randn(1, 3, 8, 8), PruneSpec("data-free", 0.5))
-    assert "squeeze-excitation" in result.groups["se_expand"]["method"]
-    assert "residual" in result.groups["project"]["method"]
-    assert result.groups["se_reduce"]["method"] == "data-free"  # SiLU no longer forces a fallback
+    with torch.no_grad():  # channel 11 copies channel 3 everywhere: expansion, norm, depthwise filter, gate row
+        net.bn.running_mean.uniform_(-1, 1)
+        net.bn.running_var.uniform_(0.5, 2)
+        for tensor in (net.expand.weight, net.expand.bias, net.bn.running_mean, net.bn.running_var, net.bn.weight,
+                       net.bn.bias, net.dw.weight, net.dw.bias, net.se_expand.weight, net.se_expand.bias):
+            tensor[11] = tensor[3]
+    x = torch.randn(8, 3, 8, 8)
+    expected = net(x)
+    result = prune(net, x[:1], PruneSpec("data-free", None), widths={"se_expand": 31})
+    assert result.groups["se_expand"]["method"] == "data-free" and result.plan == {"se_expand": [11]}
+    assert net.dw.out_channels == 31 and net.se_expand.out_channels == 31 and net.project.in_channels == 31
+    assert ((net(x) - expected).abs().max() / expected.abs().max()) <= 1e-5
+    # the residual stream still falls back, and says why
+    halved = prune(MBConvSE().eval(), x[:1], PruneSpec("data-free", 0.5))
+    assert "residual" in halved.groups["project"]["method"] and halved.groups["se_reduce"]["method"] == "data-free"
 
 
 def test_the_cli_refuses_a_grouped_convolution_in_one_line_with_exit_2(tmp_path, capsys):

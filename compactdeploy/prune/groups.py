@@ -64,26 +64,38 @@ class ChannelGroup:
     @property
     def merge_problem(self) -> str | None:
         """Why merging with compensation is not exact here, or None when it is well defined."""
-        if len(self.producers) != 1:
-            if "Mul" in self.ops and "Add" not in self.ops:
-                return "its channels are multiplied by another layer's (a squeeze-excitation gate)"
+        if len(self.producers) != 1 and not self.gated:
             return "its channels are a sum of several layers (a residual addition)"
-        if self.depthwise:
-            return "a depthwise convolution sits between producer and consumer"
         if not self.consumers:
             return "no layer consumes its channels"
-        other = self.ops - _CHANNELWISE
+        other = self.ops - _CHANNELWISE - ({"Mul"} if self.gated else set())  # the gate's product is per channel
         if other:
             return f"{', '.join(sorted(other))} acts across its channels"
         return None
 
     @property
+    def gated(self) -> bool:
+        """Several layers make each channel by a product (a squeeze-excitation gate), not a sum."""
+        return len(self.producers) > 1 and "Mul" in self.ops and "Add" not in self.ops
+
+    @property
     def positively_homogeneous(self) -> bool:
         """ReLU-like path: scaling a channel's incoming weights by c > 0 scales what consumers see by c."""
-        return not (self.ops - _POSITIVELY_HOMOGENEOUS)
+        return self.single_path and not (self.ops - _POSITIVELY_HOMOGENEOUS)
+
+    @property
+    def single_path(self) -> bool:
+        """One layer makes each channel and nothing but batch norms and elementwise ops follow it."""
+        return len(self.producers) == 1 and not self.depthwise
 
     def incoming(self) -> torch.Tensor:
-        """(width, k): each channel's incoming weight-set with its bias, batch-norm folded in."""
+        """(width, k): each channel's incoming weight-set with its bias, batch-norm folded in.
+
+        Where a gate or a depthwise convolution also acts on the channel, it is every parameter on
+        the channel side by side (producers, norms, depthwise filters): two channels are equal after
+        all of them exactly when these are."""
+        if not self.single_path:
+            return self._every_parameter()
         producer = self.producers[0]
         weight = producer.module.weight.detach()
         bias = producer.module.bias.detach() if producer.module.bias is not None else torch.zeros(weight.shape[0])
@@ -100,6 +112,21 @@ class ChannelGroup:
             w = w * scale[:, None]
             b = (b - bn.running_mean[n_index]) * scale + shift
         return torch.cat([w, b[:, None]], dim=1)
+
+    def _every_parameter(self) -> torch.Tensor:
+        parts = []
+        for layer in self.producers + self.depthwise_slices:
+            weight = layer.module.weight.detach()
+            parts.append(torch.stack([weight[rows].reshape(-1) for rows in layer.per_channel]))
+            if layer.module.bias is not None:
+                bias = layer.module.bias.detach()
+                parts.append(torch.stack([bias[rows].reshape(-1) for rows in layer.per_channel]))
+        for norm in self.norms:
+            bn, index = norm.module, torch.tensor([rows[0] for rows in norm.per_channel])
+            stats = [bn.running_mean[index], bn.running_var[index]] + ([bn.weight.detach()[index], bn.bias.detach()[index]]
+                                                                        if bn.affine else [])
+            parts.append(torch.stack(stats, dim=1))
+        return torch.cat(parts, dim=1)
 
     def outgoing(self) -> list[torch.Tensor]:
         """For each consumer, (width, m): the weights that read each channel, flattened."""
