@@ -103,8 +103,8 @@ def prune_command(**options) -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--learn-arch", type=click.Choice(["gates", "gdropout", "sparse"]),
               help="Let training choose the widths (gates, gdropout) or the weights kept (sparse).")
-@click.option("--arch-strength", default=0.01, show_default=True,
-              help="gates/sparse: lambda1; gdropout: the weight of the Beta prior.")
+@click.option("--arch-strength", type=float,
+              help="gates/sparse: lambda1; gdropout: the weight of the Beta prior  [default: gates 0.002, sparse 0.001, gdropout 3]")
 @click.option("--arch-k", default=0.3, show_default=True, help="gates: lambda3 = k * lambda1 (the width penalty).")
 @click.option("--prior", default="0.05,0.5", show_default=True, metavar="ALPHA,BETA",
               help="gdropout's Beta prior: SAL (< 1, the default, beta/alpha = 10), Dropout++ (equal, > 1), flat (1,1).")

@@ -37,6 +37,9 @@ DEPTH_INIT = 0.3
 KEEP_INIT = 0.5  # gdropout: plain dropout at first; the prior and the data move k from there
 KEEP_THRESHOLD = 0.1  # gdropout: units whose keep probability k ends below this are removed
 EPS = 1e-4
+# --arch-strength by method: gates' l1 at 0.01 closed every unit of LeNet-5 on digits (its 6- and
+# 16-channel layers feel the width penalty most); docs/methods.md has the measured band
+DEFAULT_STRENGTH = {"gates": 0.002, "sparse": 0.001, "gdropout": 3.0}
 
 
 def _binary(value: torch.Tensor) -> torch.Tensor:
@@ -194,6 +197,11 @@ class ArchLearner:
     def clip(self) -> None:
         for param in self.parameters():
             param.clamp_(0.0, 1.0)
+        if self.config.method == "gates":
+            for gated in self.groups:  # never every unit of a layer closed: no signal would pass to learn from
+                strongest = int(torch.argmax(gated.gate))
+                if gated.gate[strongest] < 0.5:
+                    gated.gate[strongest] = 0.5
 
     # --- removal -------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:

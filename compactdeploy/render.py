@@ -67,6 +67,10 @@ def build_summary(result) -> None:
         out.print("  [yellow]weights    random (no --weights): sizes and speed are real, outputs are not useful[/]")
     out.print(f"  params     {ratio(model['params'], model['params_before'])}")
     out.print(f"  MACs       {ratio(model['macs'], model['macs_before'])}")
+    narrowed = model["weights"].get("narrowed_by") or {}
+    if narrowed.get("layers"):  # the checkpoint's own narrowing: the counts above start from it
+        learned = ", ".join(f"{n}: {w['width']}->{w['kept']}" for n, w in narrowed["layers"].items() if w["kept"] != w["width"])
+        out.print(f"  weights    narrowed by {narrowed['method']} in training" + (f": {learned}" if learned else ""))
     changed = [f"{n}: {w['before']}->{w['after']}" for n, w in model["widths"].items() if w["before"] != w["after"]]
     if changed:
         shown = ", ".join(changed[:6]) + (f", ... ({len(changed)} layers)" if len(changed) > 6 else "")
@@ -200,6 +204,8 @@ def train_summary(trained, epochs: int, out_path) -> None:
             out.print(f"  {first} merged into {second} (a linear layer folded into the next)")
         for name, why in learned["not_gated"].items():
             out.print(f"  {name:<20} not gated: {why}")
+    if trained.result.stopped:
+        console(stderr=True).print(f"warning: {trained.result.stopped}")
     out.print(
         f"{trained.model.name} on {trained.data.name}: test accuracy {trained.result.test_accuracy:.2%} after {epochs} "
         f"epochs ({len(trained.data.y_test)} test samples); wrote {out_path}"

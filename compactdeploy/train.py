@@ -24,6 +24,7 @@ class TrainResult:
     test_accuracy: float
     losses: list[float]
     epochs: int
+    stopped: str | None = None  # why architecture learning stopped before the last epoch
 
 
 def evaluate(module, x: np.ndarray, y: np.ndarray, batch_size: int = 256, classes: int | None = None) -> float:
@@ -42,6 +43,8 @@ def evaluate(module, x: np.ndarray, y: np.ndarray, batch_size: int = 256, classe
 GATE_LR = 0.1
 DISTILL_TEMPERATURE = 4.0
 DISTILL_WEIGHT = 0.5  # of the soft-target loss; the rest is cross-entropy on the labels
+# architecture learning stops where test accuracy falls below this many times chance
+COLLAPSE_OVER_CHANCE = 2.0
 
 
 def train(
@@ -79,7 +82,8 @@ def train(
     # plain SGD for the gates: Adam would normalise away the penalty's strength, leaving its sign
     gate_optimiser = torch.optim.SGD(gates, lr=GATE_LR, momentum=0.9) if gates else None
     rng = np.random.default_rng(seed)
-    losses, accuracy = [], 0.0
+    losses, accuracy, best, stopped = [], 0.0, 0.0, None
+    last_good = _snapshot(module, gates) if gates else None
     for epoch in range(epochs):
         module.train()
         order = rng.permutation(len(x_train))
@@ -115,10 +119,42 @@ def train(
         accuracy = evaluate(module, x_test, data.y_test, classes=data.num_classes)
         if on_epoch:
             on_epoch(epoch + 1, epochs, losses[-1], accuracy)
+        if gates:
+            floor = COLLAPSE_OVER_CHANCE / data.num_classes
+            best = max(best, accuracy)
+            if best >= floor and accuracy < max(floor, best / 2):  # it had learnt, and the gates are closing it
+                _restore(module, gates, last_good)
+                accuracy = evaluate(module, x_test, data.y_test, classes=data.num_classes)
+                stopped = (f"test accuracy collapsed in epoch {epoch + 1} (the gates were closing the network); "
+                           f"kept epoch {epoch} ({accuracy:.2%}); lower --arch-strength (now {learner.config.strength:g}) "
+                           "to train on")
+                break
+            last_good = _snapshot(module, gates)
+    if gates and accuracy < COLLAPSE_OVER_CHANCE / data.num_classes:
+        raise CompactDeployError(
+            f"architecture learning left the network at chance (test accuracy {accuracy:.1%}, chance "
+            f"{1 / data.num_classes:.1%}): lower --arch-strength (now {learner.config.strength:g}); nothing written"
+        )
     if noise_outputs:
         _drop_outputs(module, noise_outputs)
     module.eval()
-    return TrainResult(accuracy, losses, epochs)
+    return TrainResult(accuracy, losses, epochs, stopped)
+
+
+def _snapshot(module, gates) -> tuple[dict, list]:
+    import copy
+
+    return copy.deepcopy(module.state_dict()), [g.detach().clone() for g in gates]
+
+
+def _restore(module, gates, snapshot) -> None:
+    import torch
+
+    state, values = snapshot
+    module.load_state_dict(state)
+    with torch.no_grad():
+        for gate, value in zip(gates, values):
+            gate.copy_(value)
 
 
 def _output_layer(module):
@@ -202,7 +238,7 @@ class TrainedCheckpoint:
 def train_to_checkpoint(
     model_name: str, data_name: str, out: Path, epochs: int, lr: float = 1e-3, batch_size: int = 64,
     model_args: dict[str, Any] | None = None, seed: int = 0, learn_arch: str | None = None,
-    arch_strength: float = 0.01, arch_k: float = 0.3, prior: str = "0.05,0.5",
+    arch_strength: float | None = None, arch_k: float = 0.3, prior: str = "0.05,0.5",
     on_epoch: EpochCallback | None = None, on_start: Callable[[LoadedModel, Dataset], None] | None = None,
 ) -> TrainedCheckpoint:
     """Train a zoo model on a local dataset (learning its architecture with ``learn_arch``) and write
@@ -218,8 +254,9 @@ def train_to_checkpoint(
     if learn_arch:
         import torch
 
-        from .learn import ArchConfig, ArchLearner
+        from .learn import DEFAULT_STRENGTH, ArchConfig, ArchLearner
 
+        arch_strength = DEFAULT_STRENGTH[learn_arch] if arch_strength is None else arch_strength
         try:
             alpha, beta = (float(v) for v in prior.split(","))
         except ValueError:
@@ -233,7 +270,8 @@ def train_to_checkpoint(
     if learner is None:
         save_checkpoint(loaded, dataset, result, out)
         return TrainedCheckpoint(loaded, dataset, result, None, [])
-    summary = {"method": learn_arch, **learner.summary(), "test_accuracy": result.test_accuracy}
+    summary = {"method": learn_arch, "strength": arch_strength, **learner.summary(), "test_accuracy": result.test_accuracy,
+               "stopped": result.stopped}
     plan = learner.finalize()
     save_pruned_checkpoint(loaded, plan, summary, out, learner.linearized, learner.merged)
     return TrainedCheckpoint(loaded, dataset, result, summary, list(learner.merged))

@@ -298,6 +298,8 @@ def load_weights(model: LoadedModel, path: str | Path, checkpoint: dict[str, Any
     for key in ("data", "test_accuracy", "epochs"):
         if key in checkpoint:
             model.weights[key] = checkpoint[key]
+    if checkpoint.get("prune_summary"):  # narrowed by 'compactdeploy prune' or learnt by 'train --learn-arch'
+        model.weights["narrowed_by"] = json.loads(checkpoint["prune_summary"])
 
 
 def load_model(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import read_json, run_cli
@@ -101,3 +103,48 @@ def test_shared_relu_modules_get_width_gates_but_no_depth_gate():
 def test_unknown_learning_method_is_refused(capsys, tmp_path):
     assert run_cli("train", "--model", "lenet300", "--data", "digits", "--learn-arch", "magic", "--out", tmp_path / "x") == 2
     assert "magic" in capsys.readouterr().err
+
+
+def test_gates_at_their_default_strength_give_lenet5_a_useful_narrower_model(tmp_path, capsys):
+    # at the former default (0.01) every layer of LeNet-5 closed to one unit: 7.8 % on digits, no warning
+    checkpoint = tmp_path / "gates.pt"
+    assert run_cli("train", "--model", "lenet5", "--data", "digits", "--learn-arch", "gates", "--out", checkpoint) == 0
+    payload = torch.load(checkpoint, weights_only=True)
+    learned = json.loads(payload["prune_summary"])
+    assert learned["test_accuracy"] >= 0.9 and learned["strength"] == 0.002 and learned["stopped"] is None
+    assert all(layer["kept"] >= 1 for layer in learned["layers"].values())
+    assert any(layer["kept"] < layer["width"] for layer in learned["layers"].values())
+    out = tmp_path / "build"
+    assert run_cli("build", "--model", "lenet5", "--weights", checkpoint, "--target", "host", "--repeat", "5",
+                   "--out", out) == 0
+    # the build says where its widths came from
+    assert read_json(out / "report.json")["model"]["weights"]["narrowed_by"]["layers"] == learned["layers"]
+    assert "narrowed by gates in training" in capsys.readouterr().out
+
+
+def test_gates_that_close_the_network_are_refused_and_write_nothing(tmp_path, capsys):
+    checkpoint = tmp_path / "gates.pt"
+    assert run_cli("train", "--model", "lenet5", "--data", "digits", "--learn-arch", "gates", "--arch-strength", "0.01",
+                   "--out", checkpoint) == 2
+    err = capsys.readouterr().err
+    assert "left the network at chance" in err and "lower --arch-strength (now 0.01)" in err
+    assert not checkpoint.exists()
+
+
+def test_a_collapse_during_training_stops_and_keeps_the_last_good_epoch():
+    data, model, _ = _digits_model("lenet300")
+    learner = ArchLearner(model.module, torch.from_numpy(fit_to_model(data, data.x_train[:1], model.input_shape[1:])),
+                          ArchConfig("gates", strength=0.002))
+    penalty, calls = learner.penalty, []
+
+    def closing_after_two_epochs(size):  # from epoch 3 on, a penalty that shuts every gate it can
+        calls.append(1)
+        if len(calls) <= 2 * -(-len(data.x_train) // 64):
+            return penalty(size)
+        return 100.0 * sum(g.gate.sum() for g in learner.groups)
+
+    learner.penalty = closing_after_two_epochs
+    result = train(model, data, 6, learner=learner)
+    assert result.stopped and "collapsed in epoch 3" in result.stopped and "kept epoch 2" in result.stopped
+    assert result.test_accuracy > 0.8  # the restored epoch, not the collapsed one
+    assert all(bool((g.gate >= 0.5).any()) for g in learner.groups)  # never every unit of a layer closed
