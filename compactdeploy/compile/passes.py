@@ -39,7 +39,28 @@ def import_onnx(onnx_path: str | Path, target: TargetSpec):
         mod = from_onnx(model, keep_params_in_input=False)
     except Exception as exc:  # TVM reports unsupported operators with several exception types
         raise CompactDeployError(f"TVM cannot import {onnx_path}: {first_line(exc)}") from None
-    return _pairwise_max_min(mod)
+    return _take_wrapping(_pairwise_max_min(mod))
+
+
+def _take_wrapping(mod):
+    """ONNX Gather imports as ``take(mode="fast")``, which TVM legalizes with a warning per call
+    ("Fast mode segfaults when there are out-of-bounds indices"); "wrap" reads the same elements
+    for every index ONNX allows (negative ones too) and cannot read out of bounds."""
+    from tvm import relax
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+    pattern = is_op("relax.take")(wildcard(), wildcard())
+
+    def rewrite(call, _matches):
+        if call.attrs.mode != "fast":
+            return call
+        axis = None if call.attrs.axis is None else int(call.attrs.axis)
+        return relax.op.take(call.args[0], call.args[1], axis=axis, mode="wrap")
+
+    for gv, function in list(mod.functions_items()):
+        if isinstance(function, relax.Function):
+            mod[gv] = rewrite_call(pattern, rewrite, function)
+    return mod
 
 
 def _clip_as_max_min(graph) -> None:
