@@ -3,6 +3,8 @@ line naming the layer and the way out where it cannot (tests/architectures.py ho
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -22,9 +24,9 @@ def test_data_free_merges_planted_duplicates_exactly_through_every_elementwise_a
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(10, 8), activation(), nn.Linear(8, 4)).eval()
     with torch.no_grad():  # neurons 5 and 7 copy 0 and 2: equal inputs, equal outputs through any of them
-        for copy, original in [(5, 0), (7, 2)]:
-            net[0].weight[copy] = net[0].weight[original]
-            net[0].bias[copy] = net[0].bias[original]
+        for duplicate, original in [(5, 0), (7, 2)]:
+            net[0].weight[duplicate] = net[0].weight[original]
+            net[0].bias[duplicate] = net[0].bias[original]
     x = torch.randn(200, 10)
     expected = net(x)
     result = prune(net, x[:1], PruneSpec("data-free", None), widths={"0": 6})
@@ -70,18 +72,30 @@ def test_the_random_method_takes_the_seed():
     assert plan(3) != plan(4)
 
 
-def test_a_grouped_convolution_is_refused_naming_every_layer_to_exclude():
-    x = torch.randn(2, 3, 8, 8)
-    for method in ("l1", "data-free"):
-        with pytest.raises(CompactDeployError) as refused:
-            prune(GroupedBottleneck().eval(), x[:1], PruneSpec(method, 0.5))
-        message = str(refused.value)
-        assert "grouped convolution grouped (groups=4)" in message
-        assert "--exclude grouped --exclude reduce" in message and "\n" not in message
+@pytest.mark.parametrize("widths", [{"reduce": 16, "grouped": 16}, {"reduce": 24}, {"grouped": 8}])
+def test_a_grouped_convolution_loses_the_same_positions_in_every_group_exactly(widths):
+    # l1 used to move channels between the convolution's groups without a word; data-free crashed
+    torch.manual_seed(0)
     net = GroupedBottleneck().eval()
-    result = prune(net, x[:1], PruneSpec("l1", 0.5), exclude=("grouped", "reduce"))
-    assert net.grouped.in_channels == net.grouped.out_channels == 32  # left whole, its groups intact
-    assert result.params_after < result.params_before and net(x).shape == (2, 10)
+    silenced = copy.deepcopy(net)
+    x = torch.randn(4, 3, 8, 8)
+    result = prune(net, x[:1], PruneSpec("l1", None), widths=widths)
+    assert net.grouped.groups == 4 and {name: g["after"] for name, g in result.groups.items()} == widths
+    for name, removed in result.plan.items():
+        positions = [{c % (32 // 4) for c in removed if c // (32 // 4) == block} for block in range(4)]
+        assert all(p == positions[0] for p in positions)  # the same positions in every group
+        assert "the same positions in every group" in result.groups[name]["grouped"]
+        with torch.no_grad():  # what narrowing must equal: the removed channels silenced (ReLU(0) = 0)
+            layer = dict(silenced.named_modules())[name]
+            layer.weight[removed], layer.bias[removed] = 0.0, 0.0
+    assert (net(x) - silenced(x)).abs().max() <= 1e-5
+
+
+def test_data_free_on_a_grouped_convolution_chooses_by_l1_and_says_why():
+    net = GroupedBottleneck().eval()
+    result = prune(net, torch.randn(1, 3, 8, 8), PruneSpec("data-free", 0.5))
+    assert result.groups["grouped"]["method"] == "l1 (fallback: data-free does not merge across groups)"
+    assert net.grouped.in_channels == net.grouped.out_channels == 16 and net.grouped.groups == 4
 
 
 def test_a_channel_shuffle_that_breaks_the_narrowed_model_names_the_layers_to_exclude():
@@ -114,21 +128,21 @@ def test_data_free_merges_planted_duplicates_exactly_through_a_depthwise_convolu
     assert "residual" in halved.groups["project"]["method"] and halved.groups["se_reduce"]["method"] == "data-free"
 
 
-def test_the_cli_refuses_a_grouped_convolution_in_one_line_with_exit_2(tmp_path, capsys):
+def test_the_cli_refuses_a_width_that_does_not_divide_among_the_groups(tmp_path, capsys):
     status = run_cli("prune", "--model", "tests/architectures.py:GroupedBottleneck", "--input-shape", "3,8,8",
-                     "--prune", "l1:0.5", "--out", tmp_path / "pruned.pt")
+                     "--prune", "l1", "--widths", "reduce=30", "--out", tmp_path / "pruned.pt")
     err = capsys.readouterr().err.strip().splitlines()
-    assert status == 2 and err[-1].startswith("error: prune: layer")  # after the load stage's progress line
-    assert "--exclude grouped --exclude reduce" in err[-1]
+    assert status == 2 and err[-1] == (
+        "error: --widths reduce=30: its channels feed 4 groups (groups split channels evenly); give a multiple of 4")
     assert not (tmp_path / "pruned.pt").exists()
 
 
 @pytest.mark.parametrize("model, args", [
     ("DenseBlock", ["--model-arg", "new_first=true", "--prune", "data-free", "--widths", "stem=5,conv1=4,conv2=3"]),
     ("MBConvSE", ["--prune", "data-free:0.5"]),
-    ("GroupedBottleneck", ["--prune", "l1:0.5", "--exclude", "grouped", "--exclude", "reduce"]),
+    ("GroupedBottleneck", ["--prune", "l1:0.5"]),
     ("TinyEncoder", ["--input-shape", "5,8", "--prune", "l1:0.5"]),
-], ids=["dense-block", "mbconv-se", "grouped-excluded", "transformer"])
+], ids=["dense-block", "mbconv-se", "grouped", "transformer"])
 def test_narrowed_constructs_export_compile_and_match_onnxruntime(model, args, tmp_path):
     out = tmp_path / model
     shape = [] if "--input-shape" in args else ["--input-shape", "3,8,8"]
@@ -179,5 +193,5 @@ def test_a_transformer_is_narrowed_by_whole_heads_and_an_uneven_width_is_refused
         removed = result.plan[residual]
         assert [sum(1 for c in removed if c // 8 == head) for head in range(4)] == [4, 4, 4, 4]
         assert net.encoder.layers[1].self_attn.head_dim == 4 and net(x).shape == (2, 10)
-    with pytest.raises(CompactDeployError, match="give a multiple of 4"):
+    with pytest.raises(CompactDeployError, match="feed 4 heads .* give a multiple of 4"):
         prune(TinyEncoder().eval(), x[:1], PruneSpec("l1", None), widths={"encoder.layers.1.linear2": 30})

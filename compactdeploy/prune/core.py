@@ -15,7 +15,8 @@ from typing import Any
 from ..errors import CompactDeployError, first_line
 from .groups import channel_group
 from .grow import growth_problem, sources_for, widen
-from .methods import AUTO, METHODS, Calibration, Selection
+from .blocks import blocks_of, describe, head_dims, keep_attention_scale, select_in_blocks
+from .methods import AUTO, METHODS, Calibration
 
 
 @dataclass(frozen=True)
@@ -197,20 +198,19 @@ def prune(
             continue
         if n_remove != 0:
             narrowing.append((root, view, name, n_remove))
-    _refuse_grouped_convolutions([(name, view) for _, view, name, _ in narrowing], name_of)
     for root, view, name, n_remove in narrowing:
-        attention = _attention_layers(view)
         try:
             view.refresh(graph)  # the same view (what prepare() saw), its indices as they are now
-            if attention:
-                selection = _per_head(method, view, n_remove, attention, name, requested=name in widths)
+            blocks = blocks_of(view, name, name_of)
+            if blocks is not None:
+                selection = select_in_blocks(method, view, n_remove, blocks, name, requested=name in widths)
             else:
                 selection = method.select(view, n_remove, channel_multiple)
-            head_dims = [layer.head_dim for layer in attention]
+            dims_before = head_dims(blocks)
             if selection.remove:
                 _remove_channels(graph, root, selection.remove)
-                for layer, head_dim in zip(attention, head_dims):
-                    _keep_attention_scale(layer, head_dim)
+                if dims_before:
+                    keep_attention_scale(blocks, dims_before)
         except CompactDeployError:
             raise
         except Exception as exc:  # a construct the channel views do not model: say where, and the way out
@@ -220,12 +220,9 @@ def prune(
                 f"pass --exclude {name}"
             ) from exc
         groups[name] = {"method": selection.method, "before": view.width, "after": view.width - len(selection.remove)}
-        if attention:
-            heads = attention[0].num_heads
-            groups[name]["attention"] = (
-                f"{len(selection.remove) // heads} channels from each of the {heads} heads of "
-                f"{len(attention)} attention layer(s); queries rescaled to keep the attention scale"
-            )
+        if blocks is not None:
+            groups[name]["attention" if blocks.kind == "heads" else "grouped"] = describe(
+                blocks, len(selection.remove), name_of)
         if selection.remove:
             plan[name] = selection.remove
     grown: dict[str, list[int]] = {}
@@ -256,79 +253,6 @@ def prune(
         groups=groups,
         grown=grown,
     )
-
-
-def _refuse_grouped_convolutions(narrowing, name_of) -> None:
-    """Grouped convolutions (not depthwise) are neither narrowed by whole groups nor balanced across
-    them yet; narrowing through one would silently move channels between its groups."""
-    from torch import nn
-
-    refused = {}
-    for name, view in narrowing:
-        for part in view.producers + view.consumers:
-            layer = part.module
-            if isinstance(layer, (nn.Conv1d, nn.Conv2d)) and layer.groups > 1:
-                refused[name] = f"{name_of.get(layer, '?')} (groups={layer.groups})"
-    if refused:
-        first = next(iter(refused))
-        raise CompactDeployError(
-            f"prune: layer {first!r} cannot be narrowed: its channels pass through grouped convolution "
-            f"{refused[first]}, which compactdeploy does not narrow yet; pass "
-            + " ".join(f"--exclude {name}" for name in refused)
-        )
-
-
-def _attention_layers(view) -> list:
-    from torch import nn
-
-    return [layer for layer in view.others if isinstance(layer, nn.MultiheadAttention)]
-
-
-def _per_head(method, view, n_remove: int, attention: list, name: str, requested: bool) -> Selection:
-    """The same number of channels from every attention head, by the method's scores (l1 for the
-    merging methods). Removed unevenly, the heads re-split the narrower width and each would read
-    channels of its neighbours."""
-    import torch
-
-    from .methods import Scorer, l1_scores
-
-    heads = attention[0].num_heads
-    if any(layer.num_heads != heads or layer.embed_dim != view.width for layer in attention) or any(
-        producer.per_channel != [[c] for c in range(view.width)] for producer in view.producers
-    ):
-        raise CompactDeployError(
-            f"prune: layer {name!r} feeds attention layers whose heads do not line up with its channels; "
-            f"pass --exclude {name}"
-        )
-    head_dim = view.width // heads
-    if requested and n_remove % heads:
-        raise CompactDeployError(
-            f"--widths {name}={view.width - n_remove}: its channels feed attention with {heads} heads; "
-            f"give a multiple of {heads}"
-        )
-    per_head = 0 if n_remove == AUTO else min(head_dim - 1, max(0, round(n_remove / heads)))
-    scorer = isinstance(method, Scorer)
-    scores = method.scores(view) if scorer else l1_scores(view)
-    remove = []
-    for head in range(heads):
-        block = scores[head * head_dim:(head + 1) * head_dim]
-        remove += [head * head_dim + i for i in torch.argsort(block, stable=True)[:per_head].tolist()]
-    label = method.name if scorer else f"l1 (fallback: {method.name} does not merge across attention heads)"
-    return Selection(sorted(remove), label)
-
-
-def _keep_attention_scale(layer, head_dim_before: int) -> None:
-    """Attention divides q.k by sqrt(head_dim); narrower heads would sharpen it. Scaling the queries
-    by sqrt(new/old) keeps the original scale."""
-    import torch
-
-    if layer.head_dim == head_dim_before:
-        return
-    factor = (layer.head_dim / head_dim_before) ** 0.5
-    with torch.no_grad():
-        layer.in_proj_weight[: layer.embed_dim] *= factor
-        if layer.in_proj_bias is not None:
-            layer.in_proj_bias[: layer.embed_dim] *= factor
 
 
 def _reshaped_groups(narrowing) -> list[str]:

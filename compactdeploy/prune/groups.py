@@ -66,6 +66,10 @@ class ChannelGroup:
         """Why merging with compensation is not exact here, or None when it is well defined."""
         if len(self.producers) != 1 and not self.gated:
             return "its channels are a sum of several layers (a residual addition)"
+        if any(isinstance(p.module, (nn.Conv1d, nn.Conv2d)) and p.module.groups > 1 for p in self.producers + self.consumers):
+            return "a grouped convolution splits its channels"
+        if any(isinstance(layer, nn.MultiheadAttention) for layer in self.others):
+            return "attention heads split its channels"
         if not self.consumers:
             return "no layer consumes its channels"
         other = self.ops - _CHANNELWISE - ({"Mul"} if self.gated else set())  # the gate's product is per channel
