@@ -103,3 +103,38 @@ class TinyEncoder(nn.Module):
     def forward(self, x):
         x = self.project(x) if self.project is not None else x
         return self.head(self.encoder(x).mean(1))
+
+
+class MobileNetV3Block(nn.Module):
+    """MobileNetV3's bottleneck: expand, depthwise, a hard-sigmoid squeeze-excitation, project; Hardswish."""
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.expand = nn.Conv2d(16, 48, 1)
+        self.bn1 = nn.BatchNorm2d(48)
+        self.dw = nn.Conv2d(48, 48, 3, padding=1, groups=48)
+        self.bn2 = nn.BatchNorm2d(48)
+        self.se_reduce = nn.Conv2d(48, 16, 1)
+        self.se_expand = nn.Conv2d(16, 48, 1)
+        self.project = nn.Conv2d(48, 16, 1)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = F.hardswish(self.stem(x))
+        y = F.hardswish(self.bn2(self.dw(F.hardswish(self.bn1(self.expand(x))))))
+        s = F.hardsigmoid(self.se_expand(F.relu(self.se_reduce(F.adaptive_avg_pool2d(y, 1)))))
+        return self.head(F.adaptive_avg_pool2d(x + self.project(y * s), 1).flatten(1))
+
+
+class AudioConv1d(nn.Module):
+    """A 1-D convolutional net on a 40-sample signal (MNIST-1D's length), as for audio or sensors."""
+    def __init__(self, classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv1d(1, 16, 5, padding=2)
+        self.bn1 = nn.BatchNorm1d(16)
+        self.conv2 = nn.Conv1d(16, 32, 3, padding=1)
+        self.head = nn.Linear(32, classes)
+
+    def forward(self, x):
+        x = F.max_pool1d(F.relu(self.bn1(self.conv1(x))), 2)
+        return self.head(F.adaptive_avg_pool1d(F.relu(self.conv2(x)), 1).flatten(1))

@@ -8,7 +8,8 @@ import copy
 import numpy as np
 import pytest
 import torch
-from architectures import DenseBlock, GroupedBottleneck, MBConvSE, ShuffleUnit, TinyEncoder
+from architectures import (AudioConv1d, DenseBlock, GroupedBottleneck, MBConvSE, MobileNetV3Block, ShuffleUnit,
+                           TinyEncoder)
 from conftest import read_json, run_cli
 from torch import nn
 
@@ -53,13 +54,17 @@ def test_data_free_merges_planted_duplicates_exactly_behind_dense_concatenations
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_method_narrows_a_dense_block_and_a_squeeze_excitation_block(method):
+def test_every_method_narrows_dense_squeeze_excitation_mobilenetv3_and_1d_blocks(method):
     rng = np.random.default_rng(0)
     calibration = Calibration(rng.standard_normal((32, 3, 8, 8)).astype(np.float32), rng.integers(0, 10, 32))
     x = torch.randn(2, 3, 8, 8)
-    for net in (DenseBlock(new_first=True).eval(), MBConvSE().eval()):
+    for net in (DenseBlock(new_first=True).eval(), MBConvSE().eval(), MobileNetV3Block().eval()):
         result = prune(net, x[:1], PruneSpec(method, 0.5), calibration=calibration)
         assert result.params_after < result.params_before and net(x).shape == (2, 10)
+    signals = Calibration(rng.standard_normal((32, 1, 40)).astype(np.float32), rng.integers(0, 10, 32))
+    net = AudioConv1d().eval()
+    result = prune(net, torch.randn(1, 1, 40), PruneSpec(method, 0.5), calibration=signals)
+    assert net.conv1.out_channels == 8 and net.conv2.in_channels == 8 and net(torch.randn(2, 1, 40)).shape == (2, 10)
 
 
 def test_the_random_method_takes_the_seed():
@@ -128,6 +133,32 @@ def test_data_free_merges_planted_duplicates_exactly_through_a_depthwise_convolu
     assert "residual" in halved.groups["project"]["method"] and halved.groups["se_reduce"]["method"] == "data-free"
 
 
+def test_data_free_merges_planted_duplicates_exactly_in_a_mobilenetv3_block_and_a_1d_net():
+    torch.manual_seed(0)
+    net = MobileNetV3Block().eval()
+    with torch.no_grad():  # channel 40 copies 7 through Hardswish, the depthwise filter and the hard-sigmoid gate
+        for norm in (net.bn1, net.bn2):
+            norm.running_mean.uniform_(-1, 1)
+            norm.running_var.uniform_(0.5, 2)
+        for tensor in (net.expand.weight, net.expand.bias, net.dw.weight, net.dw.bias, net.se_expand.weight,
+                       net.se_expand.bias, *(getattr(n, a) for n in (net.bn1, net.bn2)
+                                              for a in ("running_mean", "running_var", "weight", "bias"))):
+            tensor[40] = tensor[7]
+    x = torch.randn(8, 3, 8, 8)
+    expected = net(x)
+    result = prune(net, x[:1], PruneSpec("data-free", None), widths={"se_expand": 47})
+    assert result.groups["se_expand"]["method"] == "data-free" and result.plan == {"se_expand": [40]}
+    assert ((net(x) - expected).abs().max() / expected.abs().max()) <= 1e-5
+
+    signal = AudioConv1d().eval()
+    with torch.no_grad():  # filter 9 copies filter 3, batch norm included (at its defaults)
+        signal.conv1.weight[9], signal.conv1.bias[9] = signal.conv1.weight[3], signal.conv1.bias[3]
+    x = torch.randn(8, 1, 40)
+    expected = signal(x)
+    result = prune(signal, x[:1], PruneSpec("data-free", None), widths={"conv1": 15})
+    assert result.plan == {"conv1": [9]} and ((signal(x) - expected).abs().max() / expected.abs().max()) <= 1e-5
+
+
 def test_the_cli_refuses_a_width_that_does_not_divide_among_the_groups(tmp_path, capsys):
     status = run_cli("prune", "--model", "tests/architectures.py:GroupedBottleneck", "--input-shape", "3,8,8",
                      "--prune", "l1", "--widths", "reduce=30", "--out", tmp_path / "pruned.pt")
@@ -142,7 +173,9 @@ def test_the_cli_refuses_a_width_that_does_not_divide_among_the_groups(tmp_path,
     ("MBConvSE", ["--prune", "data-free:0.5"]),
     ("GroupedBottleneck", ["--prune", "l1:0.5"]),
     ("TinyEncoder", ["--input-shape", "5,8", "--prune", "l1:0.5"]),
-], ids=["dense-block", "mbconv-se", "grouped", "transformer"])
+    ("MobileNetV3Block", ["--prune", "data-free:0.5"]),
+    ("AudioConv1d", ["--input-shape", "1,40", "--prune", "l1:0.5"]),
+], ids=["dense-block", "mbconv-se", "grouped", "transformer", "mobilenetv3-block", "conv1d"])
 def test_narrowed_constructs_export_compile_and_match_onnxruntime(model, args, tmp_path):
     out = tmp_path / model
     shape = [] if "--input-shape" in args else ["--input-shape", "3,8,8"]

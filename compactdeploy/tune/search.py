@@ -202,6 +202,8 @@ def tune(
                                               f"after a {PICK_PAUSE_MS} ms pause ({len(to_pick)} kernels)")
                     picked["changed"] = pick_records(to_pick, database, measuring.builder, pick_runner(), say, interrupt)
                     picked.update(kernels=len(to_pick), s=round(time.perf_counter() - began, 1))
+                    if transferred:
+                        _name_applied(transferred, fresh, database)
         finally:
             if run is not None:
                 run.builder.shutdown()
@@ -468,3 +470,20 @@ def tune_model(onnx_path, target: TargetSpec, deployment, trials: int, linker, p
                     read_load=deployment.machine_load, transfer=transfer)
     except KeyboardInterrupt:
         raise CompactDeployError(f"tuning interrupted; {database.resume_hint()}") from None
+
+
+def _name_applied(outcomes: list[dict[str, Any]], indices: list[int], database: TuningDatabase) -> None:
+    """Transfer's outcome names its first timing's fastest schedule; the second timing may keep
+    another of them. Each outcome then names the one the build applies, as the compile report does."""
+    from ..compile.passes import TRANSFERRED_ORIGIN
+
+    records, picks, origins = database.read(), database.picks(), database.origins()
+    for outcome, index in zip(outcomes, indices):
+        if index not in records.ranked or outcome["source"] is None:
+            continue
+        origin = origins.get(record_key(records.applied(index, picks)[1]))
+        if origin is None:
+            continue
+        applied = f"{TRANSFERRED} {origin['from']}" if origin["source"] == TRANSFERRED_ORIGIN else origin["source"]
+        if applied != outcome["source"]:
+            outcome.update(source=applied, first_timing=outcome["source"])
