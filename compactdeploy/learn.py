@@ -37,8 +37,8 @@ DEPTH_INIT = 0.3
 KEEP_INIT = 0.5  # gdropout: plain dropout at first; the prior and the data move k from there
 KEEP_THRESHOLD = 0.1  # gdropout: units whose keep probability k ends below this are removed
 EPS = 1e-4
-# --arch-strength by method: gates' l1 at 0.01 closed every unit of LeNet-5 on digits (its 6- and
-# 16-channel layers feel the width penalty most); docs/methods.md has the measured band
+# --arch-strength by method: inside the band where each keeps a useful model (docs/methods.md);
+# narrow layers feel the gates' width penalty most, so the default suits the narrow models too
 DEFAULT_STRENGTH = {"gates": 0.002, "sparse": 0.001, "gdropout": 3.0}
 
 

@@ -43,7 +43,8 @@ def evaluate(module, x: np.ndarray, y: np.ndarray, batch_size: int = 256, classe
 GATE_LR = 0.1
 DISTILL_TEMPERATURE = 4.0
 DISTILL_WEIGHT = 0.5  # of the soft-target loss; the rest is cross-entropy on the labels
-# architecture learning stops where test accuracy falls below this many times chance
+# architecture learning has collapsed where test accuracy, once at this many times chance or above,
+# falls below it or below half its best; a network that never reaches it is left at chance
 COLLAPSE_OVER_CHANCE = 2.0
 
 
