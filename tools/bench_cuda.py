@@ -172,7 +172,7 @@ def write(out_dir: Path, info: dict, rows: list[dict], jetson: dict | None) -> N
         f"Measured on {info['gpu']} (host CPU: {info['cpu']}), {info['date']}; TVM {info['tvm']}, "
         f"torch {info['torch']}, {info['nvcc']}. Random weights (seeded). Batch 1, fp32. Medians of "
         f"{info['runs']} runs: TVM by its time evaluator, PyTorch by CUDA events. onnxruntime's CUDA "
-        "provider is not among them: see the note under the table.",
+        "provider is not among them: see the note under the table. Command: `" + info["command"] + "`.",
         "",
         "| model | prune | build s | TVM ms (build) | TVM ms (runtime) | torch eager ms | torch CUDA graph ms "
         "| TVM / graph | max abs vs onnxruntime | max abs vs torch |",
