@@ -202,8 +202,8 @@ def tune(
                                               f"after a {PICK_PAUSE_MS} ms pause ({len(to_pick)} kernels)")
                     picked["changed"] = pick_records(to_pick, database, measuring.builder, pick_runner(), say, interrupt)
                     picked.update(kernels=len(to_pick), s=round(time.perf_counter() - began, 1))
-                    if transferred:
-                        _name_applied(transferred, fresh, database)
+                if transferred:
+                    _name_applied(transferred, fresh, database)
         finally:
             if run is not None:
                 run.builder.shutdown()
@@ -473,8 +473,9 @@ def tune_model(onnx_path, target: TargetSpec, deployment, trials: int, linker, p
 
 
 def _name_applied(outcomes: list[dict[str, Any]], indices: list[int], database: TuningDatabase) -> None:
-    """Transfer's outcome names its first timing's fastest schedule; the second timing may keep
-    another of them. Each outcome then names the one the build applies, as the compile report does."""
+    """Transfer's outcome names the schedule its own timing found fastest; the build applies the
+    database's choice (its ranking of the recorded times, or the second timing's pick), which can be
+    another. Each outcome then names the one the build applies, as the compile report does."""
     from ..compile.passes import TRANSFERRED_ORIGIN
 
     records, picks, origins = database.read(), database.picks(), database.origins()
