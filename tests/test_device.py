@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -265,7 +266,23 @@ def test_cuda_build_runs_on_this_gpu_and_matches_onnxruntime(tmp_path):
     report = read_json(out / "report.json")
     assert report["latency_ms"]["runs"] == 50
     assert report["measured_on"]["cuda"]
+    assert f"measured on real hardware: {report['measured_on']['cuda']} on " in report["figures"]["latency"]
     assert report["parity"]["onnx_vs_tvm_max_abs"] <= 1e-4
+
+
+def test_the_device_agent_keeps_torch_out_of_the_process_it_forks_sessions_from():
+    # tvm_ffi imports torch when it is installed; a CUDA torch in the agent left every forked session
+    # unable to start the driver (cuInit: CUDA_ERROR_NOT_INITIALIZED), so the H200 measured nothing
+    agent = local_agent()
+    try:
+        session = connect(agent.address)
+        assert session.fingerprint["machine"]
+        del session
+        maps = Path(f"/proc/{agent.process.pid}/maps").read_text()
+    finally:
+        agent.stop()
+    assert "libtvm_runtime" in maps  # the agent has loaded TVM...
+    assert "libtorch" not in maps  # ...and not torch
 
 
 _RUNTIME_ONLY_CUDA = """
@@ -306,7 +323,9 @@ def test_a_runtime_only_tvm_loads_its_cuda_plugin_and_says_why_there_is_no_gpu(t
 
     with_driver = run("stub")
     assert "reason: None" in with_driver and "plugin loaded: True" in with_driver
-    assert "error: TVM finds no CUDA GPU on this machine\n" in with_driver
+    # the stand-in's cuInit answers as a driver on a machine without a GPU does
+    assert "error: TVM finds no CUDA GPU on this machine (the NVIDIA driver does not start (cuInit: " \
+        "CUDA_ERROR_NO_DEVICE))\n" in with_driver
     if not _has_nvidia_gpu():
         without = run("none")
         assert "plugin loaded: False" in without

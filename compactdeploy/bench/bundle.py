@@ -64,7 +64,10 @@ def measure_bundle(directory: Path, deployment, repeat: int, warmup: int, progre
     elif fingerprint.get("cpu") is None:
         where = f"measured on the device at {address} (a stock TVM server: real or emulated is unknown)"
     else:
-        where = f"measured on real hardware: {fingerprint['hostname']} ({fingerprint['cpu']}), {address}"
+        machine = f"{fingerprint['hostname']} ({fingerprint['cpu']})"
+        if deployment.backend.device == "cuda" and fingerprint.get("cuda"):
+            machine = f"{fingerprint['cuda']} on {machine}"  # the GPU ran the kernels, not the CPU named
+        where = f"measured on real hardware: {machine}, {address}"
     if measurement.cut_short:
         where += f"; CUT SHORT: {measurement.cut_short}"
     if is_busy(measurement.load):

@@ -30,6 +30,7 @@ _STUB_SOURCE = (
     "/* Build-host stand-in for the NVIDIA driver: every call fails with CUDA_ERROR_NO_DEVICE. */\n"
     "typedef int CUresult;\n"
     + "".join(f"CUresult {name}(void) {{ return 100; }}\n" for name in _DRIVER_FUNCTIONS)
+    + "CUresult cuInit(unsigned int flags) { return 100; }\n"  # what the runtime calls first (runtime.run)
     + 'CUresult cuGetErrorName(CUresult e, const char **s) { *s = "CUDA_ERROR_NO_DEVICE"; return 0; }\n'
     'CUresult cuGetErrorString(CUresult e, const char **s) { *s = "no NVIDIA driver on this build host"; return 0; }\n'
 )

@@ -332,6 +332,16 @@ FUNCTIONS = {
 }
 
 
+def _keep_torch_out() -> None:
+    """Stop TVM's FFI from importing torch into the agent, which never uses it.
+
+    tvm_ffi imports torch whenever it is installed; a CUDA build of torch loaded in this process
+    before a session is forked leaves the CUDA driver unable to start in the session (cuInit:
+    CUDA_ERROR_NOT_INITIALIZED), so a Jetson or GPU host with torch measured nothing."""
+    if "torch" not in sys.modules:
+        sys.modules["torch"] = None  # "import torch" now raises ImportError, which tvm_ffi skips
+
+
 def serve(host: str, port: int, port_end: int, tracker: str | None, key: str, token: str | None,
           on_ready=None, threads: int | None = None) -> None:
     """Register the functions and serve until SIGTERM or Ctrl-C; ``on_ready(port)`` once bound.
@@ -340,6 +350,7 @@ def serve(host: str, port: int, port_end: int, tracker: str | None, key: str, to
     ``token``: clients must present it (``listener.client_key``); None serves anyone who reaches
     the port. Raises ``listener.ListenerDied`` when serving cannot go on.
     """
+    _keep_torch_out()
     import tvm_ffi
     from tvm.rpc import server as _session_environment  # noqa: F401 (loads what sessions load: see below)
 

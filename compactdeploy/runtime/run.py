@@ -213,15 +213,35 @@ def load_cuda_plugin() -> str | None:
     return None
 
 
+def init_cuda_driver() -> str | None:
+    """``cuInit`` once in this process; why it fails, or None.
+
+    TVM's plugin calls driver functions (cuDeviceGetName, cuModuleLoadData) that need it, but
+    leaves it to the CUDA runtime's lazy start, which a forked session process does not always
+    get (seen as CUDA_ERROR_NOT_INITIALIZED in the device agent's sessions)."""
+    import ctypes
+
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")  # the plugin links it: already loaded
+        status = driver.cuInit(0)
+    except (OSError, AttributeError) as exc:
+        return f"no NVIDIA driver ({str(exc).splitlines()[0][:160]})"
+    if status == 0:
+        return None
+    name = ctypes.c_char_p()
+    driver.cuGetErrorName(status, ctypes.byref(name))
+    return f"the NVIDIA driver does not start (cuInit: {(name.value or b'').decode() or status})"
+
+
 def tvm_device(kind: str):
     """``tvm.cuda(0)`` (its plugin loaded) or ``tvm.cpu(0)``; raises BundleError where there is no GPU."""
     import tvm
 
     if kind != "cuda":
         return tvm.cpu(0)
-    reason = load_cuda_plugin()
+    reason = load_cuda_plugin() or init_cuda_driver()
     device = tvm.cuda(0)
-    if not device.exist:
+    if reason or not device.exist:
         raise BundleError("TVM finds no CUDA GPU on this machine" + (f" ({reason})" if reason else ""))
     return device
 
