@@ -31,6 +31,7 @@ from torch import nn
 from .errors import CompactDeployError
 from .prune.core import _graph, _prunable_types, call_order, replay
 from .prune.groups import ChannelGroup, channel_group
+from .prune.trace import fixed_reason
 
 GATE_INIT = 0.51  # just above the 0.5 threshold: every unit starts on, and the bimodal pull is ~0
 DEPTH_INIT = 0.3
@@ -85,12 +86,16 @@ class ArchLearner:
 
     # --- attaching ---------------------------------------------------------------------------
     def _attach_channel_gates(self) -> None:
-        graph, ignored, name_of = _graph(self.module, self.example, ())
+        graph, opaque, ignored, name_of = _graph(self.module, self.example, ())
         order = call_order(self.module, self.example)
         for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=list(_prunable_types())):
             root = group[0].dep.target.module
-            view = channel_group(graph, root)
             name = name_of[root]
+            fixed = fixed_reason(group, opaque)
+            if fixed is not None:  # the model fixes this width: no gate can narrow it
+                self.skipped[name] = fixed
+                continue
+            view = channel_group(graph, root)
             problem = view.merge_problem
             if problem is None and not view.single_path:  # a gate here would not sit where one layer's d can act
                 problem = "a depthwise convolution or a squeeze-excitation gate acts on its channels"

@@ -104,6 +104,8 @@ def load_and_prune(config: BuildConfig, target: TargetSpec, prune_spec, clock: S
             clock.summary = (
                 f"{options.prune}, params {prune_result.params_before:,} -> {prune_result.params_after:,}"
                 + (f" ({fallbacks} coupled groups by l1)" if fallbacks else "")
+                + (f"; {', '.join(prune_result.fixed)} kept: {next(iter(prune_result.fixed.values()))}"
+                   if prune_result.fixed else "")
             )
         else:
             clock.summary = "skipped (no --prune)"

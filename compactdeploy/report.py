@@ -52,6 +52,7 @@ def build_report(config, target, pruned, exported, compiled, tuned=None, databas
                 "groups": prune_result.groups,
                 "plan": prune_result.plan,
                 "grown": prune_result.grown,
+                "fixed": prune_result.fixed,
             }
             if prune_result
             else None

@@ -69,6 +69,51 @@ class ShuffleUnit(nn.Module):
         return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
+def channel_shuffle(x, groups):
+    """torchvision's: view as (n, groups, c/groups, h, w), swap the two, flatten back."""
+    n, c, h, w = x.size()
+    x = torch.transpose(x.view(n, groups, c // groups, h, w), 1, 2).contiguous()
+    return x.view(n, -1, h, w)
+
+
+def _conv_bn(cin, cout, kernel=1, stride=1, groups=1, relu=True):
+    layers = [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+    return nn.Sequential(*layers, *([nn.ReLU()] if relu else []))
+
+
+class ShuffleV2Unit(nn.Module):
+    """torchvision's ShuffleNetV2 InvertedResidual: stride 2 runs two branches on the input, stride 1
+    splits it (chunk) and runs one; both concatenate and shuffle."""
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.stride, half = stride, cout // 2
+        self.branch1 = (nn.Sequential(_conv_bn(cin, cin, 3, stride, cin, relu=False), _conv_bn(cin, half))
+                        if stride > 1 else nn.Sequential())
+        self.branch2 = nn.Sequential(_conv_bn(cin if stride > 1 else half, half),
+                                     _conv_bn(half, half, 3, stride, half, relu=False), _conv_bn(half, half))
+
+    def forward(self, x):
+        if self.stride == 1:
+            x1, x2 = x.chunk(2, dim=1)
+            out = torch.cat((x1, self.branch2(x2)), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        return channel_shuffle(out, 2)
+
+
+class ShuffleNetV2(nn.Module):
+    """A small ShuffleNetV2: stem, one stage (a stride-2 unit and two stride-1 units), conv5, classifier."""
+    def __init__(self, classes=10):
+        super().__init__()
+        self.conv1 = _conv_bn(3, 16, 3, 2)
+        self.stage2 = nn.Sequential(ShuffleV2Unit(16, 32, 2), ShuffleV2Unit(32, 32, 1), ShuffleV2Unit(32, 32, 1))
+        self.conv5 = _conv_bn(32, 64)
+        self.fc = nn.Linear(64, classes)
+
+    def forward(self, x):
+        return self.fc(self.conv5(self.stage2(self.conv1(x))).mean((2, 3)))
+
+
 class MBConvSE(nn.Module):
     """EfficientNet's MBConv: expand, depthwise, squeeze-excitation, project; SiLU throughout."""
     def __init__(self, classes=10):
@@ -103,6 +148,66 @@ class TinyEncoder(nn.Module):
     def forward(self, x):
         x = self.project(x) if self.project is not None else x
         return self.head(self.encoder(x).mean(1))
+
+
+class PreNormBlock(nn.Module):
+    """A pre-norm Transformer block as hand-written models have it (timm's ViT block): x + attn(ln(x)), x + mlp(ln(x))."""
+    def __init__(self, width=16, heads=2, hidden=32):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(width)
+        self.attention = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln2 = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x):
+        h = self.ln1(x)
+        x = x + self.attention(h, h, h, need_weights=False)[0]
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class HandWrittenAttention(nn.Module):
+    """timm-style attention: one qkv projection reshaped into (3, heads, head width) by the model's code."""
+    def __init__(self, classes=10, width=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Linear(8, width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        x = self.embed(x)
+        n, t, c = x.shape
+        q, k, v = self.qkv(x).reshape(n, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        attention = (q @ k.transpose(-2, -1) * (c // self.heads) ** -0.5).softmax(-1)
+        x = x + self.proj((attention @ v).transpose(1, 2).reshape(n, t, c))
+        return self.head(x.mean(1))
+
+
+class InputStreamEncoder(nn.Module):
+    """Two pre-norm blocks whose residual stream is the model's input (no input projection)."""
+    def __init__(self, classes=10, width=16):
+        super().__init__()
+        self.blocks = nn.Sequential(PreNormBlock(width), PreNormBlock(width))
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.head(self.blocks(x).mean(1))
+
+
+class InputResidualConv(nn.Module):
+    """x + conv(relu(conv(x))) on the image itself: the first residual's width is the input's."""
+    def __init__(self, classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 3, 3, padding=1)
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = x + self.conv2(F.relu(self.conv1(x)))
+        return self.head(F.relu(self.stem(x)).mean((2, 3)))
 
 
 class MobileNetV3Block(nn.Module):

@@ -8,8 +8,9 @@ import copy
 import numpy as np
 import pytest
 import torch
-from architectures import (AudioConv1d, DenseBlock, GroupedBottleneck, MBConvSE, MobileNetV3Block, ShuffleUnit,
-                           TinyEncoder)
+from architectures import (AudioConv1d, DenseBlock, GroupedBottleneck, HandWrittenAttention, InputResidualConv,
+                           InputStreamEncoder,
+                           MBConvSE, MobileNetV3Block, ShuffleNetV2, ShuffleUnit, TinyEncoder)
 from conftest import read_json, run_cli
 from torch import nn
 
@@ -103,14 +104,38 @@ def test_data_free_on_a_grouped_convolution_chooses_by_l1_and_says_why():
     assert net.grouped.in_channels == net.grouped.out_channels == 16 and net.grouped.groups == 4
 
 
-def test_a_channel_shuffle_that_breaks_the_narrowed_model_names_the_layers_to_exclude():
-    x = torch.randn(2, 3, 8, 8)
-    with pytest.raises(CompactDeployError) as refused:
-        prune(ShuffleUnit().eval(), x[:1], PruneSpec("l1", 0.5))
-    assert "channel shuffle" in str(refused.value) and "--exclude" in str(refused.value) and "(pw2)" in str(refused.value)
+def test_a_channel_shuffle_keeps_the_widths_it_interleaves_and_the_branch_inside_narrows_exactly():
+    # removing pw1's channels equals silencing them (their row, their depthwise filter): the shuffle's
+    # own widths (the stem's and pw2's) stay, and the report says why
+    torch.manual_seed(0)
     net = ShuffleUnit().eval()
-    result = prune(net, x[:1], PruneSpec("l1", 0.5), exclude=("pw2",))
-    assert result.plan and net(x).shape == (2, 10)
+    x = torch.randn(4, 3, 8, 8)
+    reference = copy.deepcopy(net)
+    result = prune(net, x[:1], PruneSpec("l1", 0.5))
+    assert net.pw1.out_channels == net.dw.out_channels == net.pw2.in_channels == 4 and net.dw.groups == 4
+    assert net.stem.out_channels == 16 and net.pw2.out_channels == 8 and net.head.in_features == 16
+    assert set(result.fixed) == {"pw2"} and "channel shuffle" in result.fixed["pw2"]
+    with torch.no_grad():
+        (removed,) = result.plan.values()  # pw1 -> dw -> pw2's input: one group
+        for c in removed:
+            reference.pw1.weight[c], reference.pw1.bias[c] = 0.0, 0.0
+            reference.dw.weight[c], reference.dw.bias[c] = 0.0, 0.0
+    expected = reference(x)
+    assert ((net(x) - expected).abs().max() / expected.abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("method", ["l1", "data-free"])
+def test_shufflenetv2_units_narrow_inside_their_branches_and_keep_their_shuffled_widths(method):
+    # torch-pruning alone divided by zero while tracing torchvision's shuffle (ZeroDivisionError)
+    net = ShuffleNetV2().eval()
+    x = torch.randn(2, 3, 16, 16)
+    result = prune(net, x[:1], PruneSpec(method, 0.5))
+    assert all("channel shuffle" in why for why in result.fixed.values()) and result.fixed
+    assert net.conv1[0].out_channels == 8 and net.conv5[0].out_channels == 32
+    for unit in net.stage2:
+        assert unit.branch2[0][0].out_channels == unit.branch2[1][0].groups == unit.branch2[2][0].in_channels == 8
+        assert unit.branch2[2][0].out_channels == 16  # half of the unit's shuffled width
+    assert net(x).shape == (2, 10)
 
 
 def test_data_free_merges_planted_duplicates_exactly_through_a_depthwise_convolution_and_a_gate():
@@ -175,7 +200,10 @@ def test_the_cli_refuses_a_width_that_does_not_divide_among_the_groups(tmp_path,
     ("TinyEncoder", ["--input-shape", "5,8", "--prune", "l1:0.5"]),
     ("MobileNetV3Block", ["--prune", "data-free:0.5"]),
     ("AudioConv1d", ["--input-shape", "1,40", "--prune", "l1:0.5"]),
-], ids=["dense-block", "mbconv-se", "grouped", "transformer", "mobilenetv3-block", "conv1d"])
+    ("InputStreamEncoder", ["--input-shape", "5,16", "--prune", "data-free:0.5"]),
+    ("ShuffleNetV2", ["--input-shape", "3,16,16", "--prune", "l1:0.5"]),
+], ids=["dense-block", "mbconv-se", "grouped", "transformer", "mobilenetv3-block", "conv1d", "input-stream",
+        "shufflenetv2"])
 def test_narrowed_constructs_export_compile_and_match_onnxruntime(model, args, tmp_path):
     out = tmp_path / model
     shape = [] if "--input-shape" in args else ["--input-shape", "3,8,8"]
@@ -228,3 +256,35 @@ def test_a_transformer_is_narrowed_by_whole_heads_and_an_uneven_width_is_refused
         assert net.encoder.layers[1].self_attn.head_dim == 4 and net(x).shape == (2, 10)
     with pytest.raises(CompactDeployError, match="feed 4 heads .* give a multiple of 4"):
         prune(TinyEncoder().eval(), x[:1], PruneSpec("l1", None), widths={"encoder.layers.1.linear2": 30})
+
+
+@pytest.mark.parametrize("method", ["l1", "data-free", "taylor"])
+def test_a_residual_stream_that_is_the_model_input_keeps_its_width_and_the_rest_narrows(method):
+    # the input's width is the caller's: narrowing the stream crashed the forward pass before
+    rng = np.random.default_rng(0)
+    for net, x in [(InputStreamEncoder().eval(), torch.randn(2, 5, 16)), (InputResidualConv().eval(), torch.randn(2, 3, 8, 8))]:
+        calibration = Calibration(rng.standard_normal((16, *x.shape[1:])).astype(np.float32), rng.integers(0, 10, 16))
+        result = prune(net, x[:1], PruneSpec(method, 0.5), calibration=calibration)
+        if isinstance(net, InputStreamEncoder):
+            assert list(result.fixed) == ["blocks.1.fc2"]  # the stream's group, named by its last layer
+            assert net.blocks[1].ln2.normalized_shape == (16,) and net.blocks[0].fc1.out_features == 16
+            assert net.blocks[1].fc1.out_features == 16
+        else:
+            assert list(result.fixed) == ["conv2"] and net.conv2.out_channels == 3 and net.conv1.out_channels == 8
+            assert net.stem.out_channels == 8
+        assert "model's input" in next(iter(result.fixed.values()))
+        assert net(x).shape == (2, 10)
+
+
+def test_a_width_for_a_layer_on_the_input_stream_is_refused_in_one_line():
+    with pytest.raises(CompactDeployError, match=r"layer 'conv2' cannot be given a width: its channels are added "
+                                                 r"to the model's input"):
+        prune(InputResidualConv().eval(), torch.randn(1, 3, 8, 8), PruneSpec("l1", None), widths={"conv2": 2})
+
+
+def test_a_reshape_into_heads_in_the_models_own_code_is_refused_in_one_line_naming_the_layer():
+    with pytest.raises(CompactDeployError) as refused:
+        prune(HandWrittenAttention().eval(), torch.randn(1, 5, 8), PruneSpec("l1", 0.5))
+    message = str(refused.value)
+    assert message.startswith("prune: the narrowed model no longer runs") and "\n" not in message
+    assert "splits channels into heads" in message and "--exclude" in message and "(qkv)" in message

@@ -17,6 +17,7 @@ from .groups import channel_group
 from .grow import growth_problem, sources_for, widen
 from .blocks import blocks_of, describe, head_dims, keep_attention_scale, select_in_blocks
 from .methods import AUTO, METHODS, Calibration
+from .trace import dependency_graph, fixed_reason
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class PruneResult:
     groups: dict[str, dict[str, Any]]
     # group root layer name -> the channels copied to widen it (--allow-grow), applied after ``plan``
     grown: dict[str, list[int]] = field(default_factory=dict)
+    # group root layer name -> why its width is fixed although it is no output layer (it meets the model's input)
+    fixed: dict[str, str] = field(default_factory=dict)
 
 
 def parse_prune_spec(text: str, widths_given: bool = False) -> PruneSpec:
@@ -136,24 +139,30 @@ def count_macs_params(module, example_input) -> tuple[int, int]:
 
 
 def _graph(module, example_input, excluded_names: tuple[str, ...]):
-    import torch_pruning as tp
-
     names = dict(module.named_modules())
     missing = [n for n in excluded_names if n not in names]
     if missing:
         raise CompactDeployError(
             f"no layer named {missing[0]!r} to exclude; layers are {', '.join(layer_widths(module))}"
         )
-    graph = tp.DependencyGraph().build_dependency(module, example_inputs=example_input)
+    graph, opaque = dependency_graph(module, example_input)
     ignored = output_layers(module, example_input) + [names[n] for n in excluded_names]
-    return graph, ignored, {m: n for n, m in names.items()}
+    return graph, opaque, ignored, {m: n for n, m in names.items()}
 
 
-def prunable_groups(module, example_input, exclude: tuple[str, ...] = ()):
-    """torch-pruning's graph, module -> name, and every prunable group: its root layer and channel view."""
-    graph, ignored, name_of = _graph(module, example_input, exclude)
+def prunable_groups(module, example_input, exclude: tuple[str, ...] = (), fixed: dict[str, str] | None = None):
+    """torch-pruning's graph, module -> name, and every prunable group: its root layer and channel view.
+    ``fixed``, if given, receives the groups left out because the model fixes their width (``trace``)."""
+    graph, opaque, ignored, name_of = _graph(module, example_input, exclude)
     groups = graph.get_all_groups(ignored_layers=ignored, root_module_types=list(_prunable_types()))
-    roots = [g[0].dep.target.module for g in groups]
+    roots = []
+    for group in groups:
+        root = group[0].dep.target.module
+        reason = fixed_reason(group, opaque)
+        if reason is None:
+            roots.append(root)
+        elif fixed is not None:
+            fixed[name_of[root]] = reason
     return graph, name_of, roots, [channel_group(graph, root) for root in roots]
 
 
@@ -177,8 +186,9 @@ def prune(
     module.eval()
     widths_before = layer_widths(module)
     macs_before, params_before = count_macs_params(module, example_input)
-    graph, name_of, roots, views = prunable_groups(module, example_input, exclude)
-    _check_widths(widths, roots, views, name_of, widths_before, allow_grow)
+    fixed: dict[str, str] = {}
+    graph, name_of, roots, views = prunable_groups(module, example_input, exclude, fixed)
+    _check_widths(widths, roots, views, name_of, widths_before, allow_grow, fixed)
     method.prepare(module, views, calibration)
     plan: dict[str, list[int]] = {}
     groups: dict[str, dict[str, Any]] = {}
@@ -216,7 +226,7 @@ def prune(
         except Exception as exc:  # a construct the channel views do not model: say where, and the way out
             raise CompactDeployError(
                 f"prune: narrowing layer {name!r} by {spec.method} failed ({type(exc).__name__}: {first_line(exc)}); "
-                f"something on its channels is not supported yet (a concatenation or a channel shuffle): "
+                f"something on its channels is not supported yet: "
                 f"pass --exclude {name}"
             ) from exc
         groups[name] = {"method": selection.method, "before": view.width, "after": view.width - len(selection.remove)}
@@ -233,10 +243,10 @@ def prune(
         groups[name] = {"method": "net2wider", "before": before, "after": view.width}
     try:
         macs_after, params_after = count_macs_params(module, example_input)
-    except RuntimeError as exc:  # shapes no longer agree: a reshape moved channels between groups
+    except RuntimeError as exc:  # shapes no longer agree: a reshape with sizes of its own split the channels
         raise CompactDeployError(
-            f"prune: the narrowed model no longer runs ({first_line(exc)[:160]}); a reshape that moves channels "
-            f"between layers (a channel shuffle) is the usual cause"
+            f"prune: the narrowed model no longer runs ({first_line(exc)[:160]}); a reshape in the model's own "
+            f"code that splits channels into heads or groups (a hand-written attention's qkv.reshape) is the usual cause"
             + (f": pass --exclude for the layers whose channels it reshapes ({', '.join(sorted(suspects))})"
                if (suspects := _reshaped_groups(narrowing)) else ": exclude the layers before it (--exclude LAYER)")
         ) from exc
@@ -252,20 +262,24 @@ def prune(
         plan=plan,
         groups=groups,
         grown=grown,
+        fixed=fixed,
     )
 
 
 def _reshaped_groups(narrowing) -> list[str]:
-    """Narrowed groups whose channels pass a reshape with a transpose (what a channel shuffle traces to)."""
+    """Narrowed groups whose channels pass a reshape with a transpose (what splitting into heads traces to)."""
     return [name for _, view, name, _ in narrowing
             if view.ops & {"View", "Reshape"} and view.ops & {"Transpose", "Permute"}]
 
 
-def _check_widths(widths, roots, views, name_of, all_widths, allow_grow: bool = False) -> None:
+def _check_widths(widths, roots, views, name_of, all_widths, allow_grow: bool = False,
+                  fixed: dict[str, str] | None = None) -> None:
     root_names = {name_of[root]: view for root, view in zip(roots, views)}
     for name, width in widths.items():
         if name not in all_widths:
             raise CompactDeployError(f"--widths names layer {name!r}, which the model does not have; layers: {', '.join(all_widths)}")
+        if name in (fixed or {}):
+            raise CompactDeployError(f"layer {name!r} cannot be given a width: {fixed[name]}")
         if name not in root_names:
             owner = next(
                 (root for root, view in root_names.items()
@@ -297,10 +311,8 @@ def _remove_channels(graph, root, indices: list[int]) -> None:
 def replay(module, example_input, plan: dict[str, list[int]], grown: dict[str, list[int]] | None = None) -> None:
     """Apply a recorded plan (removals, then the copies that widened groups) to a fresh copy of the
     model it was made on, in place. The copies' weights do not matter: the checkpoint's replace them."""
-    import torch_pruning as tp
-
     names = dict(module.named_modules())
-    graph = tp.DependencyGraph().build_dependency(module, example_inputs=example_input)
+    graph, _ = dependency_graph(module, example_input)
     growing = []
     for name, sources in (grown or {}).items():
         if name not in names:
