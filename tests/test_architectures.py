@@ -288,3 +288,20 @@ def test_a_reshape_into_heads_in_the_models_own_code_is_refused_in_one_line_nami
     message = str(refused.value)
     assert message.startswith("prune: the narrowed model no longer runs") and "\n" not in message
     assert "splits channels into heads" in message and "--exclude" in message and "(qkv)" in message
+
+
+class _TextOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.hidden, self.out = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return {"logits": self.out(self.hidden(x)), "label": "text"}
+
+
+def test_a_model_torch_pruning_cannot_trace_is_refused_in_one_line_not_an_internal_error():
+    with pytest.raises(CompactDeployError) as refused:
+        prune(_TextOutput().eval(), torch.randn(1, 4), PruneSpec("l1", 0.5))
+    message = str(refused.value)
+    assert message.startswith("prune: torch-pruning cannot trace this model's channels (AttributeError")
+    assert "must be tensors" in message and "without --prune" in message and "\n" not in message

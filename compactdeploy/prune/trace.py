@@ -27,8 +27,17 @@ def dependency_graph(module, example_input):
     (node -> why), which ``fixed_reason`` turns into the groups that keep their width."""
     import torch_pruning as tp
 
+    from ..errors import CompactDeployError, first_line
+
     _wrap_reshape_mapping()
-    graph = tp.DependencyGraph().build_dependency(module, example_inputs=example_input)
+    try:
+        graph = tp.DependencyGraph().build_dependency(module, example_inputs=example_input)
+    except Exception as exc:  # an operation its tracer does not know: nothing can be narrowed without the graph
+        raise CompactDeployError(
+            f"prune: torch-pruning cannot trace this model's channels ({type(exc).__name__}: {first_line(exc)[:160]}); "
+            "it follows autograd back from the model's outputs, which must be tensors (or tuples, lists or dicts of "
+            "them); build without --prune otherwise"
+        ) from exc
     return graph, graph.__dict__.setdefault(_OPAQUE, {})
 
 
