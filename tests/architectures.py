@@ -167,13 +167,16 @@ class PreNormBlock(nn.Module):
 
 
 class HandWrittenAttention(nn.Module):
-    """timm-style attention: one qkv projection reshaped into (3, heads, head width) by the model's code."""
-    def __init__(self, classes=10, width=16, heads=2):
+    """A timm-style Transformer block: one qkv projection reshaped into (3, heads, head width) by the
+    model's own code, then an MLP."""
+    def __init__(self, classes=10, width=16, heads=2, hidden=32):
         super().__init__()
         self.heads = heads
         self.embed = nn.Linear(8, width)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
         self.head = nn.Linear(width, classes)
 
     def forward(self, x):
@@ -182,6 +185,7 @@ class HandWrittenAttention(nn.Module):
         q, k, v = self.qkv(x).reshape(n, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         attention = (q @ k.transpose(-2, -1) * (c // self.heads) ** -0.5).softmax(-1)
         x = x + self.proj((attention @ v).transpose(1, 2).reshape(n, t, c))
+        x = x + self.fc2(F.gelu(self.fc1(x)))
         return self.head(x.mean(1))
 
 

@@ -150,20 +150,66 @@ def _graph(module, example_input, excluded_names: tuple[str, ...]):
     return graph, opaque, ignored, {m: n for n, m in names.items()}
 
 
-def prunable_groups(module, example_input, exclude: tuple[str, ...] = (), fixed: dict[str, str] | None = None):
+def prunable_groups(module, example_input, exclude: tuple[str, ...] = (), fixed: dict[str, str] | None = None,
+                    trial: bool = True):
     """torch-pruning's graph, module -> name, and every prunable group: its root layer and channel view.
-    ``fixed``, if given, receives the groups left out because the model fixes their width (``trace``)."""
+    ``fixed``, if given, receives the groups left out because the model fixes their width (``trace``,
+    and ``trial``: where a reshape and a transpose act on some group's channels, each group is first
+    narrowed alone on a copy, and those after which the model no longer runs are left out)."""
     graph, opaque, ignored, name_of = _graph(module, example_input, exclude)
     groups = graph.get_all_groups(ignored_layers=ignored, root_module_types=list(_prunable_types()))
+    fixed = {} if fixed is None else fixed
     roots = []
     for group in groups:
         root = group[0].dep.target.module
         reason = fixed_reason(group, opaque)
         if reason is None:
             roots.append(root)
-        elif fixed is not None:
+        else:
             fixed[name_of[root]] = reason
-    return graph, name_of, roots, [channel_group(graph, root) for root in roots]
+    views = [channel_group(graph, root) for root in roots]
+    if trial and any(_reshapes_with_a_transpose(view) for view in views):
+        breaking = _groups_that_break_the_forward(module, example_input, exclude, [name_of[r] for r in roots])
+        fixed.update(breaking)
+        kept = [(root, view) for root, view in zip(roots, views) if name_of[root] not in breaking]
+        roots, views = [root for root, _ in kept], [view for _, view in kept]
+    return graph, name_of, roots, views
+
+
+BREAKS_THE_FORWARD = "narrowed alone, it breaks the model's forward (the model's code reshapes its channels by sizes of its own)"
+
+
+def _reshapes_with_a_transpose(view) -> bool:
+    """What splitting channels into heads in a model's own code traces to (``qkv.reshape(...).permute(...)``)."""
+    return bool(view.ops & {"View", "Reshape"} and view.ops & {"Transpose", "Permute"})
+
+
+def _groups_that_break_the_forward(module, example_input, exclude, names: list[str]) -> dict[str, str]:
+    """Each group of ``names`` narrowed alone by the fewest channels it can lose (one per head or
+    convolution group), on a copy of the model: those after which the copy no longer runs."""
+    import copy
+
+    import torch
+
+    broken: dict[str, str] = {}
+    for name in names:
+        trial = copy.deepcopy(module)
+        graph, name_of, roots, views = prunable_groups(trial, example_input, exclude, trial=False)
+        root, view = next((r, v) for r, v in zip(roots, views) if name_of[r] == name)
+        try:
+            blocks = blocks_of(view, name, name_of)
+        except CompactDeployError:
+            continue  # refused when it is narrowed, with its own message
+        remove = [b * (view.width // blocks.count) for b in range(blocks.count)] if blocks else [0]
+        if len(remove) >= view.width:
+            continue
+        try:
+            _remove_channels(graph, root, remove)
+            with torch.no_grad():
+                trial(example_input)
+        except Exception:  # shapes no longer agree, whatever the construct
+            broken[name] = BREAKS_THE_FORWARD
+    return broken
 
 
 def prune(
@@ -268,8 +314,7 @@ def prune(
 
 def _reshaped_groups(narrowing) -> list[str]:
     """Narrowed groups whose channels pass a reshape with a transpose (what splitting into heads traces to)."""
-    return [name for _, view, name, _ in narrowing
-            if view.ops & {"View", "Reshape"} and view.ops & {"Transpose", "Permute"}]
+    return [name for _, view, name, _ in narrowing if _reshapes_with_a_transpose(view)]
 
 
 def _check_widths(widths, roots, views, name_of, all_widths, allow_grow: bool = False,
