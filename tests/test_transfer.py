@@ -3,6 +3,7 @@ widths, timed against their default rule; a schedule that does not fit falls bac
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -165,3 +166,25 @@ def test_a_build_that_only_transfers_does_not_wait_for_another_build_tuning_into
         assert result.trials_run == 0 and "another build is tuning into" in result.summary()
         with pytest.raises(CompactDeployError, match="another build is tuning into"):
             tune(lowered, target, database, 8, local_runner(), None)  # tuning itself must wait its turn
+
+
+def test_transfer_outcomes_name_the_record_the_build_applies_whatever_the_database_numbering(tmp_path):
+    # the database numbers workloads in the order they arrived, not the order of the model's kernels:
+    # naming by the kernel's position read another kernel's record (a flaky report mismatch before)
+    from compactdeploy.tune.database import record_key
+    from compactdeploy.tune.search import _name_applied
+
+    database = TuningDatabase(tmp_path / "db", {"test": True})
+    lines = {}
+    for workload_hash, donor, seconds in [("b-hash", "kernel B's donor", 2e-6), ("a-hash", "kernel A's donor", 1e-6)]:
+        record = json.dumps([0, [[[], []], [seconds, seconds], {"kind": "llvm"}, []]])
+        lines[workload_hash] = record
+        database.publish(json.dumps([workload_hash, "module"]), [record],
+                         [{"source": "transferred", "from": donor, "donor": "x", "by": "transfer"}])
+    assert database.origins()[record_key(lines["a-hash"])]["from"] == "kernel A's donor"
+    # the model's kernel 0 is A, kernel 1 is B; the database holds B as workload 0
+    outcomes = [{"source": "transferred from a first timing's choice"}, {"source": "transferred from kernel B's donor"}]
+    _name_applied(outcomes, ["a-hash", "b-hash"], database)
+    assert outcomes[0]["source"] == "transferred from kernel A's donor"
+    assert outcomes[0]["first_timing"] == "transferred from a first timing's choice"
+    assert outcomes[1] == {"source": "transferred from kernel B's donor"}

@@ -203,7 +203,7 @@ def tune(
                     picked["changed"] = pick_records(to_pick, database, measuring.builder, pick_runner(), say, interrupt)
                     picked.update(kernels=len(to_pick), s=round(time.perf_counter() - began, 1))
                 if transferred:
-                    _name_applied(transferred, fresh, database)
+                    _name_applied(transferred, [states[i].workload_hash for i in fresh], database)
         finally:
             if run is not None:
                 run.builder.shutdown()
@@ -472,14 +472,16 @@ def tune_model(onnx_path, target: TargetSpec, deployment, trials: int, linker, p
         raise CompactDeployError(f"tuning interrupted; {database.resume_hint()}") from None
 
 
-def _name_applied(outcomes: list[dict[str, Any]], indices: list[int], database: TuningDatabase) -> None:
+def _name_applied(outcomes: list[dict[str, Any]], workload_hashes: list[str], database: TuningDatabase) -> None:
     """Transfer's outcome names the schedule its own timing found fastest; the build applies the
     database's choice (its ranking of the recorded times, or the second timing's pick), which can be
-    another. Each outcome then names the one the build applies, as the compile report does."""
+    another. Each outcome then names the one the build applies, as the compile report does.
+    ``workload_hashes``: each outcome's kernel (the database numbers workloads in its own order)."""
     from ..compile.passes import TRANSFERRED_ORIGIN
 
     records, picks, origins = database.read(), database.picks(), database.origins()
-    for outcome, index in zip(outcomes, indices):
+    for outcome, workload_hash in zip(outcomes, workload_hashes):
+        index = records.by_hash.get(workload_hash)
         if index not in records.ranked or outcome["source"] is None:
             continue
         origin = origins.get(record_key(records.applied(index, picks)[1]))
