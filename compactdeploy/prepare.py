@@ -104,8 +104,8 @@ def load_and_prune(config: BuildConfig, target: TargetSpec, prune_spec, clock: S
             clock.summary = (
                 f"{options.prune}, params {prune_result.params_before:,} -> {prune_result.params_after:,}"
                 + (f" ({fallbacks} coupled groups by l1)" if fallbacks else "")
-                + (f"; {', '.join(prune_result.fixed)} kept: {next(iter(prune_result.fixed.values()))}"
-                   if prune_result.fixed else "")
+                + "".join(f"; {', '.join(n for n, w in prune_result.fixed.items() if w == why)} kept: {why}"
+                          for why in dict.fromkeys(prune_result.fixed.values()))
             )
         else:
             clock.summary = "skipped (no --prune)"

@@ -46,7 +46,7 @@ class PruneResult:
     groups: dict[str, dict[str, Any]]
     # group root layer name -> the channels copied to widen it (--allow-grow), applied after ``plan``
     grown: dict[str, list[int]] = field(default_factory=dict)
-    # group root layer name -> why its width is fixed although it is no output layer (it meets the model's input)
+    # group root layer name -> why the model fixes its width (a channel shuffle, the model's input, a reshape of its own)
     fixed: dict[str, str] = field(default_factory=dict)
 
 
@@ -150,12 +150,11 @@ def _graph(module, example_input, excluded_names: tuple[str, ...]):
     return graph, opaque, ignored, {m: n for n, m in names.items()}
 
 
-def prunable_groups(module, example_input, exclude: tuple[str, ...] = (), fixed: dict[str, str] | None = None,
-                    trial: bool = True):
+def prunable_groups(module, example_input, exclude: tuple[str, ...] = (), fixed: dict[str, str] | None = None):
     """torch-pruning's graph, module -> name, and every prunable group: its root layer and channel view.
-    ``fixed``, if given, receives the groups left out because the model fixes their width (``trace``,
-    and ``trial``: where a reshape and a transpose act on some group's channels, each group is first
-    narrowed alone on a copy, and those after which the model no longer runs are left out)."""
+    ``fixed``, if given, receives the groups left out because the model fixes their width (``trace``;
+    and where a reshape and a transpose act on some group's channels, each group is first narrowed
+    alone on a copy, and those after which the model no longer runs are left out)."""
     graph, opaque, ignored, name_of = _graph(module, example_input, exclude)
     groups = graph.get_all_groups(ignored_layers=ignored, root_module_types=list(_prunable_types()))
     fixed = {} if fixed is None else fixed
@@ -168,7 +167,7 @@ def prunable_groups(module, example_input, exclude: tuple[str, ...] = (), fixed:
         else:
             fixed[name_of[root]] = reason
     views = [channel_group(graph, root) for root in roots]
-    if trial and any(_reshapes_with_a_transpose(view) for view in views):
+    if any(_reshapes_with_a_transpose(view) for view in views):
         breaking = _groups_that_break_the_forward(module, example_input, exclude, [name_of[r] for r in roots])
         fixed.update(breaking)
         kept = [(root, view) for root, view in zip(roots, views) if name_of[root] not in breaking]
@@ -194,8 +193,9 @@ def _groups_that_break_the_forward(module, example_input, exclude, names: list[s
     broken: dict[str, str] = {}
     for name in names:
         trial = copy.deepcopy(module)
-        graph, name_of, roots, views = prunable_groups(trial, example_input, exclude, trial=False)
-        root, view = next((r, v) for r, v in zip(roots, views) if name_of[r] == name)
+        graph, _, _, name_of = _graph(trial, example_input, exclude)
+        root = dict(trial.named_modules())[name]  # the same layer roots the same group in the copy
+        view = channel_group(graph, root)
         try:
             blocks = blocks_of(view, name, name_of)
         except CompactDeployError:

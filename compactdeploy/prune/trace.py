@@ -10,6 +10,8 @@ neither:
   group whose channels pass it keeps its width (the branches' interiors still narrow);
 - a residual stream that is the model's input (``x + f(x)`` on the input itself): the input's width
   is the caller's.
+
+A reshape torch-pruning cannot map at all (its shape inference divides by zero) fixes its groups too.
 """
 
 from __future__ import annotations
