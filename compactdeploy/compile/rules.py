@@ -20,7 +20,7 @@ from ..targets import VectorUnit
 
 DEFAULT_RULE = "default rule"  # a kernel's schedule came from these rules (report.json's compile.schedules)
 # bump when a rule changes the code it makes: layer-latency tables measured with older rules are stale
-RULES_VERSION = 1
+RULES_VERSION = 2
 
 _REDUCE = 2  # tirx.IterVar.CommReduce
 # Starting the thread pool costs about a microsecond a kernel, more than the whole of a tiny kernel
@@ -103,11 +103,17 @@ def register_tile(channels: int, pixels: int, unit: VectorUnit, reuses_input: bo
     vector instead: ``reuses_input`` False), and does pixels x vectors FMAs into accumulators that
     must all stay in registers. Two FMAs and two loads issue per cycle on the cores targeted here,
     and an accumulator can take one FMA every ~5 cycles (latency), so a step costs at least 5.
+
+    Channels that are no multiple of a whole vector but of a half (or quarter) one are tiled by
+    those: 24 channels on AVX-512 as three 8-lane vectors, not one 24-lane loop, which LLVM splits
+    into a 16- and an 8-lane part and ran 20x slower per multiply-add (docs/tuning.md).
     """
-    whole = [count for count in (1, 2, 3, 4) if channels % (count * unit.lanes) == 0]
-    if whole:
-        options = [(count * unit.lanes, unit.lanes, count) for count in whole]
-    else:  # fewer channels than a vector, or not a multiple of one: one part-vector
+    options = []
+    lanes = unit.lanes
+    while lanes >= min(4, unit.lanes) and not options:
+        options = [(count * lanes, lanes, count) for count in (1, 2, 3, 4) if channels % (count * lanes) == 0]
+        lanes //= 2
+    if not options:  # fewer channels than a vector, or no multiple of a part of one: one part-vector
         width = _divisor_at_most(channels, 2 * unit.lanes)
         options = [(width, width, 1)]
     best: tuple[tuple[float, int], RegisterTile] | None = None
