@@ -48,6 +48,9 @@ def _config(options: dict):
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory (replaced whole).")
 @click.option("--repeat", default=100, show_default=True, type=click.IntRange(min=1), help="Timed runs when benchmarking.")
 @click.option("--warmup", default=10, show_default=True, type=click.IntRange(min=0), help="Untimed runs before timing.")
+@click.option("--min-time", "min_time_s", default=1.0, show_default=True, type=click.FloatRange(min=0),
+              help="Time runs for at least this many seconds (more than --repeat for a fast model): a short "
+                   "window samples one moment of a device, fast or slow; 0: exactly --repeat runs.")
 @click.option("--threads", type=click.IntRange(min=1), help="Threads for TVM and onnxruntime (default: one per physical core).")
 @click.option("--device", help="Measure on this device: rpc://HOST:PORT (a server) or rpc://HOST:PORT/KEY (a tracker).")
 @DEVICE_WAIT
@@ -139,16 +142,19 @@ def train(model, data, out, **options) -> None:
 @click.option("--device", help="rpc://HOST:PORT or rpc://HOST:PORT/KEY; default: this machine, if the bundle is for it.")
 @click.option("--repeat", default=100, show_default=True, type=click.IntRange(min=1), help="Timed runs.")
 @click.option("--warmup", default=10, show_default=True, type=click.IntRange(min=0), help="Untimed runs before timing.")
+@click.option("--min-time", "min_time_s", default=1.0, show_default=True, type=click.FloatRange(min=0),
+              help="Time runs for at least this many seconds (more than --repeat for a fast model): a short "
+                   "window samples one moment of a device, fast or slow; 0: exactly --repeat runs.")
 @click.option("--threads", type=click.IntRange(min=1), help="Threads on this machine (a remote device uses its own setting).")
 @DEVICE_WAIT
 @click.option("--json", "as_json", is_flag=True, help="Print the updated report.json.")
-def bench(bundle, device, repeat, warmup, threads, device_wait, as_json) -> None:
+def bench(bundle, device, repeat, warmup, min_time_s, threads, device_wait, as_json) -> None:
     """Measure a build on a device and update its report.json."""
     from .bench import remeasure
     from .render import StageProgress, bench_summary
 
     with StageProgress() as progress:
-        report = remeasure(bundle, device, repeat, warmup, threads, device_wait, progress)
+        report = remeasure(bundle, device, repeat, warmup, threads, device_wait, progress, min_time_s)
     _json_out(report) if as_json else bench_summary(report)
 
 

@@ -40,6 +40,7 @@ class MeasureConfig:
     device_wait: float = 60.0  # seconds to wait for a busy tracker key
     repeat: int = 100
     warmup: int = 10
+    min_time_s: float = 1.0  # runs are timed for this long at least (bench.session.MIN_TIMED_MS)
     threads: int | None = None  # TVM and onnxruntime threads on this machine
 
 

@@ -51,10 +51,12 @@ def test_report_has_the_documented_keys(host_build):
     assert memory["params_bytes"] > 0 and memory["workspace_bytes"] > 0 and memory["peak_rss_bytes"] > 0
 
 
-def test_latency_is_a_distribution_over_the_requested_runs(host_build):
+def test_latency_is_a_distribution_over_a_second_of_runs_at_least_the_requested_ones(host_build):
     report = read_json(host_build / "report.json")
     latency = report["latency_ms"]
-    assert latency["runs"] == latency["requested_runs"] == 100 and latency["cut_short"] is None
+    assert latency["requested_runs"] == 100 and latency["cut_short"] is None
+    # the default --min-time: a fast model gets more runs, until they add up to a second
+    assert latency["runs"] > 100 and latency["mean"] * latency["runs"] >= 1000
     assert 0 < latency["min"] <= latency["median"] <= latency["p90"] <= latency["p99"]
     assert latency["std"] >= 0 and latency["cold_first_run"] > 0 and latency["module_load"] > 0
     assert report["figures"]["latency"].startswith("measured on real hardware")
@@ -154,7 +156,8 @@ def test_each_kernel_can_be_timed_with_its_weights_flushed_from_the_caches(host_
 
 def test_onnxruntime_baseline_runs_on_the_same_device(host_build):
     baseline = read_json(host_build / "report.json")["onnxruntime_on_device"]
-    assert baseline["latency_ms"]["runs"] == 100
+    # onnxruntime is timed as long as TVM was: a ratio of windows of different lengths carries the short one's luck
+    assert baseline["latency_ms"]["runs"] >= 100 and baseline["latency_ms"]["mean"] * baseline["latency_ms"]["runs"] >= 1000
     assert baseline["tvm_over_onnxruntime"] > 0
 
 

@@ -92,6 +92,29 @@ def test_a_layer_probe_compiles_to_the_models_own_kernel(tmp_path):
     assert not any("transpose" in name for name in probes.values())
 
 
+def test_the_trajectory_reaches_the_smallest_model_even_where_the_table_says_no_cut_saves():
+    """A noisy table can price every remaining cut at no saving; the smallest model must still be
+    on the trajectory, or a budget only it meets is called impossible."""
+    from compactdeploy.fit.allocate import Trajectory, importance_curves
+
+    model = create_model("resnet20", {})
+    example = torch.randn(*model.input_shape)
+    space = width_space(model.module, example, (), 8, 4)
+    curves = importance_curves(model.module, example, "l1", None, ())
+
+    def flat_below_half(widths_list):  # cuts save until every group is at half its width, then nothing
+        return [float(sum(max(w, space.full[g] // 2) for g, w in widths.items())) for widths in widths_list]
+
+    trajectory = Trajectory(space, curves, flat_below_half)
+    trajectory.start()
+    while trajectory.extend():
+        pass
+    assert trajectory.points[-1].widths == space.smallest()
+    assert trajectory.points[-2].widths != space.smallest()
+    # weighted by the work its channels shape, the first stage's stream is no cheaper to cut than the last's
+    assert trajectory.weights["conv1"] > 0.5 * trajectory.weights["layers.6.shortcut.0"]
+
+
 @pytest.mark.parametrize(
     "name,args", [("lenet5", {}), ("resnet20", {}), ("mobilenetv2", {"width_mult": 0.35, "input_size": 32})]
 )
@@ -219,6 +242,15 @@ def test_search_meets_a_latency_budget_on_this_host(tmp_path):
     assert budget == pytest.approx(0.6 * unpruned["measured_ms"])
     assert fit["chosen"]["measured_ms"] <= budget
     assert "measured on real hardware" in fit["chosen"]["where"]
+    # every later model was timed in turns with the unpruned one, and judged by that ratio
+    for candidate in fit["verified"][1:]:
+        assert candidate["measured_ms"] == pytest.approx(
+            candidate["alone_ms"] * unpruned["measured_ms"] / candidate["reference_ms"])
+    # so was the final build: the budget holds for it on the search's scale, whatever the host's minute
+    final = fit["final"]
+    assert report["latency_ms"]["reference"]["median"] == final["unpruned_beside_ms"] > 0
+    assert final["relative_ms"] == pytest.approx(final["measured_ms"] * unpruned["measured_ms"] / final["unpruned_beside_ms"])
+    assert final["relative_ms"] <= 1.05 * budget, final
     # the build is the chosen model: narrower where the search said, and fine-tuned
     for group, width in fit["widths"].items():
         assert report["model"]["widths"][group]["after"] == width["after"] <= width["before"]
@@ -294,6 +326,29 @@ class MacsMeasurer:
         self.times.append(macs / 1e6 * self.slow.get(len(self.models), 1.0))
         return ModelTiming(ms=self.times[-1], memory_bytes=4 * params,
                            where="a stand-in for a device: 1 ms per million MACs", schedules={"default rule": 1})
+
+    def set_reference(self, module, example, directory):
+        return None  # this stand-in times each model alone
+
+
+class DriftingMeasurer(MacsMeasurer):
+    """A device whose slow minutes (``slow``) slow every model timed then, and which times each model
+    after the unpruned one in turns with it, as the device measurer does."""
+
+    reference_ms = None
+
+    def set_reference(self, module, example, directory):
+        from compactdeploy.prune import count_macs_params
+
+        self.reference_ms = count_macs_params(module, example)[0] / 1e6
+        return directory / "model.so"
+
+    def time_model(self, module, example, label):
+        from dataclasses import replace
+
+        timing = super().time_model(module, example, label)
+        slow = self.slow.get(len(self.models), 1.0)
+        return replace(timing, reference_ms=self.reference_ms * slow) if self.reference_ms else timing
 
 
 def _search(checkpoint, measurer, **fit_options):
@@ -425,6 +480,24 @@ def test_rounds_spent_before_the_budget_is_met_say_resume_with_more(tmp_path, le
     assert fit["verified"][1]["measured_ms"] == first[1]["measured_ms"]  # replayed, not measured again
     assert len(idle.models) == len(fit["verified"]) - 2  # the first two were not measured again
     assert fit["chosen"]["measured_ms"] <= fit["budget"]["latency_ms"]
+
+
+def test_a_slow_minute_of_the_device_does_not_move_a_candidate_timed_beside_the_unpruned_model(
+        tmp_path, lenet5_checkpoint, monkeypatch):
+    """The device slows 1.6x while the first candidate is timed (where the search timed each model
+    alone, it measured over the budget and spent its only round): timed in turns with the unpruned
+    model, the ratio holds, so the candidate is judged at its true cost and meets the budget."""
+    from compactdeploy.prune import count_macs_params
+
+    monkeypatch.setenv("COMPACTDEPLOY_CACHE", str(tmp_path / "cache"))
+    drifting = DriftingMeasurer(tmp_path, slow={2: 1.6})
+    fitted = _search(lenet5_checkpoint, drifting, latency_budget="60%", fit_rounds=1)
+    unpruned, candidate = fitted.report["verified"][:2]
+    true_ms = count_macs_params(drifting.models[1], torch.randn(*create_model("lenet5", {}).input_shape))[0] / 1e6
+    assert candidate["alone_ms"] == pytest.approx(1.6 * true_ms) and candidate["reference_ms"] == pytest.approx(1.6 * unpruned["measured_ms"])
+    assert candidate["measured_ms"] == pytest.approx(true_ms)
+    assert fitted.report["chosen"]["key"] == candidate["key"] and candidate["measured_ms"] <= fitted.report["budget"]["latency_ms"]
+    assert fitted.unpruned_ms == unpruned["measured_ms"] and fitted.reference_library is not None
 
 
 def test_an_impossible_budget_names_the_smallest_latency_reached(tmp_path, lenet5_checkpoint, monkeypatch):

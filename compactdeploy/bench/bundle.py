@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import CompactDeployError
 from ..stages import Observer, Progress, StageClock
-from .session import Measurement, measure
+from .session import MIN_TIMED_MS, Measurement, measure
 
 
 @dataclass(frozen=True)
@@ -27,11 +27,13 @@ class Measured:
 
 
 def measure_bundle(directory: Path, deployment, repeat: int, warmup: int, progress: Progress | None = None,
-                   open_session=None, profile: bool = True, min_timed_ms: float = 0.0) -> Measured:
+                   open_session=None, profile: bool = True, min_timed_ms: float = MIN_TIMED_MS,
+                   reference: Path | None = None) -> Measured:
     """Measure the library in ``directory`` where ``deployment`` (``deployment.Deployment``) says;
     ``open_session``: a session factory already open on that device (the width search's), else one
     is opened for this measurement (on this machine, a fresh agent: its memory figures are the model's).
-    ``profile``: also time each kernel and onnxruntime on the device; ``min_timed_ms``: see ``measure``."""
+    ``profile``: also time each kernel and onnxruntime on the device; ``min_timed_ms`` and
+    ``reference`` (a library timed in turns with this one): see ``measure``."""
     from ..bundle import SAMPLE_INPUT
     from ..export import check_parity, run_onnxruntime
     from ..runtime.load import describe_load, is_busy
@@ -51,10 +53,11 @@ def measure_bundle(directory: Path, deployment, repeat: int, warmup: int, progre
             session, directory / "model.so", x, arch=deployment.arch, backend=deployment.backend, repeat=repeat,
             warmup=warmup, kernels_path=directory / "kernels.json" if profile else None,
             onnx_path=directory / "model.onnx" if profile else None, progress=progress, min_timed_ms=min_timed_ms,
+            reference=reference,
         )
         del session
     address = deployment.where()
-    reference = run_onnxruntime(directory / "model.onnx", x, deployment.threads)  # on this machine
+    expected = run_onnxruntime(directory / "model.onnx", x, deployment.threads)  # on this machine
     fingerprint = measurement.device
     if fingerprint.get("emulated"):
         where = (
@@ -79,7 +82,7 @@ def measure_bundle(directory: Path, deployment, repeat: int, warmup: int, progre
         where=where,
         summary=f"median {latency['median']:.3f} ms over {latency['runs']} runs"
         + (" (emulated)" if fingerprint.get("emulated") else ""),
-        onnx_vs_tvm_max_abs=check_parity("onnxruntime vs TVM", reference, measurement.output),
+        onnx_vs_tvm_max_abs=check_parity("onnxruntime vs TVM", expected, measurement.output),
     )
 
 
@@ -91,6 +94,7 @@ def remeasure(
     threads: int | None = None,
     wait_s: float = 60.0,
     observer: Observer | None = None,
+    min_time_s: float = MIN_TIMED_MS / 1e3,
 ) -> dict[str, Any]:
     """Measure an existing bundle (again) on a device and update its report and manifest."""
     import json
@@ -111,7 +115,7 @@ def remeasure(
     report = json.loads((directory / "report.json").read_text())
     clock = StageClock(observer)
     with clock.stage("benchmark"):
-        measured = measure_bundle(directory, deployment, repeat, warmup, clock.progress)
+        measured = measure_bundle(directory, deployment, repeat, warmup, clock.progress, min_timed_ms=min_time_s * 1e3)
         clock.summary = measured.summary
     if measured.measurement is None:
         raise CompactDeployError(measured.where)

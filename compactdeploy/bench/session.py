@@ -19,7 +19,13 @@ from ..device import answering
 from ..errors import CompactDeployError
 
 CHUNK_RUNS = 20  # timed runs per RPC call: a device that drops keeps all finished chunks
-MAX_RUNS_FACTOR = 20  # min_timed_ms adds runs up to this many times those asked for
+CHUNK_MS = 100.0  # with a minimum time, a call times this long at least (fewer round trips for a fast model)
+# A few dozen milliseconds of runs sample one moment of the device: on a VM whose other vCPU the
+# host takes away for a while, that moment is either fast or up to 1.5x slower, so short medians
+# disagree between builds of the same model (docs/benchmarks/measurement-window.md).
+MIN_TIMED_MS = 1000.0  # time at least this long by default (more runs than --repeat where the model is fast)
+WARMUP_MS = 200.0  # untimed runs add up to at least this long when a minimum time is asked for
+MAX_RUNS = 200_000  # a bound on the runs a minimum time adds
 PER_LAYER_TOLERANCE = 0.25  # kernels timed alone may sum to within 25 % of the whole model
 
 
@@ -36,6 +42,8 @@ class Measurement:
     per_layer: dict[str, Any] | None
     onnxruntime: dict[str, Any]  # baseline on the same device, or {"not_measured": reason}
     load: dict[str, Any] | None = None  # other work on the device while timing (runtime.load.load_between)
+    # the reference library's latency, timed in turns with the model's (``measure``'s ``reference``)
+    reference_latency_ms: dict[str, float] | None = None
 
 
 def measure(
@@ -51,11 +59,14 @@ def measure(
     onnx_path: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
     min_timed_ms: float = 0.0,
+    reference: str | Path | None = None,
 ) -> Measurement:
     """Upload ``lib_path`` to the device of ``session`` and measure it there (``backend``: the
-    library's, by default the CPU's). ``min_timed_ms``: time more than ``repeat`` runs, up to
-    MAX_RUNS_FACTOR times as many, until they add up to this long (a sub-millisecond model's
-    ``repeat`` runs would otherwise sample a few milliseconds of a noisy device)."""
+    library's, by default the CPU's). ``min_timed_ms``: time more than ``repeat`` runs (up to
+    MAX_RUNS) until they add up to this long, after warm-up runs of WARMUP_MS at least; 0: exactly
+    ``warmup`` and ``repeat`` runs. ``reference``: another library of the same input (the unpruned
+    model), timed in turns with this one, a chunk each, about as long: a device's slow minute then
+    slows both, and their ratio holds where either median alone moves (``reference_latency_ms``)."""
     from tvm import relax
     from tvm import runtime as tvm_runtime
 
@@ -89,22 +100,36 @@ def measure(
         vm = relax.VirtualMachine(remote.load_module("model.so"), dev)
         x_device = tvm_runtime.tensor(x, dev)
         output = vm["main"](x_device).numpy()
-        if warmup:
-            vm.time_evaluator("main", dev, number=warmup, repeat=1)(x_device)
+        reference_vm = None
+        if reference is not None:
+            remote.upload(str(reference), "reference.so")
+            reference_vm = relax.VirtualMachine(remote.load_module("reference.so"), dev)
+        reference_run_ms = 0.0
+        for machine in (vm, reference_vm):
+            if machine is None or not warmup:
+                continue
+            warmed_s = machine.time_evaluator("main", dev, number=warmup, repeat=1)(x_device).mean * warmup
+            reference_run_ms = warmed_s * 1e3 / warmup  # the reference's, once both are warm
+            if min_timed_ms and warmed_s * 1e3 < WARMUP_MS:
+                more = math.ceil((WARMUP_MS - warmed_s * 1e3) / max(warmed_s * 1e3 / warmup, 1e-3))
+                machine.time_evaluator("main", dev, number=min(more, MAX_RUNS), repeat=1)(x_device)
 
-    times_ms, cut_short = [], None
+    times_ms, reference_ms, cut_short = [], [], None
     session.cpu_load(mark=True)  # other work while timing, the model's own runs left out
     wanted = repeat
 
     def more_runs() -> bool:
         nonlocal wanted
-        if len(times_ms) >= wanted and sum(times_ms) < min_timed_ms and wanted < MAX_RUNS_FACTOR * repeat:
-            per_run = sum(times_ms) / len(times_ms)
-            wanted = min(MAX_RUNS_FACTOR * repeat, len(times_ms) + math.ceil((min_timed_ms - sum(times_ms)) / per_run))
+        if len(times_ms) >= wanted and sum(times_ms) < min_timed_ms and wanted < MAX_RUNS:
+            per_run = max(sum(times_ms) / len(times_ms), 1e-6)
+            wanted = min(MAX_RUNS, len(times_ms) + math.ceil((min_timed_ms - sum(times_ms)) / per_run))
         return len(times_ms) < wanted
 
     while more_runs():
-        runs = min(CHUNK_RUNS, wanted - len(times_ms))
+        chunk = CHUNK_RUNS
+        if min_timed_ms and times_ms:
+            chunk = max(chunk, math.ceil(CHUNK_MS / max(sum(times_ms) / len(times_ms), 1e-6)))
+        runs = min(chunk, wanted - len(times_ms))
         try:
             # number=1: each repeat is one inference, so the results are the distribution itself
             with answering(session.address, "timing"):
@@ -112,7 +137,19 @@ def measure(
         except CompactDeployError as exc:  # the connection dropped or the device died: keep what finished
             cut_short = f"stopped after {len(times_ms)} of {wanted} runs ({exc})"
             break
-        times_ms += [t * 1e3 for t in result.results]
+        chunk_ms = [t * 1e3 for t in result.results]
+        times_ms += chunk_ms
+        if reference_vm is not None:  # its turn: about as long as the model's chunk
+            per_run = reference_run_ms or sum(chunk_ms) / len(chunk_ms)
+            runs = max(1, min(MAX_RUNS, round(sum(chunk_ms) / max(per_run, 1e-6))))
+            try:
+                with answering(session.address, "timing the reference"):
+                    result = reference_vm.time_evaluator("main", dev, number=1, repeat=runs)(x_device)
+            except CompactDeployError as exc:
+                cut_short = f"stopped after {len(times_ms)} of {wanted} runs ({exc})"
+                break
+            reference_ms += [t * 1e3 for t in result.results]
+            reference_run_ms = float(np.median(reference_ms))
         say(f"timed {len(times_ms)}/{wanted} runs")
     if not times_ms:
         raise CompactDeployError(cut_short)
@@ -135,7 +172,8 @@ def measure(
             if onnx_path is not None and backend.profiles_layers:
                 say("onnxruntime baseline on the device")
                 with answering(session.address, "running onnxruntime"):
-                    baseline = _onnxruntime_baseline(session, Path(onnx_path), repeat, warmup, latency["median"])
+                    baseline = _onnxruntime_baseline(session, Path(onnx_path), repeat, warmup, latency["median"],
+                                                     min_timed_ms)
         except CompactDeployError as exc:
             cut_short = f"all {repeat} runs finished, then {exc}"
     return Measurement(
@@ -150,6 +188,7 @@ def measure(
         per_layer=per_layer,
         onnxruntime=baseline,
         load=load,
+        reference_latency_ms=latency_stats(reference_ms) if reference_ms else None,
     )
 
 
@@ -185,9 +224,13 @@ def _per_layer(session, kernels_path: Path, whole_ms: float, repeat: int) -> dic
     }
 
 
-def _onnxruntime_baseline(session, onnx_path: Path, repeat: int, warmup: int, tvm_median: float) -> dict[str, Any]:
+def _onnxruntime_baseline(session, onnx_path: Path, repeat: int, warmup: int, tvm_median: float,
+                          min_timed_ms: float) -> dict[str, Any]:
     session.remote.upload(str(onnx_path), "model.onnx")
-    result = session.call("compactdeploy.onnxruntime_times", "model.onnx", "input.npy", repeat, warmup)
+    # timed as long as TVM was: a ratio of a long window to a short one would carry the short one's luck
+    result = session.call("compactdeploy.onnxruntime_times", "model.onnx", "input.npy", repeat, warmup,
+                          json.dumps({"min_timed_ms": min_timed_ms, "warmup_ms": WARMUP_MS if min_timed_ms else 0.0,
+                                      "max_runs": MAX_RUNS}))
     if "error" in result:
         return {"not_measured": result["error"]}
     stats = latency_stats(result["times_ms"])

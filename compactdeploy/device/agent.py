@@ -258,8 +258,11 @@ def time_each_kernel_in_model(vm, x, runs: int, rerun_first: bool = False) -> di
     return {symbol: float(np.median(each)) * 1e3 for symbol, each in times.items()}
 
 
-def onnxruntime_times(onnx_name: str, input_name: str, repeat: int, warmup: int) -> str:
-    """Per-run times of the same model in onnxruntime on this device, if it is installed here."""
+def onnxruntime_times(onnx_name: str, input_name: str, repeat: int, warmup: int, window: str = "{}") -> str:
+    """Per-run times of the same model in onnxruntime on this device, if it is installed here.
+
+    ``window`` (JSON): ``min_timed_ms``, ``warmup_ms`` and ``max_runs``, the same minimum times the
+    TVM measurement beside it had (bench.session.measure)."""
     try:
         import numpy as np
         import onnxruntime as ort
@@ -271,10 +274,16 @@ def onnxruntime_times(onnx_name: str, input_name: str, repeat: int, warmup: int)
     options.intra_op_num_threads = int(threads_in_use())  # as many as TVM's
     session = ort.InferenceSession(_workpath(onnx_name), options, providers=["CPUExecutionProvider"])
     feed = {session.get_inputs()[0].name: np.load(_workpath(input_name))}
-    for _ in range(warmup):
+    limits = json.loads(window)
+    min_timed_ms, warmup_ms = limits.get("min_timed_ms", 0.0), limits.get("warmup_ms", 0.0)
+    max_runs = max(repeat, int(limits.get("max_runs", repeat)))
+    start = time.perf_counter()
+    for run in range(max_runs):
+        if run >= warmup and (time.perf_counter() - start) * 1e3 >= warmup_ms:
+            break
         session.run(None, feed)
     times = []
-    for _ in range(repeat):
+    while len(times) < repeat or (sum(times) < min_timed_ms and len(times) < max_runs):
         start = time.perf_counter()
         session.run(None, feed)
         times.append((time.perf_counter() - start) * 1e3)

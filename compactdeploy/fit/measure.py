@@ -21,7 +21,6 @@ from ..errors import CompactDeployError
 
 # kernels that must never ship unscheduled on a CPU: the ones the default rules exist for
 HEAVY_KERNELS = ("conv", "matmul", "dense")
-SEARCH_TIMED_MS = 1000.0  # a candidate is timed this long at least (more runs than --repeat where it is fast)
 
 
 @dataclass(frozen=True)
@@ -33,6 +32,7 @@ class ModelTiming:
     where: str  # where the figure comes from (real hardware, EMULATED, ...)
     schedules: dict[str, int] = field(default_factory=dict)  # schedule source -> kernels compiled with it
     unscheduled: list[str] = field(default_factory=list)  # conv/matmul kernels compiled without any schedule
+    reference_ms: float | None = None  # the reference model's median, timed in turns with this one (set_reference)
 
 
 class Measurer(Protocol):
@@ -49,6 +49,10 @@ class Measurer(Protocol):
 
     def time_model(self, module: Any, example: Any, label: str) -> ModelTiming:
         """One candidate model (a torch module and an example input) compiled as it would ship, measured whole."""
+
+    def set_reference(self, module: Any, example: Any, directory: Path) -> Path | None:
+        """Compile ``module`` (the unpruned model) as it ships into ``directory`` and time every later
+        model in turns with it; the library, or None where the measurer has no device to drift."""
 
 
 def unscheduled_heavy_kernels(schedules: dict[str, str]) -> list[str]:
@@ -68,6 +72,7 @@ class DeviceMeasurer:
         self.open_session, self.fingerprint, self.boards = open_session, fingerprint, boards
         self.measure_config, self.transfer, self.default_schedules = measure_config, transfer, default_schedules
         self.say = progress
+        self.reference: Path | None = None
 
     @classmethod
     @contextlib.contextmanager
@@ -95,41 +100,58 @@ class DeviceMeasurer:
         return time_layers_on_device(batch, self.target, self.open_session, self.linker, self.deployment.database,
                                      self.say, self.boards)
 
+    def _compile(self, module, example, directory: Path, say):
+        """Export, transfer schedules where the database has records to transfer, and compile, as a build does."""
+        from ..compile import compile_onnx
+        from ..export import export_onnx
+        from ..tune import transfers_schedules, tune_model
+
+        deployment = self.deployment
+        say("export")
+        exported = export_onnx(module, example, directory / "model.onnx")
+        if transfers_schedules(deployment, self.transfer):
+            say("schedule transfer")
+            tune_model(exported.path, self.target, deployment, 0, self.linker, say, transfer=True)
+        say("compile")
+        return exported, compile_onnx(exported.path, self.target, directory, self.linker, deployment.database,
+                                      self.default_schedules)
+
+    def set_reference(self, module, example, directory: Path) -> Path:
+        import shutil
+
+        if directory.exists():
+            shutil.rmtree(directory)  # compiled again: the database may hold new records since
+        directory.mkdir(parents=True)
+        _, compiled = self._compile(module, example, directory, lambda message: self.say(f"reference model: {message}"))
+        self.reference = compiled.lib_path
+        return self.reference
+
     def time_model(self, module, example, label: str) -> ModelTiming:
         import numpy as np
 
         from ..bench import measure_bundle
         from ..bundle import SAMPLE_INPUT
-        from ..compile import compile_onnx
-        from ..export import export_onnx
         from ..report import count_by_source
-        from ..tune import transfers_schedules, tune_model
 
         def say(message: str) -> None:
             self.say(f"{label}: {message}")
 
-        deployment = self.deployment
         with tempfile.TemporaryDirectory(prefix="compactdeploy-candidate-") as tmp:
             directory = Path(tmp)
-            say("export")
-            exported = export_onnx(module, example, directory / "model.onnx")
-            if transfers_schedules(deployment, self.transfer):
-                say("schedule transfer")
-                tune_model(exported.path, self.target, deployment, 0, self.linker, say, transfer=True)
-            say("compile")
-            compiled = compile_onnx(exported.path, self.target, directory, self.linker, deployment.database,
-                                    self.default_schedules)
+            exported, compiled = self._compile(module, example, directory, say)
             np.save(directory / SAMPLE_INPUT, example.numpy())
-            say("measure")
+            say("measure" + (" in turns with the unpruned model" if self.reference else ""))
             # in the search's own session (on this machine, the agent that timed the layers), without
-            # the per-kernel profile; runs spread over a second at least, so a device's slow moment
-            # weighs in the median as little as it does in the table's repeated timings
-            measured = measure_bundle(directory, deployment, self.measure_config.repeat, self.measure_config.warmup, say,
-                                      self.open_session, profile=False, min_timed_ms=SEARCH_TIMED_MS)
+            # the per-kernel profile, over the same minimum time as the final build's benchmark
+            measured = measure_bundle(directory, self.deployment, self.measure_config.repeat, self.measure_config.warmup,
+                                      say, self.open_session, profile=False,
+                                      min_timed_ms=self.measure_config.min_time_s * 1e3, reference=self.reference)
         if measured.measurement is None:
             raise CompactDeployError(f"the device did not measure {label}: {measured.where}")
+        reference = measured.measurement.reference_latency_ms
         return ModelTiming(
             ms=measured.measurement.latency_ms["median"], memory_bytes=exported.params_bytes + compiled.workspace_bytes,
             where=measured.where, schedules=count_by_source(compiled.schedules),
             unscheduled=unscheduled_heavy_kernels(compiled.schedules),
+            reference_ms=reference["median"] if reference else None,
         )

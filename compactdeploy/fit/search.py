@@ -34,7 +34,7 @@ from .state import Candidate, SearchState
 
 MARGIN = 0.03  # aim this far under the budget: whole-model medians move a little between builds
 CLOSE_ENOUGH = 0.10  # a feasible model within this share of the budget ends the search
-STATE_FORMAT = 2  # what a stored search holds; a search stored in another format is not resumed
+STATE_FORMAT = 3  # what a stored search holds (3: importance weighted by work); another format is not resumed
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,8 @@ class FitResult:
     widened: dict[str, int]  # those of them grown wider (--allow-grow)
     report: dict[str, Any]
     plan: Any  # prune.WidthPlan of the chosen model; None when it is the unpruned one
+    unpruned_ms: float | None = None  # the unpruned model's latency as the search measured it first
+    reference_library: Any = None  # Path: the unpruned model compiled as it ships, to time the final build beside
 
 
 def default_method(config: BuildConfig) -> str:
@@ -186,13 +188,16 @@ def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResul
     if latency_budget is None:  # memory only: the same steps, paid in parameters
         trajectory = Trajectory(space, curves, lambda ws: [float(space.params_bytes(w)) for w in ws])
 
+    reference: dict[str, Any] = {"ms": None, "library": None}  # the unpruned model, once measured
+
     def verify(point: Point, predicted_ms: float | None) -> Candidate:
         known = state.find(point.widths)
         if known is not None:
             return state.meet(known)
         changed = space.narrowed(point.widths)
         label = f"model {len(state.candidates) + 1} ({widths_text(changed) or 'unpruned'})"
-        candidate = _measure_candidate(context, point, changed, label, predicted_ms, trajectory.kept(point.widths))
+        candidate = _measure_candidate(context, point, changed, label, predicted_ms, trajectory.kept(point.widths),
+                                       reference["ms"])
         state.candidates.append(candidate)
         state.meet(candidate)
         state.save()
@@ -201,6 +206,10 @@ def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResul
 
     trajectory.start()
     unpruned = verify(trajectory.points[0], None)
+    if latency_budget is not None:  # every later model is timed in turns with the unpruned one
+        reference["library"] = measurer.set_reference(context.loaded.model.module, context.loaded.example,
+                                                      run_dir / "reference")
+        reference["ms"] = unpruned.measured_ms if reference["library"] is not None else None
     latency_ms = latency_budget.resolve(unpruned.measured_ms) if latency_budget else None
     memory_bytes = memory_budget.resolve(unpruned.memory_bytes) if memory_budget else None
     workspace_bound = unpruned.memory_bytes - space.params_bytes(space.full)  # narrower models plan less
@@ -277,13 +286,15 @@ def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResul
     report = search_report(config.fit, method, latency_budget, memory_budget, latency_ms, memory_bytes, space, trajectory,
                      state, chosen, table, rounds, status, run_dir, predict, grown)
     plan = width_plan(config, method, changed, chosen.removed, chosen.grown, made_by="fit") if changed else None
-    return FitResult(method, chosen.widths, changed, space.widened(chosen.widths), report, plan)
+    return FitResult(method, chosen.widths, changed, space.widened(chosen.widths), report, plan,
+                     unpruned_ms=unpruned.measured_ms, reference_library=reference["library"])
 
 
 def _measure_candidate(context: _Search, point: Point, changed: dict[str, int], label: str,
-                       predicted_ms: float | None, importance_kept: float) -> Candidate:
+                       predicted_ms: float | None, importance_kept: float, unpruned_ms: float | None) -> Candidate:
     """A copy of the model pruned to ``point``'s widths by the search's method, scored on the test
-    data (before any fine-tuning), and measured whole by the measurer."""
+    data (before any fine-tuning), and measured whole by the measurer; where the measurer timed it
+    in turns with the unpruned model, its latency is that ratio times ``unpruned_ms``."""
     from ..prune import PruneSpec, count_macs_params, prune
     from ..train import evaluate
 
@@ -299,8 +310,12 @@ def _measure_candidate(context: _Search, point: Point, changed: dict[str, int], 
     accuracy = evaluate(module, loaded.x_test, loaded.data.y_test) if loaded.data is not None else None
     macs, params = count_macs_params(module, loaded.example)
     timing = context.measurer.time_model(module, loaded.example, label)
+    measured_ms = timing.ms
+    if timing.reference_ms and unpruned_ms:
+        measured_ms = timing.ms * unpruned_ms / timing.reference_ms
     return Candidate(
-        widths=point.widths, table_ms=point.cost, predicted_ms=predicted_ms, measured_ms=timing.ms,
+        widths=point.widths, table_ms=point.cost, predicted_ms=predicted_ms, measured_ms=measured_ms,
+        alone_ms=timing.ms, reference_ms=timing.reference_ms,
         memory_bytes=timing.memory_bytes, params=params, macs=macs, accuracy=accuracy, importance_kept=importance_kept,
         where=timing.where, key=hashlib.sha256(json.dumps(point.widths, sort_keys=True).encode()).hexdigest()[:12],
         removed=removed, grown=grown, schedules=timing.schedules, unscheduled=timing.unscheduled,

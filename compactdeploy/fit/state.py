@@ -29,6 +29,10 @@ class Candidate:
     grown: dict[str, list[int]] = field(default_factory=dict)  # group -> channels copied to widen it
     schedules: dict[str, int] = field(default_factory=dict)  # schedule source -> kernels compiled with it
     unscheduled: list[str] = field(default_factory=list)  # conv/matmul kernels compiled without a schedule
+    # timed in turns with the unpruned model: measured_ms is alone_ms scaled by the unpruned model's
+    # first measurement over its median beside this one (a device's slow minute cancels out)
+    alone_ms: float | None = None
+    reference_ms: float | None = None
 
     def meets(self, latency_ms: float | None, memory_bytes: float | None) -> bool:
         return (latency_ms is None or self.measured_ms <= latency_ms) and (memory_bytes is None or self.memory_bytes <= memory_bytes)
