@@ -20,9 +20,8 @@ from ..errors import CompactDeployError
 
 CHUNK_RUNS = 20  # timed runs per RPC call: a device that drops keeps all finished chunks
 CHUNK_MS = 100.0  # with a minimum time, a call times this long at least (fewer round trips for a fast model)
-# A few dozen milliseconds of runs sample one moment of the device: on a VM whose other vCPU the
-# host takes away for a while, that moment is either fast or up to 1.5x slower, so short medians
-# disagree between builds of the same model (docs/benchmarks/measurement-window.md).
+# A few dozen milliseconds of runs sample one moment of the device, fast or slow on a shared
+# machine, so short medians disagree between builds of one model (docs/benchmarks/measurement-window.md).
 MIN_TIMED_MS = 1000.0  # time at least this long by default (more runs than --repeat where the model is fast)
 WARMUP_MS = 200.0  # untimed runs add up to at least this long when a minimum time is asked for
 MAX_RUNS = 200_000  # a bound on the runs a minimum time adds

@@ -105,8 +105,8 @@ def register_tile(channels: int, pixels: int, unit: VectorUnit, reuses_input: bo
     and an accumulator can take one FMA every ~5 cycles (latency), so a step costs at least 5.
 
     Channels that are no multiple of a whole vector but of a half (or quarter) one are tiled by
-    those: 24 channels on AVX-512 as three 8-lane vectors, not one 24-lane loop, which LLVM splits
-    into a 16- and an 8-lane part and ran 20x slower per multiply-add (docs/tuning.md).
+    those: 24 channels on AVX-512 as three 8-lane vectors, not one 24-lane loop, for which LLVM
+    makes far slower code (figures: docs/tuning.md).
     """
     options = []
     lanes = unit.lanes

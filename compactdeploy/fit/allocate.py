@@ -151,8 +151,8 @@ def group_weights(space: WidthSpace, groups) -> dict[str, float]:
     what one channel of the group computes across every layer it shapes, times its width.
 
     Computed work, not parameters: a high-resolution layer's channels hold few parameters and feed
-    everything after them, and weighted by parameters the greedy cut ResNet-20's first stage to a
-    quarter (71 % after fine-tuning where uniform pruning kept 98 %, docs/fit.md)."""
+    everything after them, so weighted by parameters the greedy cuts early layers first (what that
+    cost: docs/fit.md)."""
     full = space.macs(space.full)
     held = {g: max(1, space.full[g] * (full - space.macs({**space.full, g: space.full[g] - 1})))
             if space.full[g] > 1 else 1 for g in groups}
