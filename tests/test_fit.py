@@ -250,7 +250,7 @@ def test_search_meets_a_latency_budget_on_this_host(tmp_path):
     final = fit["final"]
     assert report["latency_ms"]["reference"]["median"] == final["unpruned_beside_ms"] > 0
     assert final["relative_ms"] == pytest.approx(final["measured_ms"] * unpruned["measured_ms"] / final["unpruned_beside_ms"])
-    assert final["relative_ms"] <= 1.05 * budget, final
+    assert final["relative_ms"] <= 1.05 * budget and final["judged_ms"] == final["relative_ms"], final
     # the build is the chosen model: narrower where the search said, and fine-tuned
     for group, width in fit["widths"].items():
         assert report["model"]["widths"][group]["after"] == width["after"] <= width["before"]
@@ -459,28 +459,26 @@ def test_impossible_and_memory_budgets_fail_in_one_line(tmp_path, lenet5_checkpo
 
 
 def test_rounds_spent_before_the_budget_is_met_say_resume_with_more(tmp_path, lenet5_checkpoint, monkeypatch):
-    """A search that runs out of --fit-rounds with narrower models left is not an impossible budget:
-    the one-line error says so and how to go on, and the resumed run keeps the models measured."""
+    """A search that runs out of --fit-rounds before a model near the budget is not an impossible
+    budget: it returns the best model that met it (the smallest, measured first) and says how to go
+    on, and the resumed run keeps the models measured and finds a wider one."""
     monkeypatch.setenv("COMPACTDEPLOY_CACHE", str(tmp_path / "cache"))
-    busy = MacsMeasurer(tmp_path, slow={2: 1.6})  # the first run's one round: the device was busy
-    with pytest.raises(CompactDeployError) as spent:
-        _search(lenet5_checkpoint, busy, latency_budget="60%", fit_rounds=1)
-    error = str(spent.value)
-    assert len(error.splitlines()) == 1 and "no model in the search space" not in error
-    assert "no model of the 2 built in 1 rounds meets latency 60%" in error, error
-    assert "run the same command with --resume --fit-rounds 4" in error
-    run_dir = Path(error.split("kept in ")[1].split(")")[0])
-    first = read_json(run_dir / "state.json")["candidates"]
-    assert len(first) == 2 and first[1]["measured_ms"] > 0.6 * first[0]["measured_ms"]
+    # LeNet-5's smallest model runs at 59 % of the unpruned one: 80 % leaves models between them
+    busy = MacsMeasurer(tmp_path, slow={3: 1.6})  # the first run's one round (after the unpruned and smallest models): busy
+    first = _search(lenet5_checkpoint, busy, latency_budget="80%", fit_rounds=1).report
+    assert "not within 10% of it: run the same command with --resume --fit-rounds 4" in first["status"], first["status"]
+    unpruned, smallest, busy_round = first["verified"]
+    # the smallest model was measured before any prediction, and met the budget: not impossible
+    assert smallest["predicted_ms"] is None and smallest["measured_ms"] < 0.8 * unpruned["measured_ms"]
+    assert all(w <= busy_round["widths"][g] for g, w in smallest["widths"].items())
+    assert busy_round["measured_ms"] > first["budget"]["latency_ms"] and first["chosen"]["key"] == smallest["key"]
 
     idle = MacsMeasurer(tmp_path)
-    fitted = _search(lenet5_checkpoint, idle, latency_budget="60%", fit_rounds=4, resume=True)
-    fit = fitted.report
-    assert [c["key"] for c in fit["verified"][:2]] == [c["key"] for c in first]
-    assert fit["verified"][1]["measured_ms"] == first[1]["measured_ms"]  # replayed, not measured again
-    assert len(idle.models) == len(fit["verified"]) - 2  # the first two were not measured again
-    assert fit["chosen"]["measured_ms"] <= fit["budget"]["latency_ms"]
-
+    fit = _search(lenet5_checkpoint, idle, latency_budget="80%", fit_rounds=4, resume=True).report
+    assert [c["key"] for c in fit["verified"][:3]] == [c["key"] for c in first["verified"]]
+    assert fit["verified"][2]["measured_ms"] == busy_round["measured_ms"]  # replayed, not measured again
+    assert len(idle.models) == len(fit["verified"]) - 3  # the first three were not measured again
+    assert fit["chosen"]["measured_ms"] <= fit["budget"]["latency_ms"] and fit["chosen"]["params"] > smallest["params"]
 
 def test_a_slow_minute_of_the_device_does_not_move_a_candidate_timed_beside_the_unpruned_model(
         tmp_path, lenet5_checkpoint, monkeypatch):
@@ -490,10 +488,10 @@ def test_a_slow_minute_of_the_device_does_not_move_a_candidate_timed_beside_the_
     from compactdeploy.prune import count_macs_params
 
     monkeypatch.setenv("COMPACTDEPLOY_CACHE", str(tmp_path / "cache"))
-    drifting = DriftingMeasurer(tmp_path, slow={2: 1.6})
-    fitted = _search(lenet5_checkpoint, drifting, latency_budget="60%", fit_rounds=1)
-    unpruned, candidate = fitted.report["verified"][:2]
-    true_ms = count_macs_params(drifting.models[1], torch.randn(*create_model("lenet5", {}).input_shape))[0] / 1e6
+    drifting = DriftingMeasurer(tmp_path, slow={3: 1.6})  # after the unpruned and the smallest model
+    fitted = _search(lenet5_checkpoint, drifting, latency_budget="80%", fit_rounds=1)
+    unpruned, candidate = fitted.report["verified"][0], fitted.report["verified"][2]
+    true_ms = count_macs_params(drifting.models[2], torch.randn(*create_model("lenet5", {}).input_shape))[0] / 1e6
     assert candidate["alone_ms"] == pytest.approx(1.6 * true_ms) and candidate["reference_ms"] == pytest.approx(1.6 * unpruned["measured_ms"])
     assert candidate["measured_ms"] == pytest.approx(true_ms)
     assert fitted.report["chosen"]["key"] == candidate["key"] and candidate["measured_ms"] <= fitted.report["budget"]["latency_ms"]
@@ -508,8 +506,47 @@ def test_an_impossible_budget_names_the_smallest_latency_reached(tmp_path, lenet
     error = str(impossible.value)
     assert len(error.splitlines()) == 1 and "no model in the search space meets latency 1%" in error
     reached = float(error.split("the smallest latency reached is ")[1].split(" ms")[0])
-    assert reached == pytest.approx(min(measurer.times), rel=1e-3) and len(measurer.times) >= 2
+    # known from the smallest model, measured right after the unpruned one: no round spent
+    assert reached == pytest.approx(min(measurer.times), rel=1e-3) and len(measurer.times) == 2
     assert "raise the budget" in error
+
+
+def test_the_prediction_knows_what_a_model_streams_beyond_the_cache():
+    """Layers timed alone keep their weights in cache; a whole model whose weights exceed the L2
+    cache reads them from further out in every run (this host: MobileNetV2 ran at 0.8x its table
+    time with 1.4 MB of weights, 1.8x with 3.2 MB). From the unpruned model (streaming) and the
+    smallest (in cache), the fit predicts both kinds; one ratio measured/table predicts neither."""
+    from compactdeploy.fit.search import _corrected, _streamed_bytes
+
+    cache = 2 << 20
+
+    def device(table_ms, weight_bytes):  # 0.8x the table, plus weights beyond the cache at 40 GB/s
+        return 0.8 * table_ms + _streamed_bytes(weight_bytes, cache) / 40e9 * 1e3
+
+    def measured(table_ms, weight_bytes):
+        return table_ms, _streamed_bytes(weight_bytes, cache), device(table_ms, weight_bytes)
+
+    unpruned, smallest = measured(0.2, 9e6), measured(0.05, 0.2e6)
+    for table_ms, weight_bytes in ((0.1, 4.6e6), (0.08, 3.2e6), (0.08, 1.4e6), (0.3, 12e6)):
+        predicted = _corrected(table_ms, _streamed_bytes(weight_bytes, cache), [unpruned, smallest])
+        assert predicted == pytest.approx(device(table_ms, weight_bytes)), (table_ms, weight_bytes)
+    # the in-cache model: one ratio (the unpruned model's, 1.9x) would predict it 2.4x too slow
+    one_ratio = _corrected(0.08, 0.0, [(unpruned[0], 0.0, unpruned[2])])
+    assert one_ratio > 2 * device(0.08, 1.4e6)
+    # a device whose cache is unknown: the ratio of the models measured, exact at each of them
+    assert _corrected(0.2, 0.0, [(0.2, 0.0, 0.3), (0.05, 0.0, 0.04)]) == pytest.approx(0.3)
+    assert _corrected(0.05, 0.0, [(0.2, 0.0, 0.3), (0.05, 0.0, 0.04)]) == pytest.approx(0.04)
+    assert _corrected(0.1, 0.0, [(0.2, 0.0, 0.3)]) == pytest.approx(0.15)
+
+
+def test_the_agent_reports_the_l2_cache_the_prediction_uses():
+    from compactdeploy.device.agent import _l2_cache_bytes
+
+    size = _l2_cache_bytes()
+    if Path("/sys/devices/system/cpu/cpu0/cache/index2/size").exists():
+        assert size is not None and size >= 64 << 10
+    else:
+        assert size is None
 
 
 @pytest.mark.serial
@@ -655,22 +692,108 @@ def test_a_table_part_whose_board_drops_out_is_timed_on_another_and_what_finishe
         calls.append([s.out_channels for s in part])
         if len(calls) == 1:
             raise CompactDeployError("127.0.0.1:9 failed while timing layers for the latency table: connection lost")
-        return [float(s.out_channels) for s in part]
+        return [float(s.out_channels) for s in part], 1.0
 
     monkeypatch.setattr(costs, "_time_probes", drops_once)
     # two boards: two parts timed at once; the part the lost board held is timed again
-    assert costs.time_layers_on_device(signatures, target, None, linker, None, boards=2) == [8.0, 16.0, 24.0, 32.0]
+    assert costs.time_layers_on_device(signatures, target, None, linker, None, boards=2).ms == [8.0, 16.0, 24.0, 32.0]
     assert len(calls) == 3 and calls[0] in calls[1:]
 
     def one_part_always_lost(session_factory, lib, part, target):
         if part[0].out_channels == 8:
             raise CompactDeployError("127.0.0.1:9 failed while timing layers for the latency table: connection lost")
-        return [1.0] * len(part)
+        return [1.0] * len(part), 1.0
 
     monkeypatch.setattr(costs, "_time_probes", one_part_always_lost)
     table = LatencyTable(tmp_path / "table.json", {})
     with pytest.raises(CompactDeployError, match="2 layers of the latency table were not timed"):
         costs.measure_missing(table, signatures,
-                              lambda batch: costs.time_layers_on_device(batch, target, None, linker, None, boards=2))
+                              lambda batch: costs.time_layers_on_device(batch, target, None, linker, None, boards=2).ms)
     kept = LatencyTable(tmp_path / "table.json", {}).entries  # on disk: the other board's part
     assert set(kept) == {signatures[1].key, signatures[3].key}
+
+
+def test_table_entries_are_scaled_by_the_anchor_layer_timed_beside_them(tmp_path, monkeypatch):
+    """A board twice as slow (or a slow minute) times the anchor twice as slow too: its layers land
+    on the table's scale, so entries timed at different times or on different boards add up."""
+    from compactdeploy.compile import resolve_linker
+    from compactdeploy.fit import costs
+    from compactdeploy.fit.costs import ANCHOR, LatencyTable, LayerSignature
+    from compactdeploy.targets import load_target
+
+    target = load_target("host")
+    linker = resolve_linker(target)
+    signatures = [LayerSignature("linear", 8, n) for n in (8, 16, 24, 32)]
+    slowdown = {8: 1.0, 16: 2.0}  # the board that times each part (the parts start at 8 and 16 channels)
+
+    def timed_on_a_board(session_factory, lib, part, target):
+        speed = slowdown[part[0].out_channels]
+        return [s.out_channels * speed for s in part], 0.5 * speed
+
+    monkeypatch.setattr(costs, "_time_probes", timed_on_a_board)
+    first = costs.time_layers_on_device(signatures, target, None, linker, None, boards=2)
+    assert first.anchor_ms == 0.5 and first.ms == [8.0, 16.0, 24.0, 32.0]
+    # a later batch, timed while the device runs three times as slow, beside the table's anchor
+    slowdown.update({8: 3.0, 16: 3.0})
+    later = costs.time_layers_on_device(signatures, target, None, linker, None, boards=2, anchor_ms=first.anchor_ms)
+    assert later.anchor_ms == 0.5 and later.ms == pytest.approx([8.0, 16.0, 24.0, 32.0])
+    # the table keeps its anchor; the anchor is a layer of every probe library, and of the table's identity
+    table = LatencyTable(tmp_path / "table.json", {"anchor": ANCHOR.key})
+    table.anchor_ms = first.anchor_ms
+    table.save()
+    assert LatencyTable(tmp_path / "table.json", {}).anchor_ms == 0.5
+    assert costs.probe_module([signatures[0], ANCHOR], channels_last=True).get_global_var("probe_1") is not None
+
+
+def test_of_the_two_trajectories_the_pick_that_keeps_more_importance_is_measured():
+    """The greedy on measured cost is myopic (ResNet-20 at 40 % on the build host: its pick cut the
+    last stage's stream to 8 of 64 channels, keeping 0.418 of the importance, where the MACs-paced
+    trajectory had a faster model keeping 0.444): each round measures, of the two trajectories'
+    first points predicted within the budget, the one that keeps more importance."""
+    from compactdeploy.fit.allocate import Point
+    from compactdeploy.fit.search import _pick
+
+    class Walked:  # a trajectory already extended as far as it goes
+        def __init__(self, points):
+            self.points = points
+
+        def extend(self):
+            return False
+
+        def fill(self, point, accept):
+            return point
+
+    full = Point({"a": 16, "b": 16}, 10.0, 1.0)
+    by_cost = Walked([full, Point({"a": 8, "b": 16}, 4.0, 0.6, "a"), Point({"a": 8, "b": 8}, 2.0, 0.2, "b")])
+    within = lambda p: p.cost <= 5.0  # noqa: E731
+    by_macs = [full, Point({"a": 16, "b": 8}, 4.5, 0.7, "b")]
+    assert _pick(by_cost, by_macs, within, print) == (by_macs[1], False)
+    assert _pick(by_cost, [full, Point({"a": 16, "b": 8}, 4.5, 0.5, "b")], within, print) == (by_cost.points[1], False)
+    # nothing on the cost-paced trajectory is predicted within: the MACs-paced pick, not the smallest model
+    assert _pick(by_cost, by_macs, lambda p: p.cost <= 4.5 and p.widths != {"a": 8, "b": 16}, print) == (by_macs[1], False)
+    assert _pick(by_cost, [full], lambda p: p.cost <= 1.0, print) == (by_cost.points[-1], True)
+
+
+def test_the_macs_paced_trajectory_is_priced_on_the_table():
+    from compactdeploy.fit.allocate import Trajectory, importance_curves
+    from compactdeploy.fit.search import _macs_trajectory
+
+    model = create_model("resnet20", {})
+    example = torch.randn(*model.input_shape)
+    space = width_space(model.module, example, (), 8, 8)
+    curves = importance_curves(model.module, example, "l1", None, ())
+    priced = []
+
+    def table_ms(widths_list):  # one call for the whole trajectory
+        priced.append(len(widths_list))
+        return [space.params(w) / 1e6 for w in widths_list]
+
+    trajectory = Trajectory(space, curves, table_ms)
+    trajectory.start()
+    by_macs = Trajectory(space, curves, lambda ws: [float(space.macs(w)) for w in ws])
+    by_macs.start()
+    while by_macs.extend():
+        pass
+    points = _macs_trajectory(trajectory, curves, table_ms, print)
+    assert [p.widths for p in points] == [p.widths for p in by_macs.points] and priced[-1] == len(points)
+    assert all(p.cost == space.params(p.widths) / 1e6 and p.importance_kept == trajectory.kept(p.widths) for p in points)

@@ -327,8 +327,17 @@ def test_one_cost_model_learns_from_the_records_and_every_round_of_the_run(tuned
 
 
 @pytest.mark.slow
-def test_a_kernel_whose_search_space_runs_out_stops_early_and_is_not_tuned_again(tmp_path):
-    """A 2x2 max pool has a handful of schedules: MetaSchedule would keep asking for more, round after round."""
+def test_a_kernel_whose_search_space_runs_out_stops_early_and_is_not_tuned_again(tmp_path, monkeypatch):
+    """A 2x2 max pool has a handful of schedules: MetaSchedule would keep asking for more, round after
+    round. Every candidate's library is removed after the run (MetaSchedule's local runner leaves them)."""
+    import tempfile
+
+    from compactdeploy.tune import search as tune_search
+
+    builders, real_builder = [], tune_search.WarmBuilder
+    monkeypatch.setattr(tune_search, "WarmBuilder", lambda *args, **kwargs: builders.append(real_builder(*args, **kwargs))
+                        or builders[-1])
+    left_before = set(Path(tempfile.gettempdir()).glob("compactdeploy-candidate-*"))
     target = load_target("host")
     exported = export_onnx(torch.nn.MaxPool2d(2).eval(), torch.randn(1, 4, 8, 8), tmp_path / "pool.onnx")
     lowered = lower_for_tuning(import_onnx(exported.path, target), target.tvm_target())
@@ -339,6 +348,8 @@ def test_a_kernel_whose_search_space_runs_out_stops_early_and_is_not_tuned_again
 
     again = tune(lowered, target, database, 1024, local_runner(), None)  # a larger budget finds nothing new either
     assert again.trials_run == 0 and again.tasks[0]["exhausted"]
+    assert builders and not any(Path(b.directory).exists() for b in builders)
+    assert set(Path(tempfile.gettempdir()).glob("compactdeploy-candidate-*")) <= left_before
 
 
 def test_tuning_a_gpu_target_is_refused(capsys, tmp_path):

@@ -20,6 +20,7 @@ import os
 import sys
 import tempfile
 import time
+from statistics import mean, stdev
 from dataclasses import replace
 from pathlib import Path
 
@@ -59,6 +60,8 @@ def main() -> None:
     parser.add_argument("--train-epochs", type=int, default=8)
     parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=50)
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="fine-tunings of every chosen model, seeds 0..N-1: the noise of repeated runs")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "compactdeploy-bench-fit")
     args = parser.parse_args()
     start = time.time()
@@ -114,11 +117,12 @@ def bench_model(name: str, model: str, model_args: dict, data: str, budgets: lis
 
     measured_unpruned_ms: list[float] = []
 
-    def finetuned_accuracy(widths: dict[str, int]) -> float:
+    def finetuned_accuracy(widths: dict[str, int], seed: int = 0) -> float:
         from compactdeploy.pipeline import prune_and_finetune
 
         changed = space.narrowed(widths)
-        config = replace(base, prune=PruneConfig(prune=args.method if changed else None, widths=changed,
+        config = replace(base, model=replace(base.model, seed=seed),
+                         prune=PruneConfig(prune=args.method if changed else None, widths=changed,
                                                  finetune_epochs=args.finetune_epochs if changed else 0))
         return prune_and_finetune(config, Progress()).accuracies[2]
 
@@ -163,7 +167,7 @@ def bench_model(name: str, model: str, model_args: dict, data: str, budgets: lis
             # the search judged "60%" against its own first measurement of the unpruned model: its
             # figures, relative to that, on this benchmark's scale
             scale = unpruned["ms"] / fit["verified"][0]["measured_ms"]
-            final = fit["final"]["relative_ms"] or fit["final"]["measured_ms"]
+            final = fit["final"]["judged_ms"]
             rows.append(_row(name, share, budget_ms, "loop", fit["chosen"]["widths"], fit["chosen"]["measured_ms"] * scale,
                              fit_report["model"]["macs"], fit_report["model"]["params"], fit_report["accuracy"]["after"],
                              builds=len(fit["verified"]), predictor=fit["predictor_error_pct"],
@@ -181,7 +185,10 @@ def bench_model(name: str, model: str, model_args: dict, data: str, budgets: lis
                              finetuned_accuracy(chosen["widths"]), builds=len(measured) - before))
             rows[-1]["data"] = data
         for row in rows[-3:]:
-            log(f"  {row['strategy']:<8} {row['measured_ms']} ms, accuracy {row['accuracy']}")
+            if row["widths"] is not None:  # the same widths fine-tuned again with other seeds
+                row["accuracy_seeds"] = [row["accuracy"]] + [finetuned_accuracy(row["widths"], seed)
+                                                             for seed in range(1, args.seeds)]
+            log(f"  {row['strategy']:<8} {row['measured_ms']} ms, accuracy {row.get('accuracy_seeds', row['accuracy'])}")
     for row in rows:
         row["unpruned_ms"] = unpruned["ms"]
         row["unpruned_accuracy"] = None
@@ -216,7 +223,7 @@ def _row(model, share, budget_ms, strategy, widths, ms, macs, params, accuracy, 
 
 def write_all(rows: list[dict], args, seconds: float) -> None:
     info = meta("bench_fit.py", seconds, method=args.method, train_epochs=args.train_epochs,
-                finetune_epochs=args.finetune_epochs, repeat=args.repeat,
+                finetune_epochs=args.finetune_epochs, repeat=args.repeat, seeds=args.seeds,
                 data={name: MODELS[name][2] for name in args.models.split(",")},
                 latency="whole-model median on this host (measured), compiled as builds ship: default schedules, "
                         "no tuning records")
@@ -234,8 +241,9 @@ def write_all(rows: list[dict], args, seconds: float) -> None:
         "its final build, fine-tuned and measured again by the build's own benchmark, is the last column, with the "
         "loop's wall time (`build_s` in the JSON).",
         "",
-        "| model | budget | strategy | measured latency | MACs | params | accuracy after fine-tuning | builds measured | final build |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| model | budget | strategy | measured latency | MACs | params | accuracy after fine-tuning (seed 0) | "
+        f"mean over {args.seeds} seeds (min-max) | builds measured | final build |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ms = f"{r['measured_ms']:.3f} ms" if r["measured_ms"] is not None else "none within budget"
@@ -246,15 +254,31 @@ def write_all(rows: list[dict], args, seconds: float) -> None:
         if r.get("final_build_ms") is not None:
             final = f"{r['final_build_ms']:.3f} ms, " + ("within" if r["final_build_ms"] <= r["budget_ms"] else "OVER")
         builds = r["builds_measured"] if r["builds_measured"] is not None else "-"
+        seeds = r.get("accuracy_seeds")
+        spread = f"{mean(seeds):.2%} ({min(seeds):.2%}-{max(seeds):.2%})" if seeds else "-"
         lines.append(f"| {r['model']} | {r['budget_share']:.0%} = {r['budget_ms']:.3f} ms | {r['strategy']} | {ms} | {macs} | "
-                     f"{params} | {acc} | {builds} | {final} |")
+                     f"{params} | {acc} | {spread} | {builds} | {final} |")
     refused = [r for r in rows if r.get("refused")]
     if refused:
         lines += [""] + [f"The loop at {r['model']} {r['budget_share']:.0%}: {r['refused']}" for r in refused]
     lines += ["", "Builds measured: for uniform and flops, the builds this budget's bisection added; for the loop, every "
                   "model in the search's state (the searches of one model share it, so a later budget counts the "
                   "earlier one's models). Accuracy is on each dataset's fixed 20 % test split (digits: 359 samples)."]
-    errors = [abs(p - m) / m * 100 for r in rows if r["verified"] for p, m in r["verified"]]
+    lines += ["", f"The loop against the others, in the mean over {args.seeds} fine-tunings (seeds 0-{args.seeds - 1}) "
+                  "of the same widths; the noise of repeated runs is the larger of the two strategies' standard deviations "
+                  "over seeds:", ""]
+    for model, share in dict.fromkeys((r["model"], r["budget_share"]) for r in rows):
+        by = {r["strategy"]: r for r in rows if (r["model"], r["budget_share"]) == (model, share)}
+        loop = by.get("loop", {}).get("accuracy_seeds")
+        for other in ("flops", "uniform"):
+            theirs = by.get(other, {}).get("accuracy_seeds")
+            if loop and theirs:
+                noise = max(stdev(loop), stdev(theirs)) if len(loop) > 1 else 0.0
+                lines.append(f"- {model} at {share:.0%}: loop - {other} = {(mean(loop) - mean(theirs)) * 100:+.2f} points "
+                             f"(noise {noise * 100:.2f})")
+    # the searches of one model share their state: a model a later budget replays is counted once
+    verified = {(p, m) for r in rows if r["verified"] for p, m in r["verified"]}
+    errors = [abs(p - m) / m * 100 for p, m in verified]
     if errors:
         import numpy as np
 

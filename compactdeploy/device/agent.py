@@ -23,6 +23,7 @@ import secrets
 import socket
 import sys
 import time
+from pathlib import Path
 
 from compactdeploy.runtime.load import cpu_times, load_between
 
@@ -92,7 +93,26 @@ def fingerprint(threads: int | None = None) -> dict:
         "threads_pinned": threads_pinned(),  # one per core (TVM's default) or not (compactdeploy's)
         # qemu-user reports the guest's machine; only its launcher knows the CPU is emulated
         "emulated": os.environ.get(EMULATED_ENV) == "1",
+        "l2_cache_bytes": _l2_cache_bytes(),
     }
+
+
+def _l2_cache_bytes() -> int | None:
+    """The size of the second-level cache cpu0 reads through (a model whose weights exceed it reads
+    them from further out on every run), or None where the kernel does not say."""
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if (index / "level").read_text().strip() != "2" or (index / "type").read_text().strip() == "Instruction":
+                continue
+            size = (index / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        try:
+            return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+        except ValueError:
+            return None
+    return None
 
 
 def _cuda_fields() -> dict:

@@ -27,6 +27,7 @@ from ..resources import cache_dir
 from ..targets import TargetSpec
 
 PROBE_BATCH = 48  # layers compiled into one library and timed in one session
+ANCHOR_EVERY = 8  # probes timed between two timings of the anchor layer
 FLOAT_BYTES = 4
 
 
@@ -83,6 +84,12 @@ def _dims(values: tuple[int, ...]) -> str:
     return "x".join(map(str, values))
 
 
+# A layer timed beside the probes of every batch: a device's slow or fast minutes (thermal
+# throttling, a shared host's neighbours) move it with them, so the table's entries are kept on
+# the scale of its first timing, whenever and on whichever board of a tracker key each was timed.
+ANCHOR = LayerSignature("conv2d", 32, 32, (16, 16), (3, 3), (1, 1), (1, 1), (1, 1))
+
+
 @dataclass(frozen=True)
 class LayerSlot:
     """A layer of the model and how the search's group widths change its signature."""
@@ -131,20 +138,33 @@ def candidate_widths(full: int, multiple: int, points: int) -> list[int]:
     return sorted({w for w in range(step, full, step) if w >= multiple} | {full})
 
 
+@dataclass(frozen=True)
+class LayerTimes:
+    """A batch's layers timed on the device, on the table's scale."""
+
+    ms: list[float | None]  # None for a layer whose board dropped out
+    anchor_ms: float | None  # the anchor's time the batch was scaled to (the table's, or this batch's first)
+
+
 class LatencyTable:
-    """Measured milliseconds per layer signature, for one device; a JSON file under the cache."""
+    """Measured milliseconds per layer signature, for one device; a JSON file under the cache.
+
+    ``anchor_ms`` is the ``ANCHOR`` layer's time when the table's first batch was timed; every later
+    batch is scaled by it over the anchor's time beside that batch (None where the measurer has none)."""
 
     def __init__(self, path: Path, identity: dict[str, Any]):
         self.path = path
         self.identity = identity
         self.entries: dict[str, float] = {}
+        self.anchor_ms: float | None = None
         if path.exists():
             try:
                 stored = json.loads(path.read_text())
                 self.entries = {str(k): float(v) for k, v in stored.get("entries", {}).items()}
+                self.anchor_ms = float(stored["anchor_ms"]) if stored.get("anchor_ms") is not None else None
             except (ValueError, AttributeError, TypeError):
                 # a damaged table is measured again, not trusted
-                self.entries = {}
+                self.entries, self.anchor_ms = {}, None
         self.measured_now = 0  # entries this process measured (the rest were reused)
 
     def __contains__(self, signature: LayerSignature) -> bool:
@@ -157,7 +177,8 @@ class LatencyTable:
         from ..resources import write_json
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(self.path, {"identity": self.identity, "entries": dict(sorted(self.entries.items()))})
+        write_json(self.path, {"identity": self.identity, "anchor_ms": self.anchor_ms,
+                               "entries": dict(sorted(self.entries.items()))})
 
 
 def table_for(target: TargetSpec, fingerprint: dict[str, Any] | None, tuning_database) -> LatencyTable:
@@ -172,6 +193,8 @@ def table_for(target: TargetSpec, fingerprint: dict[str, Any] | None, tuning_dat
     identity["conv_layout"] = CONV_LAYOUT["relax.nn.conv2d"] if builds_channels_last(target) else ["NCHW", "OIHW"]
     # a layer's time depends on its schedule: new tuning records, or new default rules, make a new table
     identity["default_rules"] = RULES_VERSION
+    # entries on the scale of the anchor layer's first timing (tables timed without one are stale)
+    identity["anchor"] = ANCHOR.key
     # records the search's own candidates transferred leave the table standing: they follow from the others
     identity["tuning_records_sha256"] = (tuning_database.records_sha256(excluding_by=TRANSFER)
                                          if tuning_database is not None else None)
@@ -246,13 +269,16 @@ def measure_missing(
 
 
 def time_layers_on_device(batch: list[LayerSignature], target: TargetSpec, session_factory: Callable[[], Any], linker,
-                          database, progress: Callable[[str], None] | None = None, boards: int = 1) -> list[float | None]:
+                          database, progress: Callable[[str], None] | None = None, boards: int = 1,
+                          anchor_ms: float | None = None) -> LayerTimes:
     """Each layer of ``batch`` compiled as the build compiles it (``database``'s records, else the
-    default rules), and timed on the device: ms each.
+    default rules), and timed on the device beside the ``ANCHOR`` layer: ms each, scaled to
+    ``anchor_ms`` (the table's; None: to this batch's first anchor timing).
 
     With ``boards`` > 1 (the boards of a tracker key) the batch is cut in as many
     libraries, each timed in a session of its own while the next compiles; a part whose board drops
-    out is timed again on another, and is None only if that fails too, so the rest is kept."""
+    out is timed again on another, and is None only if that fails too, so the rest is kept. Each
+    part is scaled by its own board's anchor, so boards of one key that differ in speed share a scale."""
     say = progress or (lambda _: None)
     parts = [batch[i::boards] for i in range(min(boards, len(batch)))]
     with tempfile.TemporaryDirectory(prefix="compactdeploy-probes-") as tmp, \
@@ -267,11 +293,16 @@ def time_layers_on_device(batch: list[LayerSignature], target: TargetSpec, sessi
         say(f"latency table: timing {len(batch)} layers on " + (f"{len(parts)} boards" if len(parts) > 1 else "the device"))
         by_key = {}
         for part, future in zip(parts, timed):
-            by_key.update(zip((s.key for s in part), future.result()))
-    return [by_key[s.key] for s in batch]
+            times, part_anchor_ms = future.result()
+            if part_anchor_ms is not None:
+                anchor_ms = anchor_ms or part_anchor_ms
+                times = [t * anchor_ms / part_anchor_ms for t in times]
+            by_key.update(zip((s.key for s in part), times))
+    return LayerTimes([by_key[s.key] for s in batch], anchor_ms)
 
 
-def _time_part(session_factory, lib: Path, part: list[LayerSignature], target: TargetSpec, retry: bool, say) -> list:
+def _time_part(session_factory, lib: Path, part: list[LayerSignature], target: TargetSpec, retry: bool,
+               say) -> tuple[list[float | None], float | None]:
     try:
         return _time_probes(session_factory, lib, part, target)
     except CompactDeployError as exc:
@@ -282,16 +313,19 @@ def _time_part(session_factory, lib: Path, part: list[LayerSignature], target: T
         return _time_probes(session_factory, lib, part, target)
     except CompactDeployError as exc:
         say(f"latency table: {exc}")
-        return [None] * len(part)
+        return [None] * len(part), None
 
 
 def _compile_probes(batch, target: TargetSpec, directory: Path, linker, database) -> Path:
+    """``batch``'s probes, then the anchor's (the library's last function)."""
     from ..compile import builds_channels_last, compile_module
 
-    return compile_module(probe_module(batch, builds_channels_last(target)), target, directory, linker, database).lib_path
+    return compile_module(probe_module([*batch, ANCHOR], builds_channels_last(target)), target, directory, linker,
+                          database).lib_path
 
 
-def _time_probes(session_factory, lib: Path, batch: list[LayerSignature], target: TargetSpec) -> list[float]:
+def _time_probes(session_factory, lib: Path, batch: list[LayerSignature], target: TargetSpec) -> tuple[list[float], float]:
+    """ms of each probe of ``batch``, and the anchor's median ms over its timings between them."""
     from tvm import relax
     from tvm import runtime as tvm_runtime
 
@@ -310,13 +344,20 @@ def _time_probes(session_factory, lib: Path, batch: list[LayerSignature], target
     dev = session.device(backend_of(target).device)
     layout = builds_channels_last(target)
     rng = np.random.default_rng(0)
-    times = []
+    times, anchor_times = [], []
     with answering(session.address, "timing layers for the latency table"):
         session.remote.upload(str(lib), "probes.so")
         vm = relax.VirtualMachine(session.remote.load_module("probes.so"), dev)
-        for index, signature in enumerate(batch):
+
+        def time(index: int, signature: LayerSignature) -> float:
             x = tvm_runtime.tensor(rng.standard_normal(signature.probe_input_shape(layout)).astype("float32"), dev)
             # several runs per repeat where a layer is tiny, so the timer's resolution does not matter
             result = vm.time_evaluator(f"probe_{index}", dev, number=1, repeat=7, min_repeat_ms=2)(x)
-            times.append(float(np.median(result.results)) * 1e3)
-    return times
+            return float(np.median(result.results)) * 1e3
+
+        for index, signature in enumerate(batch):
+            if index % ANCHOR_EVERY == 0:
+                anchor_times.append(time(len(batch), ANCHOR))
+            times.append(time(index, signature))
+        anchor_times.append(time(len(batch), ANCHOR))
+    return times, float(np.median(anchor_times))

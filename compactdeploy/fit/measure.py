@@ -44,8 +44,8 @@ class Measurer(Protocol):
         """The latency table (``costs.LatencyTable``) of this device and the schedules it compiles with."""
 
     def time_layers(self, batch: list[Any]) -> list[float | None]:
-        """Milliseconds of each layer signature (``costs.LayerSignature``) of ``batch``; None for
-        those a board that dropped out left untimed."""
+        """Milliseconds of each layer signature (``costs.LayerSignature``) of ``batch``, on the
+        table's scale (``costs.time_layers_on_device``); None for those a board that dropped out left untimed."""
 
     def time_model(self, module: Any, example: Any, label: str) -> ModelTiming:
         """One candidate model (a torch module and an example input) compiled as it would ship, measured whole."""
@@ -73,6 +73,7 @@ class DeviceMeasurer:
         self.measure_config, self.transfer, self.default_schedules = measure_config, transfer, default_schedules
         self.say = progress
         self.reference: Path | None = None
+        self._table = None
 
     @classmethod
     @contextlib.contextmanager
@@ -92,13 +93,18 @@ class DeviceMeasurer:
     def table(self):
         from .costs import table_for
 
-        return table_for(self.target, self.fingerprint, self.deployment.database)
+        if self._table is None:
+            self._table = table_for(self.target, self.fingerprint, self.deployment.database)
+        return self._table
 
     def time_layers(self, batch):
         from .costs import time_layers_on_device
 
-        return time_layers_on_device(batch, self.target, self.open_session, self.linker, self.deployment.database,
-                                     self.say, self.boards)
+        table = self.table()
+        timed = time_layers_on_device(batch, self.target, self.open_session, self.linker, self.deployment.database,
+                                      self.say, self.boards, anchor_ms=table.anchor_ms)
+        table.anchor_ms = timed.anchor_ms  # saved with the batch's entries
+        return timed.ms
 
     def _compile(self, module, example, directory: Path, say):
         """Export, transfer schedules where the database has records to transfer, and compile, as a build does."""

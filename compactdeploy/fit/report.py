@@ -113,6 +113,7 @@ def fit_section(fitted, report: dict[str, Any], staging: Path) -> dict[str, Any]
         "measured_ms": latency["median"] if latency else None,
         "unpruned_beside_ms": reference["median"] if reference else None,
         "relative_ms": relative_ms,
+        "judged_ms": judged,  # relative_ms where the build was timed beside the unpruned model, else measured_ms
         "meets_latency_budget": None if judged is None or not budget else judged <= budget,
         "note": "the chosen widths built again (fine-tuned where --finetune-epochs is given) and measured again, in "
                 "turns with the unpruned model: relative_ms is its median times the unpruned model's latency as the "

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import logging
 import os
+import shutil
 import signal
 import tempfile
 from collections.abc import Iterator
@@ -124,14 +125,15 @@ def kernel_flops(task) -> float:
         return 1.0
 
 
-def build_candidate(mod, target, linker_command: str | None) -> str:
-    """Compile one scheduled kernel and export it as a shared library (runs in a warm worker)."""
+def build_candidate(mod, target, linker_command: str | None, directory: str | None = None) -> str:
+    """Compile one scheduled kernel and export it as a shared library under ``directory`` (runs in
+    a warm worker)."""
     import tvm
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
     library = tvm.compile(mod, target=target)
-    path = os.path.join(tempfile.mkdtemp(prefix="compactdeploy-candidate-"), "candidate.so")
+    path = os.path.join(tempfile.mkdtemp(prefix="candidate-", dir=directory), "candidate.so")
     if linker_command is None:
         library.export_library(path)
     else:
@@ -153,9 +155,11 @@ def WarmBuilder(linker_command: str | None, workers: int | None = None, timeout_
             super().__init__()
             self.pool = PopenPoolExecutor(max_workers=workers or os.cpu_count() or 1, timeout=timeout_s,
                                           initializer=ignore_interrupts)
+            # every candidate's library, removed at shutdown: MetaSchedule's local runner leaves them
+            self.directory = tempfile.mkdtemp(prefix="compactdeploy-tuning-")
 
         def build(self, build_inputs):
-            jobs = [(i.mod, i.target, linker_command) for i in build_inputs]
+            jobs = [(i.mod, i.target, linker_command, self.directory) for i in build_inputs]
             results = []
             for done in self.pool.map_with_error_catching(lambda job: build_candidate(*job), jobs):
                 if done.status == StatusKind.COMPLETE:
@@ -166,6 +170,7 @@ def WarmBuilder(linker_command: str | None, workers: int | None = None, timeout_
 
         def shutdown(self):
             self.pool.shutdown()
+            shutil.rmtree(self.directory, ignore_errors=True)
 
     return _WarmBuilder()
 
