@@ -217,13 +217,12 @@ def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResul
     memory_bytes = memory_budget.resolve(unpruned.memory_bytes) if memory_budget else None
     workspace_bound = unpruned.memory_bytes - space.params_bytes(space.full)  # narrower models plan less
 
-    if latency_ms is not None and not unpruned.meets(latency_ms, None):
+    smallest_widths = space.smallest()
+    if latency_ms is not None and not unpruned.meets(latency_ms, None) and smallest_widths != space.full:
         # the smallest model is measured before anything is predicted: with the unpruned one it
         # brackets every model of the trajectory (in cache and streaming, on most models), so the
         # prediction interpolates between measurements, and a budget below it is known impossible at once
-        smallest = space.smallest()
-        if smallest != space.full:
-            verify(Point(smallest, table_ms([smallest])[0], trajectory.kept(smallest)), None)
+        verify(Point(smallest_widths, table_ms([smallest_widths])[0], trajectory.kept(smallest_widths)), None)
 
     cache_bytes = (measurer.fingerprint or {}).get("l2_cache_bytes")
 
@@ -246,8 +245,8 @@ def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResul
     rounds, status, grown = 0, None, []
     by_macs = None  # the MACs-paced trajectory's points, priced on the table (_macs_trajectory)
     # nothing narrower than the smallest model: a budget it misses ends here
-    walk_ended = any(c.widths == space.smallest() and not c.meets(latency_ms, None) for c in state.walked) \
-        if latency_ms is not None else False
+    walk_ended = latency_ms is not None and any(c.widths == smallest_widths and not c.meets(latency_ms, None)
+                                                for c in state.walked)
     if unpruned.meets(latency_ms, memory_bytes):
         status = "the unpruned model already meets the budget"
         if space.wider and unpruned.meets(*_close(latency_ms, memory_bytes)):  # room to grow into
