@@ -513,8 +513,8 @@ def test_an_impossible_budget_names_the_smallest_latency_reached(tmp_path, lenet
 
 def test_the_prediction_knows_what_a_model_streams_beyond_the_cache():
     """Layers timed alone keep their weights in cache; a whole model whose weights exceed the L2
-    cache reads them from further out in every run (this host: MobileNetV2 ran at 0.8x its table
-    time with 1.4 MB of weights, 1.8x with 3.2 MB). From the unpruned model (streaming) and the
+    cache reads them from further out in every run (docs/fit.md has the build host's figures).
+    From the unpruned model (streaming) and the
     smallest (in cache), the fit predicts both kinds; one ratio measured/table predicts neither."""
     from compactdeploy.fit.search import _corrected, _streamed_bytes
 
@@ -746,9 +746,8 @@ def test_table_entries_are_scaled_by_the_anchor_layer_timed_beside_them(tmp_path
 
 
 def test_of_the_two_trajectories_the_pick_that_keeps_more_importance_is_measured():
-    """The greedy on measured cost is myopic (ResNet-20 at 40 % on the build host: its pick cut the
-    last stage's stream to 8 of 64 channels, keeping 0.418 of the importance, where the MACs-paced
-    trajectory had a faster model keeping 0.444): each round measures, of the two trajectories'
+    """The greedy on measured cost is myopic, so its path can end where the MACs-paced trajectory
+    keeps more importance at the same predicted latency: each round measures, of the two trajectories'
     first points predicted within the budget, the one that keeps more importance."""
     from compactdeploy.fit.allocate import Point
     from compactdeploy.fit.search import _pick

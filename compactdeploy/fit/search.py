@@ -397,9 +397,7 @@ def _pick(trajectory: Trajectory, by_macs: list[Point], accept: Callable[[Point]
     The first point of the trajectory that ``accept``s, widened by ``fill``; and the same from the
     MACs-paced trajectory's points. The greedy on measured cost is myopic (each step takes the
     smallest cut that saves 2 %, which on a plateau of the table is a deep one), and its path can
-    end where a MACs-paced one of the same predicted latency keeps more importance (ResNet-20 at
-    40 % on the build host: the greedy's model cut the last stage's stream to 8 of 64 channels and
-    kept 0.418 of the importance; FLOPs-targeting's kept 0.444 and measured faster), so of the two
+    end where a MACs-paced one of the same predicted latency keeps more importance, so of the two
     picks predicted within the budget the one that keeps more importance is measured."""
     pick = _first(trajectory, accept, say)
     smallest = pick is None
