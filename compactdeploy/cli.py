@@ -65,13 +65,17 @@ def _config(options: dict):
                    "operator at other widths (a pruned model's layers), each timed on the device against "
                    "the default rule; the fastest is kept as a record.")
 @click.option("--latency-budget", metavar="TIME",
-              help="Search the widths: the model keeping the most channel importance whose latency measured on the device is within "
-                   "TIME (8ms, 800us, or 60% of the unpruned model).")
+              help="Search the widths: the most accurate model (with --data; else the one keeping the most channel "
+                   "importance) whose latency measured on the device is within TIME (8ms, 800us, or 60% of the "
+                   "unpruned model).")
 @click.option("--memory-budget", metavar="SIZE", help="... and whose weights + workspace fit SIZE (40MB, 512KiB, 50%).")
 @click.option("--resume", is_flag=True, help="Reuse the models an interrupted search already built and measured.")
 @click.option("--fit-rounds", default=6, show_default=True,
               help="Models the search may build and measure, at most, besides the unpruned and smallest ones it measures first.")
 @click.option("--fit-points", default=8, show_default=True, help="Candidate widths per group (multiples of the target's).")
+@click.option("--fit-trial-epochs", default=2, show_default=True, type=click.IntRange(min=0),
+              help="With --data, the search judges models by their accuracy on held-out training data after this "
+                   "many epochs of fine-tuning (at most --finetune-epochs); 0: by channel importance.")
 def build(**options) -> None:
     """Load, prune, export, compile, benchmark and bundle a model for a target."""
     from .pipeline import build as run_build

@@ -59,6 +59,9 @@ class FitConfig:
     resume: bool = False  # the search reuses the models it built and measured before
     fit_rounds: int = 6  # models the search builds and measures besides the unpruned and smallest ones, at most
     fit_points: int = 8  # candidate widths per group
+    # with data: models are judged by held-out accuracy after this many epochs of fine-tuning (at
+    # most --finetune-epochs; fit.judge); 0 judges by channel importance
+    fit_trial_epochs: int = 2
 
     @property
     def searching(self) -> bool:

@@ -113,6 +113,9 @@ def build_summary(result) -> None:
             f"  search     {fit['status']} ({fit['budget']['latency'] or ''} {fit['budget']['memory'] or ''}".rstrip()
             + f"): {len(fit['verified'])} models measured{predicted}; plots {', '.join(fit['plots'])}"
         )
+        if fit["chosen"].get("trial_accuracy") is not None:
+            out.print(f"             kept the model of {fit['chosen']['trial_accuracy']:.1%} held-out accuracy after a trial "
+                      f"fine-tune, of {sum(1 for c in fit['verified'] if c['trial_accuracy'] is not None)} measured and judged")
         final = fit["final"]
         if final.get("relative_ms") is not None:
             out.print(

@@ -230,6 +230,8 @@ WIDE_LENET5 = ("--model", "lenet5", *(f"--model-arg={k}={v}" for k, v in WIDE_LE
 @pytest.mark.serial
 def test_search_meets_a_latency_budget_on_this_host(tmp_path):
     """The loop against this machine as the device: real measurements, a small model, 60 % of its latency."""
+    from compactdeploy.fit.state import widths_key
+
     out = tmp_path / "fit"
     assert run_cli(
         "build", *WIDE_LENET5, "--data", "digits", "--target", "host",
@@ -282,13 +284,17 @@ def test_search_meets_a_latency_budget_on_this_host(tmp_path):
     stored = read_json(state_path)
     unpruned_widths = fit["verified"][0]["widths"]
     below_ms = 0.999 * unpruned["table_ms"]
-    off_walk = {**fit["verified"][0], "widths": {**unpruned_widths, "0": unpruned_widths["0"] + 1}, "table_ms": below_ms,
+    stored_fields = set(stored["candidates"][0])  # the report adds each model's trial accuracy
+    off_walk = {**{k: v for k, v in fit["verified"][0].items() if k in stored_fields},
+                "widths": {**unpruned_widths, "0": unpruned_widths["0"] + 1}, "table_ms": below_ms,
                 "predicted_ms": below_ms, "measured_ms": 0.001 * below_ms, "importance_kept": 0.0}
     stored["candidates"].append(off_walk)
+    # and judged the worst (held-out accuracy 0): it steers no prediction, nor is it kept
+    stored["trials"][widths_key(off_walk["widths"])] = 0.0
     state_path.write_text(json.dumps(stored))
     again = tmp_path / "again"
-    assert run_cli(
-        "build", *WIDE_LENET5, "--data", "digits", "--target", "host",
+    assert run_cli(  # the same search (its fine-tuning sets the trial fine-tunes that judge its models)
+        "build", *WIDE_LENET5, "--data", "digits", "--target", "host", "--finetune-epochs", "1",
         "--latency-budget", "60%", "--repeat", "50", "--resume", "--out", again,
     ) == 0
     second = read_json(again / "report.json")["fit"]
@@ -358,8 +364,10 @@ def _search(checkpoint, measurer, **fit_options):
     from compactdeploy.targets import load_target
 
     allow_grow = fit_options.pop("allow_grow", False)
+    finetune_epochs = fit_options.pop("finetune_epochs", 0)
     config = BuildConfig(model=ModelConfig("lenet5", weights=checkpoint, data="digits"), target="host", out=Path("unused"),
-                         prune=PruneConfig(allow_grow=allow_grow), fit=FitConfig(**fit_options))
+                         prune=PruneConfig(allow_grow=allow_grow, finetune_epochs=finetune_epochs),
+                         fit=FitConfig(**fit_options))
     return search(config, load_target("host"), load(config.model), measurer, lambda message: None)
 
 
@@ -439,6 +447,43 @@ def test_the_plan_a_search_returns_builds_the_model_it_measured(tmp_path, lenet5
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
         assert len(errors) == 1 and message in errors[0], errors
     assert not (tmp_path / "never").exists()
+
+
+def test_with_data_the_search_keeps_the_model_a_trial_fine_tune_rates_best(tmp_path, lenet5_checkpoint, monkeypatch):
+    """Models are judged by a short fine-tune on most of the training split, scored on the rest of it
+    (never the test split); the model kept is the best so judged of those measured within the
+    budget, and a resumed search fine-tunes none of them again."""
+    import compactdeploy.train
+    from compactdeploy.data import load_dataset
+    from compactdeploy.fit.judge import HELD_OUT, held_out_split
+
+    digits = load_dataset("digits")
+    split = held_out_split(digits)
+    cut = len(split.x_train)
+    assert cut == round((1 - HELD_OUT) * len(digits.x_train)) and len(split.x_test) == len(digits.x_train) - cut
+    assert (split.x_test == digits.x_train[cut:]).all() and (split.y_test == digits.y_train[cut:]).all()
+    assert (split.x_train == digits.x_train[:cut]).all()
+
+    monkeypatch.setenv("COMPACTDEPLOY_CACHE", str(tmp_path / "cache"))
+    trained = []
+    real_train = compactdeploy.train.train
+
+    def counted(model, data, epochs, **kwargs):
+        trained.append((len(data.x_train), len(data.x_test), epochs))
+        return real_train(model, data, epochs, **kwargs)
+
+    monkeypatch.setattr(compactdeploy.train, "train", counted)
+    fit = _search(lenet5_checkpoint, MacsMeasurer(tmp_path), latency_budget="80%", finetune_epochs=3,
+                  fit_trial_epochs=1).report
+    assert fit["judged_by"].startswith("held-out accuracy")
+    assert trained and set(trained) == {(cut, len(digits.x_train) - cut, 1)}  # the trial epochs, capped, on the split
+    feasible = [c for c in fit["verified"] if c["measured_ms"] <= fit["budget"]["latency_ms"]]
+    assert len(feasible) >= 2 and all(c["trial_accuracy"] is not None for c in feasible)
+    assert fit["chosen"]["trial_accuracy"] == max(c["trial_accuracy"] for c in feasible)
+    judged = len(trained)
+    again = _search(lenet5_checkpoint, MacsMeasurer(tmp_path / "again"), latency_budget="80%", finetune_epochs=3,
+                    fit_trial_epochs=1, resume=True).report
+    assert len(trained) == judged and again["chosen"]["key"] == fit["chosen"]["key"]
 
 
 def test_impossible_and_memory_budgets_fail_in_one_line(tmp_path, lenet5_checkpoint, capsys):
@@ -533,10 +578,21 @@ def test_the_prediction_knows_what_a_model_streams_beyond_the_cache():
     # the in-cache model: one ratio (the unpruned model's, 1.9x) would predict it 2.4x too slow
     one_ratio = _corrected(0.08, 0.0, [(unpruned[0], 0.0, unpruned[2])])
     assert one_ratio > 2 * device(0.08, 1.4e6)
-    # a device whose cache is unknown: the ratio of the models measured, exact at each of them
-    assert _corrected(0.2, 0.0, [(0.2, 0.0, 0.3), (0.05, 0.0, 0.04)]) == pytest.approx(0.3)
-    assert _corrected(0.05, 0.0, [(0.2, 0.0, 0.3), (0.05, 0.0, 0.04)]) == pytest.approx(0.04)
+    # a device whose cache is unknown: the least-squares ratio of the models measured
     assert _corrected(0.1, 0.0, [(0.2, 0.0, 0.3)]) == pytest.approx(0.15)
+    assert _corrected(0.1, 0.0, [(0.2, 0.0, 0.3), (0.05, 0.0, 0.04)]) == pytest.approx(0.1 * 0.062 / 0.0425)
+
+
+def test_one_measured_models_deviation_is_not_passed_to_its_neighbours():
+    """How a model runs beside its table time is not smooth in table time: the smallest model ran
+    at 0.57x its table time and models just above it at 0.69-0.76x, as the unpruned one at 0.67x.
+    A model next to the smallest is predicted from all of them, not from the smallest's ratio."""
+    from compactdeploy.fit.search import _corrected
+
+    measured = [(0.50, 0.0, 0.335), (0.19, 0.0, 0.108), (0.32, 0.0, 0.21), (0.29, 0.0, 0.20)]
+    predicted = _corrected(0.22, 0.0, measured)
+    assert predicted == pytest.approx(0.22 * sum(t * m for t, _, m in measured) / sum(t * t for t, _, _ in measured))
+    assert predicted > 0.22 * 0.65  # the smallest's 0.57x would predict 0.125 ms
 
 
 def test_the_agent_reports_the_l2_cache_the_prediction_uses():
@@ -745,10 +801,11 @@ def test_table_entries_are_scaled_by_the_anchor_layer_timed_beside_them(tmp_path
     assert costs.probe_module([signatures[0], ANCHOR], channels_last=True).get_global_var("probe_1") is not None
 
 
-def test_of_the_two_trajectories_the_pick_that_keeps_more_importance_is_measured():
-    """The greedy on measured cost is myopic, so its path can end where the MACs-paced trajectory
-    keeps more importance at the same predicted latency: each round measures, of the two trajectories'
-    first points predicted within the budget, the one that keeps more importance."""
+def test_of_the_trajectories_picks_the_one_worth_more_is_measured():
+    """The greedy on measured cost is myopic, so its path can end where another trajectory's point of
+    the same predicted latency is worth more: each round measures, of the trajectories' first points
+    predicted within the budget, the one worth more (the importance kept, or with data a trial
+    fine-tune's held-out accuracy)."""
     from compactdeploy.fit.allocate import Point
     from compactdeploy.fit.search import _pick
 
@@ -762,15 +819,78 @@ def test_of_the_two_trajectories_the_pick_that_keeps_more_importance_is_measured
         def fill(self, point, accept):
             return point
 
+    def kept(point):
+        return (point.importance_kept,)
+
     full = Point({"a": 16, "b": 16}, 10.0, 1.0)
     by_cost = Walked([full, Point({"a": 8, "b": 16}, 4.0, 0.6, "a"), Point({"a": 8, "b": 8}, 2.0, 0.2, "b")])
     within = lambda p: p.cost <= 5.0  # noqa: E731
     by_macs = [full, Point({"a": 16, "b": 8}, 4.5, 0.7, "b")]
-    assert _pick(by_cost, by_macs, within, print) == (by_macs[1], False)
-    assert _pick(by_cost, [full, Point({"a": 16, "b": 8}, 4.5, 0.5, "b")], within, print) == (by_cost.points[1], False)
-    # nothing on the cost-paced trajectory is predicted within: the MACs-paced pick, not the smallest model
-    assert _pick(by_cost, by_macs, lambda p: p.cost <= 4.5 and p.widths != {"a": 8, "b": 16}, print) == (by_macs[1], False)
-    assert _pick(by_cost, [full], lambda p: p.cost <= 1.0, print) == (by_cost.points[-1], True)
+    assert _pick(by_cost, {"MACs-paced": by_macs}, within, kept, print) == (by_macs[1], False)
+    assert _pick(by_cost, {"MACs-paced": [full, Point({"a": 16, "b": 8}, 4.5, 0.5, "b")]}, within, kept, print) == (
+        by_cost.points[1], False)
+    # a third trajectory, and a judge that disagrees with the importance: the uniform pick trains back best
+    uniform = [full, Point({"a": 12, "b": 12}, 4.8, 0.65)]
+    trained = {(8, 16): 0.6, (16, 8): 0.5, (12, 12): 0.9}
+    by_trial = lambda p: (trained[tuple(p.widths.values())], p.importance_kept)  # noqa: E731
+    proposals = {"MACs-paced": by_macs, "uniform": uniform}
+    assert _pick(by_cost, proposals, within, kept, print) == (by_macs[1], False)
+    assert _pick(by_cost, proposals, within, by_trial, print) == (uniform[1], False)
+    # each pick is weighed as it is and widened by fill (which follows the importance curves too)
+    class Widening(Walked):
+        def fill(self, point, accept):
+            return Point({**point.widths, "b": 12}, point.cost + 0.4, point.importance_kept + 0.05)
+
+    trained.update({(8, 12): 0.7, (16, 12): 0.8, (12, 12): 0.6, (16, 8): 0.95})
+    widening = Widening(by_cost.points)
+    assert _pick(widening, {"MACs-paced": by_macs}, within, kept, print)[0].widths == {"a": 16, "b": 12}
+    assert _pick(widening, {"MACs-paced": by_macs}, within, by_trial, print) == (by_macs[1], False)
+    # nothing on the cost-paced trajectory is predicted within: another's pick, not the smallest model
+    assert _pick(by_cost, {"MACs-paced": by_macs}, lambda p: 2.0 < p.cost <= 4.5 and p.widths != {"a": 8, "b": 16},
+                 kept, print) == (by_macs[1], False)
+    assert _pick(by_cost, {"MACs-paced": [full]}, lambda p: p.cost <= 1.0, kept, print) == (by_cost.points[-1], True)
+
+
+def test_after_the_budget_is_met_a_model_worth_more_predicted_just_over_it_is_measured(tmp_path):
+    """The prediction errs by a few percent: a model predicted over the budget by less than the
+    predictor's median error so far may meet it. While rounds remain, the widest such model of each
+    trajectory that is worth more than every model measured within is measured, the one worth most
+    first; nothing worth less, and nothing predicted further over, is measured."""
+    from types import SimpleNamespace
+
+    from compactdeploy.config import FitConfig
+    from compactdeploy.fit.allocate import Point
+    from compactdeploy.fit.search import _measure_worth_more
+    from compactdeploy.fit.state import Candidate, SearchState, widths_key
+
+    state = SearchState(tmp_path / "state.json", {})
+    value = {1: 0.5, 2: 0.1, 3: 0.8, 4: 0.7, 5: 0.95, 6: 0.6}  # each model's worth, by its width of "a"
+    runs_at = {1: 0.9, 3: 1.03, 4: 0.99, 6: 0.98}  # what the device measures
+
+    def verify(point, predicted):
+        width = point.widths["a"]
+        candidate = Candidate(point.widths, point.cost, predicted, runs_at[width], 0, 0, 0, None, point.importance_kept,
+                              "stand-in", widths_key(point.widths))
+        state.candidates.append(candidate)
+        return state.meet(candidate)
+
+    def point(width, predicted_ms):
+        return Point({"a": width}, predicted_ms, value[width])
+
+    verify(point(1, 0.9), 0.82)  # met the budget, worth 0.5; predicted 8.9 % under
+    greedy = SimpleNamespace(points=[point(2, 2.0), point(3, 1.08), point(4, 1.05)])
+    proposals = {"MACs-paced": [point(5, 1.2), point(6, 1.085)]}  # 5, worth most, is predicted too far over
+    predict = lambda p: p.cost  # noqa: E731
+
+    def search(rounds_allowed):
+        context = SimpleNamespace(state=state, say=print, config=SimpleNamespace(fit=FitConfig(fit_rounds=rounds_allowed)))
+        return _measure_worth_more(context, greedy, proposals, lambda widths, kept: (value[widths["a"]], kept),
+                                   lambda p, limit: predict(p) <= limit, predict, verify, 1.0, None, 3)
+
+    assert search(4) == 4 and [c.widths["a"] for c in state.walked] == [1, 3]  # the rounds bound it
+    state.candidates, state.walked = state.candidates[:1], state.walked[:1]
+    # 3 (0.8) measures over; then 4 (0.7) within; then nothing left is worth more than 0.7 (6: 0.6)
+    assert search(6) == 5 and [c.widths["a"] for c in state.walked] == [1, 3, 4]
 
 
 def test_the_macs_paced_trajectory_is_priced_on_the_table():

@@ -36,12 +36,14 @@ def main() -> None:
     env = {**os.environ, "COMPACTDEPLOY_CACHE": str(args.work / "cache")}
     command = [str(ROOT / ".venv" / "bin" / "compactdeploy"), "build", "--model", args.model, "--target", "host"]
     tuned = args.work / f"tuned-{args.model}-{args.trials}"
-    tuning_s = None
-    if not (tuned / "report.json").exists():  # the database a user's tuned build leaves behind
+    tuned_now = not (tuned / "report.json").exists()
+    if tuned_now:  # the database a user's tuned build leaves behind
         log(f"tuning the unpruned {args.model}: {args.trials} trials")
         started = time.time()
         subprocess.run([*command, "--tune-trials", str(args.trials), "--out", str(tuned)], env=env, check=True)
         tuning_s = round(time.time() - started, 1)
+    else:  # tuned by an earlier run: its build's own stage times
+        tuning_s = round(sum(json.loads((tuned / "report.json").read_text())["timings_s"].values()), 1)
     out = args.work / f"budgeted-{args.model}"
     log(f"budgeted build: --latency-budget {args.budget}")
     started = time.time()
@@ -64,7 +66,7 @@ def main() -> None:
         "",
         f"Measured on {info['measured_on']}; `{info['command']}`. `build --model {args.model} --target host "
         f"--latency-budget {args.budget}` (random weights), after `build --tune-trials {args.trials}` of the unpruned "
-        f"model into the same cache" + (f" ({tuning_s} s)" if tuning_s else " (tuned by an earlier run)") + ".",
+        f"model into the same cache ({tuning_s} s" + ("" if tuned_now else ", an earlier run's, by its stage times") + ").",
         "",
         f"- wall time: {wall_s} s, of it the search {report['timings_s'].get('fit')} s; {len(candidates)} models measured",
         f"- status: {fit['status']}",

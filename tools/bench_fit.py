@@ -3,7 +3,8 @@
 For each model (trained here on a local dataset) and each latency budget (a share of the unpruned
 model's latency measured on this host), three ways to choose widths, all pruned by the same method
 and fine-tuned the same number of epochs:
-- loop:    `build --latency-budget` (the measured latency table, allocation, verify-and-correct);
+- loop:    `build --latency-budget` (the measured latency table, allocation, verify-and-correct; the
+           models it weighs judged by a trial fine-tune scored on held-out training data);
 - uniform: one ratio for every group, the smallest ratio whose build measures within the budget;
 - flops:   the same greedy allocation and importance as the loop, but paying in MACs instead of
            measured milliseconds; the largest model on that trajectory measuring within the budget.
@@ -174,6 +175,8 @@ def bench_model(name: str, model: str, model_args: dict, data: str, budgets: lis
                              verified=[(c["predicted_ms"], c["measured_ms"]) for c in fit["verified"] if c["predicted_ms"]],
                              final_ms=final * scale, build_s=round(time.time() - started, 1),
                              schedules=fit["chosen"]["schedules"]))
+            rows[-1]["trial_accuracy"] = fit["chosen"].get("trial_accuracy")
+            rows[-1]["judged_by"] = fit.get("judged_by")
         rows[-1]["data"] = data
         for label, candidates in (("uniform", uniform), ("flops", [p.widths for p in by_macs.points])):
             before = len(measured)
@@ -222,6 +225,8 @@ def _row(model, share, budget_ms, strategy, widths, ms, macs, params, accuracy, 
 
 
 def write_all(rows: list[dict], args, seconds: float) -> None:
+    from compactdeploy.config import FitConfig
+
     info = meta("bench_fit.py", seconds, method=args.method, train_epochs=args.train_epochs,
                 finetune_epochs=args.finetune_epochs, repeat=args.repeat, seeds=args.seeds,
                 data={name: MODELS[name][2] for name in args.models.split(",")},
@@ -239,7 +244,10 @@ def write_all(rows: list[dict], args, seconds: float) -> None:
         "the host's slow minutes then slow both) (real measurements, not emulated) of each model compiled as a build ships it: TVM's "
         "default schedules, no tuning records. The loop's row is the model the search chose, as it measured it; "
         "its final build, fine-tuned and measured again by the build's own benchmark, is the last column, with the "
-        "loop's wall time (`build_s` in the JSON).",
+        "loop's wall time (`build_s` in the JSON). The loop judges the models it weighs (its measured-cost, MACs-paced "
+        "and uniform picks, and every model it measured within the budget) by a trial fine-tune of "
+        f"{min(FitConfig().fit_trial_epochs, args.finetune_epochs)} epochs on 80 % of the training split, scored on the other 20 % (never the test "
+        "split): training the baselines do not spend.",
         "",
         f"| model | budget | strategy | measured latency | MACs | params | accuracy after fine-tuning (seed 0) | "
         f"mean over {args.seeds} seeds (min-max) | builds measured | final build |",

@@ -10,12 +10,13 @@ from typing import Any
 import numpy as np
 
 from .allocate import Point
+from .judge import HELD_OUT
 
 STEP_DROP = 0.01  # a width is a latency step when it saves this share of the full model below every wider one
 
 
 def search_report(config, method, latency_budget, memory_budget, latency_ms, memory_bytes, space, trajectory, state,
-            chosen, table, rounds, status, run_dir, predict, grown) -> dict[str, Any]:
+            chosen, table, rounds, status, run_dir, predict, grown, judge=None) -> dict[str, Any]:
     def point_entry(p: Point) -> dict[str, Any]:
         return {"widths": p.widths, "table_ms": p.cost, "predicted_ms": predict(p) if latency_ms else None,
                 "importance_kept": p.importance_kept, "changed": p.changed, "params": space.params(p.widths),
@@ -33,6 +34,13 @@ def search_report(config, method, latency_budget, memory_budget, latency_ms, mem
         "method": method,
         "importance": f"{method}: per group, the share of its channel importance that stays, weighted by the share of "
                       "the model's multiply-accumulates the group's channels shape",
+        "judged_by": (
+            f"held-out accuracy (trial_accuracy): each model weighed was pruned and fine-tuned {judge.epochs} epochs on "
+            f"the first {1 - HELD_OUT:.0%} of the training split and scored on the rest (not the test split); the "
+            "measured-cost pick and the MACs-paced and uniform ones predicted within the budget are weighed, and of "
+            "the models measured within it the best is kept"
+            if judge is not None else "importance kept: no data to fine-tune on, or --fit-trial-epochs 0"
+        ),
         "allocation": (
             "NetAdapt-style greedy on the measured latency table: from the full model, each step shrinks the group "
             "whose smallest cut saving a step of predicted latency loses the least importance per ms; "
@@ -54,14 +62,14 @@ def search_report(config, method, latency_budget, memory_budget, latency_ms, mem
             if space.wider else None
         ),
         "latency_steps": latency_steps(space, table),
-        "verified": [asdict(c) for c in state.candidates],
+        "verified": [{**asdict(c), "trial_accuracy": state.trials.get(c.key)} for c in state.candidates],
         "predictor_error_pct": {
             "median": float(np.median(errors)) if errors else None,
             "worst": float(max(errors)) if errors else None,
             "count": len(errors),
             "means": "|predicted - measured| / measured of every model built after a prediction",
         },
-        "chosen": asdict(chosen),
+        "chosen": {**asdict(chosen), "trial_accuracy": state.trials.get(chosen.key)},
         "widths": {g: {"before": space.full[g], "after": chosen.widths[g]} for g in space.full},
         "search_dir": str(run_dir),
         "figures": "latencies are whole-model medians measured on the device named in 'where'; "

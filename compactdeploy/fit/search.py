@@ -1,7 +1,7 @@
 """The width search: allocate on the measured table, prune the pick, measure it whole on the
 device as it would ship, correct the prediction with what was measured, and go again until a
 model meets the budget. The unpruned and the smallest model are measured before anything is
-predicted: every prediction is then an interpolation between measured models.
+predicted: every prediction is then fitted to models on both sides of it.
 
 The search takes the loaded model, the target, a ``Measurer`` (``measure``: the device, or a
 stand-in) and the budget, and returns a width plan; it calls the stages itself (prune here, export,
@@ -29,15 +29,18 @@ from ..units import format_size
 from .allocate import GROW_LIMIT, Point, Trajectory, importance_curves, width_space
 from .budgets import parse_latency_budget, parse_memory_budget
 from .costs import measure_missing
+from .judge import TrialJudge, trial_judge
 from .measure import Measurer
 from .report import budget_text, search_report, widths_text
-from .state import Candidate, SearchState
+from .state import Candidate, SearchState, widths_key
 
 MARGIN = 0.03  # aim this far under the budget: whole-model medians move a little between builds
 CLOSE_ENOUGH = 0.10  # a feasible model within this share of the budget ends the search
-# what a stored search holds (5: table times on the anchor layer's scale, the smallest model measured
-# first, picks from the MACs-paced trajectory too); another format is not resumed
-STATE_FORMAT = 5
+# what a stored search holds and how it walked (8: table times on the anchor layer's scale, the smallest
+# model measured first, picks from the MACs-paced and uniform trajectories too, judged by trial
+# fine-tunes, models worth more near the budget measured last, within the predictor's median error);
+# another format is not resumed
+STATE_FORMAT = 8
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,7 @@ def _run_key(config: BuildConfig, target, method: str, fingerprint: dict[str, An
         "calibration_samples": config.prune.calibration_samples,
         "seed": model.seed,
         "points": config.fit.fit_points,
+        "trial_epochs": min(config.fit.fit_trial_epochs, config.prune.finetune_epochs) if config.fit.fit_trial_epochs else None,
         "target": target.name,
         "device": {k: (fingerprint or {}).get(k) for k in ("cpu", "machine", "cuda", "emulated", "hostname")},
     }
@@ -141,7 +145,8 @@ def search(config: BuildConfig, target, loaded, measurer: Measurer, progress: Ca
     key = _run_key(config, target, method, measurer.fingerprint)
     run_dir = cache_dir("fit", hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16])
     state = SearchState.load(run_dir / "state.json", key, fit.resume)
-    context = _Search(config, target, loaded, measurer, say, method, space, table, state, run_dir)
+    judge = trial_judge(config, loaded, method, target.channel_multiple, state.trials)
+    context = _Search(config, target, loaded, measurer, say, method, space, table, state, run_dir, judge)
     try:
         return _search(context, latency_budget, memory_budget, curves)
     except (_Impossible, _RoundsSpent):
@@ -176,6 +181,7 @@ class _Search:
     table: Any  # costs.LatencyTable
     state: SearchState
     run_dir: Any  # Path
+    judge: TrialJudge | None = None  # with data: models are worth their held-out accuracy after a trial fine-tune
 
 
 def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResult:
@@ -221,7 +227,7 @@ def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResul
     if latency_ms is not None and not unpruned.meets(latency_ms, None) and smallest_widths != space.full:
         # the smallest model is measured before anything is predicted: with the unpruned one it
         # brackets every model of the trajectory (in cache and streaming, on most models), so the
-        # prediction interpolates between measurements, and a budget below it is known impossible at once
+        # prediction is fitted to measurements on both sides, and a budget below it is known impossible at once
         verify(Point(smallest_widths, table_ms([smallest_widths])[0], trajectory.kept(smallest_widths)), None)
 
     cache_bytes = (measurer.fingerprint or {}).get("l2_cache_bytes")
@@ -232,6 +238,9 @@ def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResul
     def predict(point: Point) -> float:
         if not latency_ms:
             return point.cost
+        known = next((c for c in state.walked if c.widths == point.widths), None)
+        if known is not None:  # exact where measured: a model measured over the budget is not picked again
+            return known.measured_ms
         measured = [(c.table_ms, streamed(c.widths), c.measured_ms) for c in state.walked]
         return _corrected(point.cost, streamed(point.widths), measured)
 
@@ -242,8 +251,20 @@ def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResul
             return False
         return target_ms is None or predict(point) <= target_ms
 
+    def worth(widths: dict[str, int], kept: float) -> tuple[float, ...]:
+        """What ranks two models: the held-out accuracy of a trial fine-tune where the build has data
+        (then the importance kept, for a tie), else the importance kept."""
+        if context.judge is None:
+            return (kept,)
+        if widths_key(widths) not in state.trials:
+            say(f"judging {widths_text(space.narrowed(widths)) or 'the unpruned model'}: "
+                f"fine-tuning {context.judge.epochs} epochs, scored on held-out training data")
+            context.judge.accuracy(widths, space.full)
+            state.save()
+        return (state.trials[widths_key(widths)], kept)
+
     rounds, status, grown = 0, None, []
-    by_macs = None  # the MACs-paced trajectory's points, priced on the table (_macs_trajectory)
+    proposals = None  # the MACs-paced and uniform trajectories' points, priced on the table
     # nothing narrower than the smallest model: a budget it misses ends here
     walk_ended = latency_ms is not None and any(c.widths == smallest_widths and not c.meets(latency_ms, None)
                                                 for c in state.walked)
@@ -254,9 +275,11 @@ def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResul
     while status is None and not walk_ended and rounds < config.fit.fit_rounds:
         rounds += 1
         target_ms = latency_ms * (1 - MARGIN) if latency_ms else None
-        if latency_ms is not None and by_macs is None:
-            by_macs = _macs_trajectory(trajectory, curves, table_ms, say)
-        pick, smallest = _pick(trajectory, by_macs or [], lambda p: fits(p, target_ms), say)
+        if latency_ms is not None and proposals is None:
+            proposals = {"MACs-paced": _macs_trajectory(trajectory, curves, table_ms, say),
+                         "uniform": _uniform_trajectory(trajectory, table_ms, say)}
+        pick, smallest = _pick(trajectory, proposals or {}, lambda p: fits(p, target_ms),
+                               lambda p: worth(p.widths, p.importance_kept), say)
         seen_before = state.met(pick.widths)
         candidate = verify(pick, predict(pick) if latency_ms else None)
         if candidate.meets(latency_ms, memory_bytes):
@@ -266,7 +289,8 @@ def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResul
                 # the prediction is exact at measured models, so the next round would pick this one
                 # again: measure the nearest wider model predicted near the budget instead
                 wider = sorted(
-                    (p for p in trajectory.points + (by_macs or []) if p.cost > pick.cost and not state.met(p.widths)
+                    (p for p in trajectory.points + [q for points in (proposals or {}).values() for q in points]
+                     if p.cost > pick.cost and not state.met(p.widths)
                      and predict(p) <= latency_ms * (1 + CLOSE_ENOUGH)),
                     key=lambda p: p.cost,
                 )
@@ -278,6 +302,9 @@ def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResul
         elif smallest or seen_before:  # nothing narrower to try, or the walk picks a model measured over
             walk_ended = True
             break
+    if status is not None and status.startswith("met") and latency_ms is not None and proposals:
+        rounds = _measure_worth_more(context, trajectory, proposals, worth, fits, predict, verify, latency_ms,
+                                     memory_bytes, rounds)
     feasible = [c for c in state.candidates if c.meets(latency_ms, memory_bytes)]
     if not feasible:
         closest = min(state.candidates, key=lambda c: c.measured_ms if latency_ms else c.memory_bytes)
@@ -299,12 +326,13 @@ def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResul
     if status is None:
         status = (f"met the budget within {config.fit.fit_rounds} rounds, not within {CLOSE_ENOUGH:.0%} of it: "
                   f"run the same command with --resume --fit-rounds {rounds + 3} to search on")
-    # the most importance kept, not the best accuracy before fine-tuning: after a deep cut that is noise;
-    # then the most parameters (grown models all keep 1.0), not the slowest: timing noise would decide that
-    chosen = max(feasible, key=lambda c: (c.importance_kept, c.params))
+    # the best trial accuracy, or the most importance kept: not the accuracy before fine-tuning (after a
+    # deep cut that is noise); then the most parameters (grown models all keep 1.0), not the slowest:
+    # timing noise would decide that
+    chosen = max(feasible, key=lambda c: (*worth(c.widths, c.importance_kept), c.params))
     changed = space.narrowed(chosen.widths)
     report = search_report(config.fit, method, latency_budget, memory_budget, latency_ms, memory_bytes, space, trajectory,
-                     state, chosen, table, rounds, status, run_dir, predict, grown)
+                           state, chosen, table, rounds, status, run_dir, predict, grown, context.judge)
     plan = width_plan(config, method, changed, chosen.removed, chosen.grown, made_by="fit") if changed else None
     return FitResult(method, chosen.widths, changed, space.widened(chosen.widths), report, plan,
                      unpruned_ms=unpruned.measured_ms, reference_library=reference["library"])
@@ -337,9 +365,41 @@ def _measure_candidate(context: _Search, point: Point, changed: dict[str, int], 
         widths=point.widths, table_ms=point.cost, predicted_ms=predicted_ms, measured_ms=measured_ms,
         alone_ms=timing.ms, reference_ms=timing.reference_ms,
         memory_bytes=timing.memory_bytes, params=params, macs=macs, accuracy=accuracy, importance_kept=importance_kept,
-        where=timing.where, key=hashlib.sha256(json.dumps(point.widths, sort_keys=True).encode()).hexdigest()[:12],
+        where=timing.where, key=widths_key(point.widths),
         removed=removed, grown=grown, schedules=timing.schedules, unscheduled=timing.unscheduled,
     )
+
+
+def _measure_worth_more(context: _Search, trajectory, proposals, worth, fits, predict, verify, latency_ms: float,
+                        memory_bytes: float | None, rounds: int) -> int:
+    """After a model met the budget, while rounds remain: of each trajectory's widest model not yet
+    measured that is predicted within the budget plus the predictor's median error on this search
+    (at least MARGIN, at most CLOSE_ENOUGH), measure the one worth most, if it is worth more than
+    every model measured within. The prediction errs by several percent, and not evenly (models
+    narrow nearly everywhere ran faster beside their table time than wider ones), so a model
+    predicted just over the budget may meet it; one predicted further over than the predictor
+    usually errs rarely does, and would spend the round. Returns the rounds spent so far."""
+    state, say = context.state, context.say
+    while rounds < context.config.fit.fit_rounds:
+        errors = [abs(c.predicted_ms - c.measured_ms) / c.measured_ms for c in state.walked if c.predicted_ms]
+        slack = min(CLOSE_ENOUGH, max(MARGIN, float(np.median(errors)) if errors else MARGIN))
+        within = [c for c in state.candidates if c.meets(latency_ms, memory_bytes)]
+        best = max(worth(c.widths, c.importance_kept) for c in within)
+        near = []
+        for points in [trajectory.points, *proposals.values()]:
+            point = next((p for p in points if not state.met(p.widths) and fits(p, latency_ms * (1 + slack))), None)
+            if point is not None and point.widths not in [n.widths for n in near]:
+                near.append(point)
+        scored = [(worth(p.widths, p.importance_kept), p) for p in near]
+        scored = [(w, p) for w, p in scored if w > best]
+        if not scored:
+            break
+        rounds += 1
+        value, pick = max(scored, key=lambda item: item[0])
+        say(f"allocating: a model predicted {predict(pick):.3f} ms, near the budget, is worth {_worth_text(value)}, "
+            f"more than any measured within it ({_worth_text(best)}): measuring it")
+        verify(pick, predict(pick))
+    return rounds
 
 
 def _close(latency_ms: float | None, memory_bytes: float | None) -> tuple[float | None, float | None]:
@@ -391,25 +451,44 @@ def _grow(config, trajectory: Trajectory, state, verify, predict, fits, latency_
     return rounds, far_under, path
 
 
-def _pick(trajectory: Trajectory, by_macs: list[Point], accept: Callable[[Point], bool], say) -> tuple[Point, bool]:
+def _pick(trajectory: Trajectory, proposals: dict[str, list[Point]], accept: Callable[[Point], bool],
+          worth: Callable[[Point], tuple[float, ...]], say) -> tuple[Point, bool]:
     """The model to measure next, and whether it is the smallest (nothing predicted within).
 
-    The first point of the trajectory that ``accept``s, widened by ``fill``; and the same from the
-    MACs-paced trajectory's points. The greedy on measured cost is myopic (each step takes the
-    smallest cut that saves 2 %, which on a plateau of the table is a deep one), and its path can
-    end where a MACs-paced one of the same predicted latency keeps more importance, so of the two
-    picks predicted within the budget the one that keeps more importance is measured."""
-    pick = _first(trajectory, accept, say)
-    smallest = pick is None
-    pick = trajectory.points[-1] if smallest else trajectory.fill(pick, accept)
-    alternative = next((p for p in by_macs if accept(p)), None)
-    if alternative is not None:
-        alternative = trajectory.fill(alternative, accept)
-        if alternative.importance_kept > pick.importance_kept:
-            say(f"allocating: the MACs-paced pick keeps {alternative.importance_kept:.3f} of the importance, "
-                f"the measured-cost pick {pick.importance_kept:.3f}: measuring the MACs-paced one")
-            return alternative, False
-    return pick, smallest
+    The first point of the trajectory that ``accept``s, and the same from each of the other
+    trajectories (``proposals``: name -> points, widest first), each as it is and widened by
+    ``fill``. The greedy on measured cost is myopic (each step takes the smallest cut that saves
+    2 %, which on a plateau of the table is a deep one), and it and ``fill`` follow the importance
+    curves, which price each group's channels alone; so of the picks predicted within the budget
+    the one ``worth`` more (a trial fine-tune's accuracy, where there is data) is measured."""
+    first = _first(trajectory, accept, say)
+    smallest = first is None
+    pick = trajectory.points[-1] if smallest else trajectory.fill(first, accept)
+    # nothing on the greedy's path predicted within: an alternative predicted within beats the smallest model
+    best, best_worth, best_name = pick, (float("-inf"),) if smallest else worth(pick), "measured-cost"
+    picks = [] if smallest or first.widths == pick.widths else [("measured-cost (unwidened)", first)]
+    for name, points in proposals.items():
+        alternative = next((p for p in points if accept(p)), None)
+        if alternative is not None:
+            picks.append((name, alternative))
+            picks.append((f"{name} (widened)", trajectory.fill(alternative, accept)))
+    seen = [pick.widths]
+    for name, alternative in picks:
+        if alternative.widths in seen:
+            continue
+        seen.append(alternative.widths)
+        alternative_worth = worth(alternative)
+        if alternative_worth > best_worth:
+            best, best_worth, best_name = alternative, alternative_worth, name
+    if best is pick:
+        return pick, smallest
+    say(f"allocating: the {best_name} pick is worth {_worth_text(best_worth)}, the measured-cost pick "
+        + ("none predicted within" if smallest else _worth_text(worth(pick))) + f": measuring the {best_name} one")
+    return best, False
+
+
+def _worth_text(worth: tuple[float, ...]) -> str:
+    return f"{worth[0]:.1%} held-out accuracy" if len(worth) > 1 else f"{worth[0]:.3f} of the importance"
 
 
 def _macs_trajectory(trajectory: Trajectory, curves, table_ms, say) -> list[Point]:
@@ -422,6 +501,21 @@ def _macs_trajectory(trajectory: Trajectory, curves, table_ms, say) -> list[Poin
     say(f"allocating: the MACs-paced trajectory, {len(by_macs.points)} steps priced on the table")
     costs = table_ms([p.widths for p in by_macs.points])
     return [Point(p.widths, cost, trajectory.kept(p.widths), p.changed) for p, cost in zip(by_macs.points, costs)]
+
+
+def _uniform_trajectory(trajectory: Trajectory, table_ms, say) -> list[Point]:
+    """Every group at one share of its width (each at the narrowest candidate width keeping that
+    share), shares from 95 % down in steps of 5 %: uniform pruning's models, widest first, priced on
+    the latency table (one measurement for what it lacks)."""
+    space = trajectory.space
+    models = []
+    for percent in range(95, 0, -5):
+        widths = {g: next(w for w in widths if w >= percent / 100 * space.full[g]) for g, widths in space.candidates.items()}
+        if widths not in models and widths != space.full:
+            models.append(widths)
+    say(f"allocating: uniform widths, {len(models)} models priced on the table")
+    costs = table_ms(models)
+    return [Point(w, cost, trajectory.kept(w)) for w, cost in zip(models, costs)]
 
 
 def _first(trajectory: Trajectory, accept: Callable[[Point], bool], say) -> Point | None:
@@ -450,23 +544,17 @@ def _corrected(table_ms: float, streamed_bytes: float, measured: list[tuple[floa
 
     Layers timed alone run with their weights in cache; a whole model whose weights exceed the L2
     cache reads them from further out in every layer, a cost the table does not see and that
-    grows with the weights, not the time. The fit is ``a * table + b * streamed`` (non-negative
-    least squares; ``b`` is 0 until a model measured streams). What the fit misses at the measured
-    models, their ratio measured / fit, is interpolated in table time between the two nearest
-    (held beyond them), so the prediction is exact at every measured model."""
+    grows with the weights, not the time. The fit is ``a * table + b * streamed`` (least squares,
+    both non-negative; ``b`` is 0 until a model measured streams). What it misses at one model is
+    not carried to its neighbours: how a model runs beside its table time does not vary smoothly with
+    it (models next to each other in table time differ as much as distant ones; docs/fit.md), so an
+    interpolated residual passes one model's deviation on, where the fit averages it out. The search
+    takes a measured model's own measurement, not this."""
     table = np.array([m[0] for m in measured], dtype=float)
     stream = np.array([m[1] for m in measured], dtype=float)
     ms = np.array([m[2] for m in measured], dtype=float)
-    per_table, per_byte = float(ms @ table / (table @ table)) if table.any() else 1.0, 0.0
-    features = np.stack([table, stream], axis=1)
-    if stream.any() and np.linalg.matrix_rank(features) == 2:
-        (a, b), *_ = np.linalg.lstsq(features, ms, rcond=None)
+    if stream.any() and np.linalg.matrix_rank(np.stack([table, stream], axis=1)) == 2:
+        (a, b), *_ = np.linalg.lstsq(np.stack([table, stream], axis=1), ms, rcond=None)
         if a > 0 and b > 0:
-            per_table, per_byte = float(a), float(b)
-
-    def fit(t: float, s: float) -> float:
-        return per_table * t + per_byte * s
-
-    points = sorted((t, m / fit(t, s)) for t, s, m in measured if fit(t, s) > 0)
-    residual = np.interp(table_ms, [p[0] for p in points], [p[1] for p in points]) if points else 1.0
-    return float(fit(table_ms, streamed_bytes) * residual)
+            return float(a * table_ms + b * streamed_bytes)
+    return float(ms @ table / (table @ table)) * table_ms if table.any() else table_ms

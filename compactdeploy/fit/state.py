@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import CompactDeployError
+
+
+def widths_key(widths: dict[str, int]) -> str:
+    """Names a model (its widths) in the search's state and report."""
+    return hashlib.sha256(json.dumps(widths, sort_keys=True).encode()).hexdigest()[:12]
 
 
 @dataclass
@@ -52,6 +58,7 @@ class SearchState:
     path: Path
     key: dict[str, Any]
     candidates: list[Candidate] = field(default_factory=list)
+    trials: dict[str, float] = field(default_factory=dict)  # widths key -> held-out accuracy (fit.judge)
     walked: list[Candidate] = field(default_factory=list)  # met by this run, stored or new; not saved
 
     def find(self, widths: dict[str, int]) -> Candidate | None:
@@ -68,7 +75,8 @@ class SearchState:
     def save(self) -> None:
         from ..resources import write_json
 
-        write_json(self.path, {"key": self.key, "candidates": [asdict(c) for c in self.candidates]})
+        write_json(self.path, {"key": self.key, "candidates": [asdict(c) for c in self.candidates],
+                                "trials": self.trials})
 
     @classmethod
     def load(cls, path: Path, key: dict[str, Any], resume: bool) -> SearchState:
@@ -77,6 +85,7 @@ class SearchState:
             try:
                 stored = json.loads(path.read_text())
                 state.candidates = [Candidate(**c) for c in stored["candidates"]]
+                state.trials = {str(k): float(v) for k, v in stored.get("trials", {}).items()}
             except (ValueError, KeyError, TypeError):
                 raise CompactDeployError(f"the search state {path} is damaged; run without --resume to start over") from None
         return state

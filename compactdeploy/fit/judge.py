@@ -1,0 +1,78 @@
+"""Which model is worth more: NetAdapt's short-term fine-tune, on held-out training data.
+
+The importance curves price each group's channels alone, before any training. What decides a
+pruned model's worth is how well it trains back, and weight norms can rate a cut cheap that does
+not train back at all: a residual stream feeding the classifier cut to a few channels (what that
+cost: docs/fit.md). So where the build has data, every model the search weighs is pruned, fine-tuned
+briefly on most of the training split, and scored on the rest of it; the test split stays for the
+report.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+from typing import Any
+
+HELD_OUT = 0.2  # of the training split: what the trial fine-tunes never train on
+
+
+def held_out_split(data):
+    """``data`` (``data.Dataset``) with its training split cut in two: the first part to train on,
+    the last as the "test" split a trial is scored on (the splits are shuffled when made)."""
+    cut = int(round((1 - HELD_OUT) * len(data.x_train)))
+    if cut < 1 or cut >= len(data.x_train):
+        return None
+    return replace(data, x_train=data.x_train[:cut], y_train=data.y_train[:cut],
+                   x_test=data.x_train[cut:], y_test=data.y_train[cut:])
+
+
+@dataclass
+class TrialJudge:
+    """Scores widths by the held-out accuracy of the model pruned to them and fine-tuned ``epochs``
+    (0: scored right after pruning, which is what a build without fine-tuning ships). Scores are
+    kept in ``scores`` (the search's state, by widths key), so a resumed search trains nothing twice."""
+
+    loaded: Any  # prepare.Loaded
+    method: str
+    channel_multiple: int
+    exclude: tuple[str, ...]
+    epochs: int
+    seed: int
+    scores: dict[str, float]  # widths key -> held-out accuracy
+    split: Any  # data.Dataset: held_out_split of the build's data
+
+    def accuracy(self, widths: dict[str, int], full: dict[str, int]) -> float:
+        from ..prune import PruneSpec, prune
+        from ..train import evaluate, train
+        from .state import widths_key
+
+        key = widths_key(widths)
+        if key not in self.scores:
+            model = copy.deepcopy(self.loaded.model)
+            changed = {g: w for g, w in widths.items() if w != full[g]}
+            if changed:
+                prune(model.module, self.loaded.example, PruneSpec(self.method, None), self.channel_multiple,
+                      self.exclude, changed, self.loaded.calibration,
+                      allow_grow=any(w > full[g] for g, w in changed.items()), seed=self.seed)
+            if self.epochs:
+                self.scores[key] = train(model, self.split, self.epochs, seed=self.seed).test_accuracy
+            else:
+                from ..data import fit_to_model
+
+                x = fit_to_model(self.split, self.split.x_test, model.input_shape[1:])
+                self.scores[key] = evaluate(model.module, x, self.split.y_test, classes=self.split.num_classes)
+        return self.scores[key]
+
+
+def trial_judge(config, loaded, method: str, channel_multiple: int, scores: dict[str, float]) -> TrialJudge | None:
+    """The build's judge: None without data or with ``--fit-trial-epochs 0`` (the search then keeps
+    the model that keeps the most importance). Trials fine-tune as long as the build will, up to
+    ``--fit-trial-epochs``."""
+    if loaded.data is None or config.fit.fit_trial_epochs == 0:
+        return None
+    split = held_out_split(loaded.data)
+    if split is None:
+        return None
+    epochs = min(config.fit.fit_trial_epochs, config.prune.finetune_epochs)
+    return TrialJudge(loaded, method, channel_multiple, config.prune.exclude, epochs, config.model.seed, scores, split)
