@@ -584,15 +584,15 @@ def test_the_prediction_knows_what_a_model_streams_beyond_the_cache():
 
 
 def test_one_measured_models_deviation_is_not_passed_to_its_neighbours():
-    """How a model runs beside its table time is not smooth in table time: the smallest model ran
-    at 0.57x its table time and models just above it at 0.69-0.76x, as the unpruned one at 0.67x.
-    A model next to the smallest is predicted from all of them, not from the smallest's ratio."""
+    """How a model runs beside its table time is not smooth in table time (the smallest model can
+    run well below the ratio of the models just above it and of the unpruned one; docs/fit.md): a
+    model next to the smallest is predicted from all of them, not from the smallest's ratio."""
     from compactdeploy.fit.search import _corrected
 
     measured = [(0.50, 0.0, 0.335), (0.19, 0.0, 0.108), (0.32, 0.0, 0.21), (0.29, 0.0, 0.20)]
     predicted = _corrected(0.22, 0.0, measured)
     assert predicted == pytest.approx(0.22 * sum(t * m for t, _, m in measured) / sum(t * t for t, _, _ in measured))
-    assert predicted > 0.22 * 0.65  # the smallest's 0.57x would predict 0.125 ms
+    assert predicted > 0.22 * 0.65  # the smallest's own ratio would predict 0.125 ms
 
 
 def test_the_agent_reports_the_l2_cache_the_prediction_uses():
