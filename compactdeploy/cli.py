@@ -73,7 +73,7 @@ def _config(options: dict):
 @click.option("--fit-rounds", default=6, show_default=True,
               help="Models the search may build and measure, at most, besides the unpruned and smallest ones it measures first.")
 @click.option("--fit-points", default=8, show_default=True, help="Candidate widths per group (multiples of the target's).")
-@click.option("--fit-trial-epochs", default=2, show_default=True, type=click.IntRange(min=0),
+@click.option("--fit-trial-epochs", default=2, show_default=True,
               help="With --data, the search judges models by their accuracy on held-out training data after this "
                    "many epochs of fine-tuning (at most --finetune-epochs); 0: by channel importance.")
 def build(**options) -> None:

@@ -499,6 +499,9 @@ def test_impossible_and_memory_budgets_fail_in_one_line(tmp_path, lenet5_checkpo
     assert not out.exists()
     assert run_cli("build", *common, "--latency-budget", "1ms", "--prune", "l1:0.5", "--out", out) == 2
     assert "names only the method" in capsys.readouterr().err
+    assert run_cli("build", *common, "--latency-budget", "60%", "--fit-trial-epochs", "-1", "--out", out) == 2
+    error = capsys.readouterr().err.strip()
+    assert "--fit-trial-epochs must be 0 or more" in error and len(error.splitlines()) == 1 and not out.exists()
     assert run_cli("build", "--model", "lenet5", "--target", "rpi4", "--latency-budget", "1ms", "--out", out) == 2
     assert "pass --device" in capsys.readouterr().err
 

@@ -93,6 +93,9 @@ def check_fit_options(config: BuildConfig, target) -> None:
         )
     if fit.fit_rounds < 1:
         raise CompactDeployError(f"--fit-rounds must be at least 1 (got {fit.fit_rounds})")
+    if fit.fit_trial_epochs < 0:
+        raise CompactDeployError(f"--fit-trial-epochs must be 0 or more (got {fit.fit_trial_epochs}; 0 judges the "
+                                 "models by channel importance)")
 
 
 def _run_key(config: BuildConfig, target, method: str, fingerprint: dict[str, Any] | None) -> dict[str, Any]:
