@@ -65,14 +65,20 @@ class TrialJudge:
         return self.scores[key]
 
 
+def trial_epochs(config) -> int | None:
+    """The epochs a trial fine-tunes: ``--fit-trial-epochs``, at most the build's ``--finetune-epochs``;
+    None with ``--fit-trial-epochs 0`` (no trials)."""
+    return min(config.fit.fit_trial_epochs, config.prune.finetune_epochs) if config.fit.fit_trial_epochs else None
+
+
 def trial_judge(config, loaded, method: str, channel_multiple: int, scores: dict[str, float]) -> TrialJudge | None:
     """The build's judge: None without data or with ``--fit-trial-epochs 0`` (the search then keeps
     the model that keeps the most importance). Trials fine-tune as long as the build will, up to
     ``--fit-trial-epochs``."""
-    if loaded.data is None or config.fit.fit_trial_epochs == 0:
+    epochs = trial_epochs(config)
+    if loaded.data is None or epochs is None:
         return None
     split = held_out_split(loaded.data)
     if split is None:
         return None
-    epochs = min(config.fit.fit_trial_epochs, config.prune.finetune_epochs)
     return TrialJudge(loaded, method, channel_multiple, config.prune.exclude, epochs, config.model.seed, scores, split)

@@ -29,7 +29,7 @@ from ..units import format_size
 from .allocate import GROW_LIMIT, Point, Trajectory, importance_curves, width_space
 from .budgets import parse_latency_budget, parse_memory_budget
 from .costs import measure_missing
-from .judge import TrialJudge, trial_judge
+from .judge import TrialJudge, trial_epochs, trial_judge
 from .measure import Measurer
 from .report import budget_text, search_report, widths_text
 from .state import Candidate, SearchState, widths_key
@@ -114,7 +114,7 @@ def _run_key(config: BuildConfig, target, method: str, fingerprint: dict[str, An
         "calibration_samples": config.prune.calibration_samples,
         "seed": model.seed,
         "points": config.fit.fit_points,
-        "trial_epochs": min(config.fit.fit_trial_epochs, config.prune.finetune_epochs) if config.fit.fit_trial_epochs else None,
+        "trial_epochs": trial_epochs(config),
         "target": target.name,
         "device": {k: (fingerprint or {}).get(k) for k in ("cpu", "machine", "cuda", "emulated", "hostname")},
     }
@@ -259,7 +259,7 @@ def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResul
         (then the importance kept, for a tie), else the importance kept."""
         if context.judge is None:
             return (kept,)
-        if widths_key(widths) not in state.trials:
+        if widths_key(widths) not in state.trials:  # the judge keeps its scores in the state
             say(f"judging {widths_text(space.narrowed(widths)) or 'the unpruned model'}: "
                 f"fine-tuning {context.judge.epochs} epochs, scored on held-out training data")
             context.judge.accuracy(widths, space.full)
