@@ -857,8 +857,9 @@ def test_of_the_trajectories_picks_the_one_worth_more_is_measured():
 def test_after_the_budget_is_met_a_model_worth_more_predicted_just_over_it_is_measured(tmp_path):
     """The prediction errs by a few percent: a model predicted over the budget by less than the
     predictor's median error so far may meet it. While rounds remain, the widest such model of each
-    trajectory that is worth more than every model measured within is measured, the one worth most
-    first; nothing worth less, and nothing predicted further over, is measured."""
+    trajectory, and the best model measured within widened towards the budget, that is worth more
+    than every model measured within is measured, the one worth most first; nothing worth less, and
+    nothing predicted further over, is measured."""
     from types import SimpleNamespace
 
     from compactdeploy.config import FitConfig
@@ -881,7 +882,13 @@ def test_after_the_budget_is_met_a_model_worth_more_predicted_just_over_it_is_me
         return Point({"a": width}, predicted_ms, value[width])
 
     verify(point(1, 0.9), 0.82)  # met the budget, worth 0.5; predicted 8.9 % under
-    greedy = SimpleNamespace(points=[point(2, 2.0), point(3, 1.08), point(4, 1.05)])
+    widening = {}  # what fill makes of the best model measured within: width -> the widened point
+
+    def fill(start, accept):
+        widened = widening.get(start.widths["a"])
+        return widened if widened is not None and accept(widened) else start
+
+    greedy = SimpleNamespace(points=[point(2, 2.0), point(3, 1.08), point(4, 1.05)], fill=fill)
     proposals = {"MACs-paced": [point(5, 1.2), point(6, 1.085)]}  # 5, worth most, is predicted too far over
     predict = lambda p: p.cost  # noqa: E731
 
@@ -894,6 +901,67 @@ def test_after_the_budget_is_met_a_model_worth_more_predicted_just_over_it_is_me
     state.candidates, state.walked = state.candidates[:1], state.walked[:1]
     # 3 (0.8) measures over; then 4 (0.7) within; then nothing left is worth more than 0.7 (6: 0.6)
     assert search(6) == 5 and [c.widths["a"] for c in state.walked] == [1, 3, 4]
+
+    # the best model measured within (4), widened towards the budget, is worth more: measured too;
+    # then it is the best within, and widening it gives nothing new
+    value[7], runs_at[7] = 0.9, 0.97
+    widening[4] = point(7, 1.02)
+    state.candidates, state.walked = state.candidates[:1], state.walked[:1]
+    assert search(7) == 6 and [c.widths["a"] for c in state.walked] == [1, 3, 4, 7]
+    state.candidates, state.walked = state.candidates[:1], state.walked[:1]
+    widening[4] = point(7, 1.09)  # predicted further over than the predictor errs: not measured
+    assert search(7) == 5 and [c.widths["a"] for c in state.walked] == [1, 3, 4]
+
+    # a trajectory's widest model near the budget (8) is worth less than the greedy's (3), a narrower
+    # one of it (9) more than either: 9 is measured first, and within, nothing is worth more; a model
+    # predicted under the kept one (10) is not weighed
+    value.update({8: 0.65, 9: 0.92, 10: 0.99})
+    runs_at[9] = 0.995
+    proposals["MACs-paced"] = [point(5, 1.2), point(8, 1.04), point(9, 1.0), point(10, 0.85)]
+    state.candidates, state.walked = state.candidates[:1], state.walked[:1]
+    assert search(7) == 4 and [c.widths["a"] for c in state.walked] == [1, 9]
+
+
+def test_the_macs_paced_trajectory_is_bisected_by_measurement_for_its_widest_model_within(tmp_path):
+    """FLOPs-targeting's search inside the loop: between the models measured or predicted (beyond
+    the predictor's median error) over the budget and those measured within, bisect by measurement;
+    the widest model within is measured, however the predictor errs near the budget."""
+    from types import SimpleNamespace
+
+    from compactdeploy.config import FitConfig
+    from compactdeploy.fit.allocate import Point
+    from compactdeploy.fit.search import _bisect_by_measurement
+    from compactdeploy.fit.state import Candidate, SearchState, widths_key
+
+    points = [Point({"a": 10 - i}, 1.3 - 0.05 * i, 1.0) for i in range(10)]  # widest first; cost = prediction
+    runs_at = {p.widths["a"]: p.cost - 0.06 for p in points}  # the predictor errs 5-8 % over, evenly
+
+    def run(rounds_allowed, walked):
+        state = SearchState(tmp_path / "state.json", {})
+
+        def verify(point, predicted):
+            candidate = Candidate(point.widths, point.cost, predicted, runs_at[point.widths["a"]], 0, 0, 0, None, 1.0,
+                                  "stand-in", widths_key(point.widths))
+            state.candidates.append(candidate)
+            return state.meet(candidate)
+
+        for point, predicted in walked:
+            verify(point, predicted)
+        predict = lambda p: state.find(p.widths).measured_ms if state.find(p.widths) else p.cost  # noqa: E731
+        context = SimpleNamespace(state=state, say=print, config=SimpleNamespace(fit=FitConfig(fit_rounds=rounds_allowed)))
+        rounds = _bisect_by_measurement(context, points, predict, verify, 1.0, None, 0)
+        return rounds, [c.widths["a"] for c in state.walked[len(walked):]]
+
+    # the smallest measured within (error 7.6 %): models predicted over 1.076 are taken as over; 6
+    # (0.94) and 5 (0.99) measure within, 4 (1.04) would not and is predicted over
+    assert run(5, [(points[9], points[9].cost)]) == (2, [4, 5])
+    assert run(1, [(points[9], points[9].cost)]) == (1, [4])  # the rounds bound it
+    # the smallest predicted exactly (the slack is then 3 %): the bracket starts at the widest model
+    # predicted within by that, not at the smallest one, so one measurement settles it
+    assert run(5, [(points[9], runs_at[1])]) == (1, [4])
+    # nothing measured within yet: the widest predicted within by the median error (3 % at least)
+    # bounds the bracket
+    assert run(5, []) == (1, [4])
 
 
 def test_the_macs_paced_trajectory_is_priced_on_the_table():
