@@ -390,8 +390,7 @@ def _measure_worth_more(context: _Search, trajectory, proposals, worth, fits, pr
     the trajectories' points are whole steps apart near the budget. Returns the rounds spent so far."""
     state, say = context.state, context.say
     while rounds < context.config.fit.fit_rounds:
-        errors = [abs(c.predicted_ms - c.measured_ms) / c.measured_ms for c in state.walked if c.predicted_ms]
-        slack = min(CLOSE_ENOUGH, max(MARGIN, float(np.median(errors)) if errors else MARGIN))
+        slack = _predictor_slack(state)
         within = [c for c in state.candidates if c.meets(latency_ms, memory_bytes)]
         kept = max(within, key=lambda c: worth(c.widths, c.importance_kept))
         best = worth(kept.widths, kept.importance_kept)
@@ -421,13 +420,11 @@ def _bisect_by_measurement(context: _Search, points: list[Point], predict, verif
     """FLOPs-targeted pruning's own search, inside the loop: bisect the MACs-paced trajectory
     (widest first) by measurement for its widest model within the budget, between the models
     measured (or predicted by more than the predictor's median error) over and within it. The
-    predictor alone can leave that model unmeasured: on ResNet-20 at 40 % its error near the budget
-    (5-10 %) spent the rounds on models just over, and FLOPs-targeting's model, 9 % under, was never
-    measured. So the loop measures at least the model the baseline would ship, and keeps whatever
-    is worth more. Returns the rounds spent so far."""
+    predictor's few percent of error near the budget can spend every round on models just over it
+    and leave that model unmeasured; so the loop measures at least the model the baseline would
+    ship, and keeps whatever is worth more. Returns the rounds spent so far."""
     state = context.state
-    errors = [abs(c.predicted_ms - c.measured_ms) / c.measured_ms for c in state.walked if c.predicted_ms]
-    slack = min(CLOSE_ENOUGH, max(MARGIN, float(np.median(errors)) if errors else MARGIN))
+    slack = _predictor_slack(state)
 
     def within(index: int) -> bool | None:
         known = state.find(points[index].widths)
@@ -451,6 +448,13 @@ def _bisect_by_measurement(context: _Search, points: list[Point], predict, verif
         context.say(f"allocating: bisecting the MACs-paced trajectory by measurement, step {middle + 1} of {len(points)}")
         verify(points[middle], predict(points[middle]))
     return rounds
+
+
+def _predictor_slack(state) -> float:
+    """The predictor's median error on the models this search measured after predicting them, at
+    least MARGIN and at most CLOSE_ENOUGH: how far over the budget a prediction may still meet it."""
+    errors = [abs(c.predicted_ms - c.measured_ms) / c.measured_ms for c in state.walked if c.predicted_ms]
+    return min(CLOSE_ENOUGH, max(MARGIN, float(np.median(errors)) if errors else MARGIN))
 
 
 def _close(latency_ms: float | None, memory_bytes: float | None) -> tuple[float | None, float | None]:
