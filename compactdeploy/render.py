@@ -113,14 +113,19 @@ def build_summary(result) -> None:
             f"  search     {fit['status']} ({fit['budget']['latency'] or ''} {fit['budget']['memory'] or ''}".rstrip()
             + f"): {len(fit['verified'])} models measured{predicted}; plots {', '.join(fit['plots'])}"
         )
-        if fit["chosen"].get("trial_accuracy") is not None:
-            out.print(f"             kept the model of {fit['chosen']['trial_accuracy']:.1%} held-out accuracy after a trial "
-                      f"fine-tune, of {sum(1 for c in fit['verified'] if c['trial_accuracy'] is not None)} measured and judged")
+        chosen = fit["chosen"]
+        if chosen.get("trial_accuracy") is not None:
+            repeats = chosen.get("trial_accuracies") or [chosen["trial_accuracy"]]
+            trials = ("a trial fine-tune" if len(repeats) == 1 else
+                      f"{len(repeats)} trial fine-tunes (mean; the best few were judged again)")
+            out.print(f"             kept the model of {sum(repeats) / len(repeats):.1%} held-out accuracy after {trials}, "
+                      f"of {sum(1 for c in fit['verified'] if c['trial_accuracy'] is not None)} measured and judged")
         final = fit["final"]
         if final.get("relative_ms") is not None:
             out.print(
                 f"             beside the unpruned model this build runs at {final['relative_ms']:.3f} ms of the "
-                f"search's scale (alone {final['measured_ms']:.3f} ms, unpruned beside it {final['unpruned_beside_ms']:.3f} ms): "
+                f"search's scale (median of {len(final.get('relative_ms_sessions') or [1])} sessions; alone "
+                f"{final['measured_ms']:.3f} ms, unpruned beside it {final['unpruned_beside_ms']:.3f} ms): "
                 + ("within" if final["meets_latency_budget"] else "over") + f" the budget ({fit['budget']['latency_ms']:.3f} ms)"
             )
         if final["meets_latency_budget"] is False:

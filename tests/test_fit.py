@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -251,7 +252,10 @@ def test_search_meets_a_latency_budget_on_this_host(tmp_path):
     # so was the final build: the budget holds for it on the search's scale, whatever the host's minute
     final = fit["final"]
     assert report["latency_ms"]["reference"]["median"] == final["unpruned_beside_ms"] > 0
-    assert final["relative_ms"] == pytest.approx(final["measured_ms"] * unpruned["measured_ms"] / final["unpruned_beside_ms"])
+    # in three sessions of the device, judged by the median of their ratios, the first the report's own
+    sessions = final["relative_ms_sessions"]
+    assert len(sessions) == 3 and final["relative_ms"] == pytest.approx(sorted(sessions)[1])
+    assert sessions[0] == pytest.approx(final["measured_ms"] * unpruned["measured_ms"] / final["unpruned_beside_ms"])
     assert final["relative_ms"] <= 1.05 * budget and final["judged_ms"] == final["relative_ms"], final
     # the build is the chosen model: narrower where the search said, and fine-tuned
     for group, width in fit["widths"].items():
@@ -923,9 +927,11 @@ def test_after_the_budget_is_met_a_model_worth_more_predicted_just_over_it_is_me
 
 
 def test_the_macs_paced_trajectory_is_bisected_by_measurement_for_its_widest_model_within(tmp_path):
-    """FLOPs-targeting's search inside the loop: between the models measured or predicted (beyond
-    the predictor's median error) over the budget and those measured within, bisect by measurement;
-    the widest model within is measured, however the predictor errs near the budget."""
+    """FLOPs-targeting's search inside the loop: between the models measured over the budget and
+    those measured within, bisect by measurement; a prediction bounds the bracket only beyond the
+    error the predictor is held to (10 %, or its worst on this search, up to 20 %), so the widest
+    model within is measured however the predictor errs near the budget. Only what this run
+    measured bounds it: a stored model from an earlier run does not change the walk."""
     from types import SimpleNamespace
 
     from compactdeploy.config import FitConfig
@@ -934,34 +940,122 @@ def test_the_macs_paced_trajectory_is_bisected_by_measurement_for_its_widest_mod
     from compactdeploy.fit.state import Candidate, SearchState, widths_key
 
     points = [Point({"a": 10 - i}, 1.3 - 0.05 * i, 1.0) for i in range(10)]  # widest first; cost = prediction
-    runs_at = {p.widths["a"]: p.cost - 0.06 for p in points}  # the predictor errs 5-8 % over, evenly
+    runs_at = {p.widths["a"]: p.cost - 0.06 for p in points}  # the predictor errs 5-8 % over: 5 (0.99) is the widest within
 
-    def run(rounds_allowed, walked):
+    def measured(point, predicted):
+        return Candidate(point.widths, point.cost, predicted, runs_at[point.widths["a"]], 0, 0, 0, None, 1.0,
+                         "stand-in", widths_key(point.widths))
+
+    def run(rounds_allowed, walked, stored=()):
         state = SearchState(tmp_path / "state.json", {})
+        state.candidates = [measured(p, p.cost) for p in stored]  # an earlier run's, not met by this one
 
         def verify(point, predicted):
-            candidate = Candidate(point.widths, point.cost, predicted, runs_at[point.widths["a"]], 0, 0, 0, None, 1.0,
-                                  "stand-in", widths_key(point.widths))
-            state.candidates.append(candidate)
-            return state.meet(candidate)
+            known = state.find(point.widths)
+            if known is None:
+                known = measured(point, predicted)
+                state.candidates.append(known)
+            return state.meet(known)
 
         for point, predicted in walked:
             verify(point, predicted)
-        predict = lambda p: state.find(p.widths).measured_ms if state.find(p.widths) else p.cost  # noqa: E731
+        predict = lambda p: state.find(p.widths).measured_ms if state.met(p.widths) else p.cost  # noqa: E731
         context = SimpleNamespace(state=state, say=print, config=SimpleNamespace(fit=FitConfig(fit_rounds=rounds_allowed)))
         rounds = _bisect_by_measurement(context, points, predict, verify, 1.0, None, 0)
         return rounds, [c.widths["a"] for c in state.walked[len(walked):]]
 
-    # the smallest measured within (error 7.6 %): models predicted over 1.076 are taken as over; 6
-    # (0.94) and 5 (0.99) measure within, 4 (1.04) would not and is predicted over
-    assert run(5, [(points[9], points[9].cost)]) == (2, [4, 5])
-    assert run(1, [(points[9], points[9].cost)]) == (1, [4])  # the rounds bound it
-    # the smallest predicted exactly (the slack is then 3 %): the bracket starts at the widest model
-    # predicted within by that, not at the smallest one, so one measurement settles it
-    assert run(5, [(points[9], runs_at[1])]) == (1, [4])
-    # nothing measured within yet: the widest predicted within by the median error (3 % at least)
-    # bounds the bracket
-    assert run(5, []) == (1, [4])
+    # the bracket: predicted over 1.1 (7, 8, 9, 10) and predicted within 0.9 (2); 5 measures within, 6 over
+    assert run(5, [(points[9], points[9].cost)]) == (2, [5, 6])
+    assert run(1, [(points[9], points[9].cost)]) == (1, [5])  # the rounds bound it
+    # the smallest predicted exactly: the predictor's error so far (0) does not narrow the bracket to
+    # models predicted within 3 %, which would measure only 4 and miss 5, predicted 5 % over
+    assert run(5, [(points[9], runs_at[1])]) == (2, [5, 6])
+    assert run(5, []) == (2, [5, 6])  # nothing measured within yet: the same bracket
+    # the predictor erred 27 % on the smallest model: the bracket widens to 20 % (7 is measured too)
+    assert run(5, [(points[9], 1.0)]) == (3, [5, 7, 6])
+    # a model an earlier run measured within (4) is met when the walk reaches it, not before
+    assert run(5, [(points[9], points[9].cost)], stored=[points[6]]) == (2, [5, 6])
+
+
+def test_of_the_models_within_the_best_few_judged_alike_are_judged_again_with_more_seeds(tmp_path):
+    """One seed's trial orders models a few points apart at random: the best three whose first
+    trials are within 3 points of the best are fine-tuned with three seeds each and kept by the
+    mean; a model further behind, or past the third, is not trained again, and a clear best is
+    kept without more trials."""
+    from types import SimpleNamespace
+
+    from compactdeploy.fit.judge import trial_key, trial_scores
+    from compactdeploy.fit.search import _choose
+    from compactdeploy.fit.state import Candidate, SearchState, widths_key
+
+    state = SearchState(tmp_path / "state.json", {})
+    # each model (its width of "a") -> what its trials with seeds 0, 1, 2 score
+    scores = {1: [0.70, 0.62, 0.63], 2: [0.69, 0.72, 0.71], 3: [0.675, 0.74, 0.74], 4: [0.672], 5: [0.60]}
+    trained = []
+
+    class Judge:
+        def accuracy(self, widths, full, repeat=0):  # as TrialJudge: scores kept in the state train nothing
+            key = trial_key(widths_key(widths), repeat)
+            if key not in state.trials:
+                trained.append((widths["a"], repeat))
+                state.trials[key] = scores[widths["a"]][repeat]
+            return state.trials[key]
+
+    def candidate(width):
+        return Candidate({"a": width}, 1.0, 1.0, 1.0, 0, 100 * width, 0, None, 0.5, "stand-in", widths_key({"a": width}))
+
+    def choose(widths):
+        state.trials.clear()
+        trained.clear()
+        for width in widths:
+            state.trials[widths_key({"a": width})] = scores[width][0]
+        context = SimpleNamespace(judge=Judge(), state=state, say=print, space=SimpleNamespace(full={"a": 10}))
+        worth = lambda widths, kept: (state.trials[widths_key(widths)], kept)  # noqa: E731
+        return _choose(context, [candidate(w) for w in widths], worth).widths["a"]
+
+    assert choose([5, 4, 3, 2, 1]) == 3  # the best mean of 1, 2 and 3; 4 is fourth, 5 too far behind
+    assert sorted(trained) == [(w, r) for w in (1, 2, 3) for r in (1, 2)]
+    assert trial_scores(state.trials, widths_key({"a": 3})) == [0.675, 0.74, 0.74]
+    assert trial_scores(state.trials, widths_key({"a": 4})) == [0.672]
+    assert choose([1, 5]) == 1 and trained == []  # a clear best: no more trials
+    context = SimpleNamespace(judge=None, state=state, say=print)
+    assert _choose(context, [candidate(1), candidate(2)], lambda widths, kept: (kept,)).widths["a"] == 2  # then params
+
+
+def test_a_model_kept_just_under_the_budget_is_timed_again_and_kept_by_the_mean(tmp_path, monkeypatch):
+    """One session's ratio to the unpruned model moves by a few percent from another's: the model
+    kept, where it measured within 3 % under the budget, is timed again; if the mean of its two
+    timings is over, the next best is kept (and timed again where it is as close); a model
+    further under, or one already timed again, is not timed again."""
+    from types import SimpleNamespace
+
+    from compactdeploy.fit.search import _confirm
+    from compactdeploy.fit.state import Candidate, SearchState, widths_key
+
+    search_module = sys.modules["compactdeploy.fit.search"]
+    state = SearchState(tmp_path / "state.json", {})
+    again_at = {1: 1.03, 2: 0.99, 3: 0.9}  # what a second session measures, by the width of "a"
+    timed_again = []
+
+    def measure_again(context, point, changed, label, predicted_ms, importance_kept, unpruned_ms):
+        timed_again.append(point.widths["a"])
+        return SimpleNamespace(measured_ms=again_at[point.widths["a"]])
+
+    monkeypatch.setattr(search_module, "_measure_candidate", measure_again)
+
+    def candidate(width, measured_ms, worth):
+        return Candidate({"a": width}, 1.0, 1.0, measured_ms, 0, 0, 0, None, worth, "stand-in",
+                         widths_key({"a": width}), reference_ms=2.0)
+
+    context = SimpleNamespace(state=state, say=print, judge=None, space=SimpleNamespace(narrowed=lambda widths: widths))
+    worth = lambda widths, kept: (kept,)  # noqa: E731
+    first, second, third = candidate(1, 0.99, 0.9), candidate(2, 0.985, 0.8), candidate(3, 0.95, 0.7)
+    feasible = [third, first, second]
+    # 1: 0.99 and 1.03, over in the mean; 2: 0.985 and 0.99, within
+    assert _confirm(context, first, feasible, worth, 1.0, 1.0) is second and timed_again == [1, 2]
+    assert first.confirmed_ms == pytest.approx(1.01) and second.confirmed_ms == pytest.approx(0.9875)
+    assert _confirm(context, second, feasible, worth, 1.0, 1.0) is second and timed_again == [1, 2]  # already timed again
+    assert _confirm(context, third, [third], worth, 1.0, 1.0) is third and timed_again == [1, 2]  # 5 % under
 
 
 def test_the_macs_paced_trajectory_is_priced_on_the_table():

@@ -42,12 +42,14 @@ class TrialJudge:
     scores: dict[str, float]  # widths key -> held-out accuracy
     split: Any  # data.Dataset: held_out_split of the build's data
 
-    def accuracy(self, widths: dict[str, int], full: dict[str, int]) -> float:
+    def accuracy(self, widths: dict[str, int], full: dict[str, int], repeat: int = 0) -> float:
+        """The held-out accuracy of the trial fine-tune seeded ``seed + repeat`` (the same pruned
+        channels each time: only the fine-tune's shuffling and dropout differ)."""
         from ..prune import PruneSpec, prune
         from ..train import evaluate, train
         from .state import widths_key
 
-        key = widths_key(widths)
+        key = trial_key(widths_key(widths), repeat)
         if key not in self.scores:
             model = copy.deepcopy(self.loaded.model)
             changed = {g: w for g, w in widths.items() if w != full[g]}
@@ -56,13 +58,26 @@ class TrialJudge:
                       self.exclude, changed, self.loaded.calibration,
                       allow_grow=any(w > full[g] for g, w in changed.items()), seed=self.seed)
             if self.epochs:
-                self.scores[key] = train(model, self.split, self.epochs, seed=self.seed).test_accuracy
+                self.scores[key] = train(model, self.split, self.epochs, seed=self.seed + repeat).test_accuracy
             else:
                 from ..data import fit_to_model
 
                 x = fit_to_model(self.split, self.split.x_test, model.input_shape[1:])
                 self.scores[key] = evaluate(model.module, x, self.split.y_test, classes=self.split.num_classes)
         return self.scores[key]
+
+
+def trial_key(key: str, repeat: int = 0) -> str:
+    """Names one trial of a model (its widths key) in the scores: the first by the key itself."""
+    return f"{key}+{repeat}" if repeat else key
+
+
+def trial_scores(scores: dict[str, float], key: str) -> list[float]:
+    """Every trial of the model ``key`` names, the first first (more where it was judged again)."""
+    found = []
+    while trial_key(key, len(found)) in scores:
+        found.append(scores[trial_key(key, len(found))])
+    return found
 
 
 def trial_epochs(config) -> int | None:

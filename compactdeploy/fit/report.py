@@ -10,8 +10,11 @@ from typing import Any
 import numpy as np
 
 from .allocate import Point
-from .judge import HELD_OUT
+from .judge import HELD_OUT, trial_scores
 
+# sessions the final build of a budgeted search is timed in, beside the unpruned model: one session's
+# ratio to it moves by a few percent from another's (docs/fit.md), the median of three less
+FINAL_SESSIONS = 3
 STEP_DROP = 0.01  # a width is a latency step when it saves this share of the full model below every wider one
 
 
@@ -38,7 +41,8 @@ def search_report(config, method, latency_budget, memory_budget, latency_ms, mem
             f"held-out accuracy (trial_accuracy): each model weighed was pruned and fine-tuned {judge.epochs} epochs on "
             f"the first {1 - HELD_OUT:.0%} of the training split and scored on the rest (not the test split); the "
             "measured-cost pick and the MACs-paced and uniform ones predicted within the budget are weighed, and of "
-            "the models measured within it the best is kept"
+            "the models measured within it the best is kept; where the best first trials are within a few points, "
+            "those models are fine-tuned with more seeds (trial_accuracies) and kept by the mean"
             if judge is not None else "importance kept: no data to fine-tune on, or --fit-trial-epochs 0"
         ),
         "allocation": (
@@ -62,19 +66,25 @@ def search_report(config, method, latency_budget, memory_budget, latency_ms, mem
             if space.wider else None
         ),
         "latency_steps": latency_steps(space, table),
-        "verified": [{**asdict(c), "trial_accuracy": state.trials.get(c.key)} for c in state.candidates],
+        "verified": [{**asdict(c), **_trials(state, c)} for c in state.candidates],
         "predictor_error_pct": {
             "median": float(np.median(errors)) if errors else None,
             "worst": float(max(errors)) if errors else None,
             "count": len(errors),
             "means": "|predicted - measured| / measured of every model built after a prediction",
         },
-        "chosen": {**asdict(chosen), "trial_accuracy": state.trials.get(chosen.key)},
+        "chosen": {**asdict(chosen), **_trials(state, chosen)},
         "widths": {g: {"before": space.full[g], "after": chosen.widths[g]} for g in space.full},
         "search_dir": str(run_dir),
         "figures": "latencies are whole-model medians measured on the device named in 'where'; "
                    "accuracies are after pruning, before fine-tuning",
     }
+
+
+def _trials(state, candidate) -> dict[str, Any]:
+    """A model's first trial score, and all of them where it was judged again with more seeds."""
+    scores = trial_scores(state.trials, candidate.key)
+    return {"trial_accuracy": scores[0] if scores else None, "trial_accuracies": scores if len(scores) > 1 else None}
 
 
 def latency_steps(space, table) -> dict[str, Any]:
@@ -106,27 +116,33 @@ def budget_text(config) -> str:
     return " and ".join(p for p in parts if p)
 
 
-def fit_section(fitted, report: dict[str, Any], staging: Path) -> dict[str, Any]:
-    """The search's report (``fit.FitResult``), with this final build's own measurement, and its plots."""
+def fit_section(fitted, report: dict[str, Any], staging: Path, sessions=()) -> dict[str, Any]:
+    """The search's report (``fit.FitResult``), with this final build's own measurement, and its plots.
+    ``sessions``: the final build's measurements (``bench.Measurement``), each in a session of its own."""
     from .plots import draw
 
     section = dict(fitted.report)
     latency, budget = report["latency_ms"], section["budget"]["latency_ms"]
     reference = (latency or {}).get("reference")
-    relative_ms = None
-    if reference and fitted.unpruned_ms:  # as the search measured its candidates: beside the unpruned model
-        relative_ms = latency["median"] * fitted.unpruned_ms / reference["median"]
+    # as the search measured its candidates: beside the unpruned model, its ratio times the unpruned
+    # model's latency as the search measured it first; the median of the sessions' ratios
+    relative = [m.latency_ms["median"] * fitted.unpruned_ms / m.reference_latency_ms["median"]
+                for m in sessions if m.reference_latency_ms and fitted.unpruned_ms]
+    relative_ms = float(np.median(relative)) if relative else None
     judged = relative_ms if relative_ms is not None else (latency["median"] if latency else None)
     section["final"] = {
         "measured_ms": latency["median"] if latency else None,
         "unpruned_beside_ms": reference["median"] if reference else None,
         "relative_ms": relative_ms,
+        "relative_ms_sessions": relative,
         "judged_ms": judged,  # relative_ms where the build was timed beside the unpruned model, else measured_ms
         "meets_latency_budget": None if judged is None or not budget else judged <= budget,
         "note": "the chosen widths built again (fine-tuned where --finetune-epochs is given) and measured again, in "
-                "turns with the unpruned model: relative_ms is its median times the unpruned model's latency as the "
-                "search measured it, over the unpruned model's median beside it (what the budget is judged by); "
-                "measured_ms is its median alone, which moves with the device's slow and fast minutes",
+                f"turns with the unpruned model, in {FINAL_SESSIONS} sessions of the device: relative_ms is the median "
+                "over the sessions of its median times the unpruned model's latency as the search measured it, over "
+                "the unpruned model's median beside it (what the budget is judged by; one session's ratio moves by a "
+                "few percent from another's); measured_ms is its median alone in the first session, which moves with "
+                "the device's slow and fast minutes",
     }
     section["plots"] = draw(section, staging)
     return section
