@@ -251,7 +251,7 @@ def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResul
     def predict(point: Point) -> float:
         if not latency_ms:
             return point.cost
-        known = next((c for c in state.walked if c.widths == point.widths), None)
+        known = state.walked_at(point.widths)
         if known is not None:  # exact where measured: a model measured over the budget is not picked again
             return known.measured_ms
         measured = [(c.table_ms, streamed(c.widths), c.measured_ms) for c in state.walked]
@@ -489,7 +489,7 @@ def _bisect_by_measurement(context: _Search, points: list[Point], predict, verif
     slack = _bisection_slack(state)
 
     def within(index: int) -> bool | None:  # as this run measured it (a resumed run replays its bisection)
-        known = next((c for c in state.walked if c.widths == points[index].widths), None)
+        known = state.walked_at(points[index].widths)
         return None if known is None else known.meets(latency_ms, memory_bytes)
 
     while rounds < context.config.fit.fit_rounds:

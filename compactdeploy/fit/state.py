@@ -68,7 +68,11 @@ class SearchState:
         return next((c for c in self.candidates if c.widths == widths), None)
 
     def met(self, widths: dict[str, int]) -> bool:
-        return any(c.widths == widths for c in self.walked)
+        return self.walked_at(widths) is not None
+
+    def walked_at(self, widths: dict[str, int]) -> Candidate | None:
+        """The model of these widths as this run met it, if it has."""
+        return next((c for c in self.walked if c.widths == widths), None)
 
     def meet(self, candidate: Candidate) -> Candidate:
         if not self.met(candidate.widths):
