@@ -255,7 +255,9 @@ def test_search_meets_a_latency_budget_on_this_host(tmp_path):
     # in three sessions of the device, judged by the median of their ratios, the first the report's own
     sessions = final["relative_ms_sessions"]
     assert len(sessions) == 3 and final["relative_ms"] == pytest.approx(sorted(sessions)[1])
-    assert sessions[0] == pytest.approx(final["measured_ms"] * unpruned["measured_ms"] / final["unpruned_beside_ms"])
+    # each session's ratio is of the two's quiet times, which the busy chunks of a session do not reach
+    for ratio, (model_ms, reference_ms) in zip(sessions, final["quiet_ms_sessions"]):
+        assert ratio == pytest.approx(model_ms * unpruned["measured_ms"] / reference_ms)
     assert final["relative_ms"] <= 1.05 * budget and final["judged_ms"] == final["relative_ms"], final
     # the build is the chosen model: narrower where the search said, and fine-tuned
     for group, width in fit["widths"].items():
@@ -531,6 +533,61 @@ def test_rounds_spent_before_the_budget_is_met_say_resume_with_more(tmp_path, le
     assert fit["verified"][2]["measured_ms"] == busy_round["measured_ms"]  # replayed, not measured again
     assert len(idle.models) == len(fit["verified"]) - 3  # the first three were not measured again
     assert fit["chosen"]["measured_ms"] <= fit["budget"]["latency_ms"] and fit["chosen"]["params"] > smallest["params"]
+
+def _window(model_chunks, reference_chunks):
+    """One window of a pair timed in turns, as ``bench.measure`` reports its chunks."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(chunk_ms=tuple(model_chunks), reference_chunk_ms=tuple(reference_chunks))
+
+
+def _bursty_window(model_ms, reference_ms, bursts):
+    """Ten chunks of each; in the chunks ``bursts`` names another tenant's work slows the small model
+    1.3x and the big one 1.1x (a small model's many short kernels wait more for the cores)."""
+    return _window([model_ms * (1.3 if i in bursts else 1.0) for i in range(10)],
+                   [reference_ms * (1.1 if i in bursts else 1.0) for i in range(10)])
+
+
+def test_bursts_that_slow_a_small_model_more_do_not_move_the_quiet_ratio():
+    import numpy as np
+
+    from compactdeploy.bench import quiet_times
+
+    window = _bursty_window(0.12, 0.33, bursts={1, 2, 4, 5, 6, 8})
+    # the ratio of the medians moves with the share of the window the bursts covered
+    medians = np.median(window.chunk_ms) / np.median(window.reference_chunk_ms)
+    assert medians == pytest.approx(0.12 * 1.3 / (0.33 * 1.1))
+    model_ms, reference_ms = quiet_times([window])
+    assert (model_ms, reference_ms) == (pytest.approx(0.12), pytest.approx(0.33))
+    with pytest.raises(ValueError):
+        quiet_times([_window([0.12], [])])  # timed alone: no pair to compare
+
+
+def test_a_pair_timed_while_the_device_was_busy_throughout_is_timed_again():
+    from compactdeploy.bench import quiet_times, time_quietly
+    from compactdeploy.bench.session import BUSY_PAUSE_S, QUIET_TRIES
+
+    def windows_of(*made):
+        made = list(made)
+        return lambda: made.pop(0)
+
+    busy = _bursty_window(0.12, 0.33, bursts=set(range(10)))  # the reference 10 % over its quietest
+    quiet = _bursty_window(0.12, 0.33, bursts={3})
+    pauses = []
+    timed = time_quietly(windows_of(busy, quiet), quietest_reference_ms=0.33, pause=pauses.append)
+    assert timed == [busy, quiet] and pauses == [BUSY_PAUSE_S]
+    assert quiet_times(timed) == (pytest.approx(0.12), pytest.approx(0.33))
+    # busy every time: QUIET_TRIES windows, no more, each after a longer pause
+    pauses = []
+    assert len(time_quietly(windows_of(*[busy] * 5), quietest_reference_ms=0.33, pause=pauses.append)) == QUIET_TRIES
+    assert pauses == [BUSY_PAUSE_S * n for n in range(1, QUIET_TRIES)]
+    # within BUSY_WINDOW of the quietest, or nothing to compare with, or no reference: one window
+    pauses = []
+    assert len(time_quietly(windows_of(_bursty_window(0.12, 0.34, set()), quiet), 0.33, pause=pauses.append)) == 1
+    assert len(time_quietly(windows_of(busy, quiet), None, pause=pauses.append)) == 1
+    assert len(time_quietly(windows_of(_window([0.12], []), quiet), 0.2, pause=pauses.append)) == 1
+    assert pauses == []
+
 
 def test_a_slow_minute_of_the_device_does_not_move_a_candidate_timed_beside_the_unpruned_model(
         tmp_path, lenet5_checkpoint, monkeypatch):

@@ -102,7 +102,7 @@ def bench_model(name: str, model: str, model_args: dict, data: str, budgets: lis
 
     def measure(widths: dict[str, int]) -> dict:
         """Build (no fine-tuning) and measure on this host, in turns with the unpruned model as the
-        loop measures its candidates: the ratio times the unpruned model's own median. One build per
+        loop measures its candidates: the quiet ratio times the unpruned model's own median. One build per
         distinct set of widths."""
         key = json.dumps(widths, sort_keys=True)
         if key not in measured:
@@ -204,22 +204,32 @@ def bench_model(name: str, model: str, model_args: dict, data: str, budgets: lis
     return rows
 
 
+_quietest_reference_ms: dict[Path, float] = {}  # each reference's quiet time in its quietest window yet
+
+
 def ratio_to_reference(bundle: Path, reference: Path, repeat: int) -> float:
-    """The bundle's median over the reference bundle's, the two timed in turns in one session on
-    this host (a fresh device agent), a second of runs each at least."""
+    """The bundle's quiet time over the reference bundle's (``bench.quiet_times``), the two timed in
+    turns on this host (a fresh device agent), a second of runs each at least, and again where the
+    host was busy through the window, as the search times its candidates (``bench.time_quietly``)."""
     import numpy as np
 
-    from compactdeploy.bench import measure
+    from compactdeploy.bench import measure, quiet_times, time_quietly
     from compactdeploy.device import connect, local_agent
 
     agent = local_agent()
     try:
-        session = connect(agent.address)
-        timed = measure(session, bundle / "model.so", np.load(bundle / "sample_input.npy"), arch=session.fingerprint["machine"],
-                        repeat=repeat, min_timed_ms=1000.0, reference=reference / "model.so")
+        def window():
+            session = connect(agent.address)
+            return measure(session, bundle / "model.so", np.load(bundle / "sample_input.npy"),
+                           arch=session.fingerprint["machine"], repeat=repeat, min_timed_ms=1000.0,
+                           reference=reference / "model.so")
+
+        timed = time_quietly(window, _quietest_reference_ms.get(reference), log)
     finally:
         agent.stop()
-    return timed.latency_ms["median"] / timed.reference_latency_ms["median"]
+    model_ms, reference_ms = quiet_times(timed)
+    _quietest_reference_ms[reference] = min(_quietest_reference_ms.get(reference, reference_ms), reference_ms)
+    return model_ms / reference_ms
 
 
 def _row(model, share, budget_ms, strategy, widths, ms, macs, params, accuracy, builds, predictor=None, verified=None,
@@ -231,6 +241,7 @@ def _row(model, share, budget_ms, strategy, widths, ms, macs, params, accuracy, 
 
 
 def write_all(rows: list[dict], args, seconds: float) -> None:
+    from compactdeploy.bench.session import QUIET_PERCENTILE
     from compactdeploy.config import FitConfig
 
     info = meta("bench_fit.py", seconds, method=args.method, train_epochs=args.train_epochs,
@@ -244,10 +255,11 @@ def write_all(rows: list[dict], args, seconds: float) -> None:
         "",
         f"Measured on {info['measured_on']}; `{info['command']}` ({info['seconds']} s). Models trained here "
         f"({args.train_epochs} epochs; data: {', '.join(f'{m} on {d}' for m, d in info['data'].items())}), pruned by "
-        f"`{args.method}`, fine-tuned {args.finetune_epochs} epochs; latency is the whole-model median of {args.repeat} "
+        f"`{args.method}`, fine-tuned {args.finetune_epochs} epochs; latency is measured whole, {args.repeat} "
         "runs at least, over one second at least (the default `--min-time`), on this host, timed in turns with "
-        "the unpruned model and given as that ratio times the unpruned model's median (the loop measures the same way; "
-        "the host's slow minutes then slow both) (real measurements, not emulated) of each model compiled as a build ships it: TVM's "
+        f"the unpruned model and given as the ratio of the two's quiet times (percentile {QUIET_PERCENTILE} of their "
+        "chunks' medians; timed again where the host was busy through the window) times the unpruned model's median, as the "
+        "loop measures (real measurements, not emulated) of each model compiled as a build ships it: TVM's "
         "default schedules, no tuning records. The loop's row is the model the search chose, as it measured it; "
         "its final build, fine-tuned and measured again by the build's own benchmark, is the last column, with the "
         "loop's wall time (`build_s` in the JSON). The loop judges the models it weighs (its measured-cost, MACs-paced "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,17 @@ MIN_TIMED_MS = 1000.0  # time at least this long by default (more runs than --re
 WARMUP_MS = 200.0  # untimed runs add up to at least this long when a minimum time is asked for
 MAX_RUNS = 200_000  # a bound on the runs a minimum time adds
 PER_LAYER_TOLERANCE = 0.25  # kernels timed alone may sum to within 25 % of the whole model
+# A library's quiet time: this percentile of its chunks' medians. On a shared machine another
+# tenant's busy spells slow some chunks, and two models not alike (a small model's many short kernels
+# wait more for the cores, a big one's weights for memory), so a ratio of whole medians moves with
+# how much of the window the spells covered.
+QUIET_PERCENTILE = 10
+# Where the reference's quiet time in a window is this much over its quietest yet, the device was
+# busy through the window: the pair is timed again, QUIET_TRIES windows in all at most, after a pause
+# of BUSY_PAUSE_S times the windows so far (another tenant's busy spells last seconds to a minute).
+BUSY_WINDOW = 0.05
+QUIET_TRIES = 3
+BUSY_PAUSE_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -43,6 +55,41 @@ class Measurement:
     load: dict[str, Any] | None = None  # other work on the device while timing (runtime.load.load_between)
     # the reference library's latency, timed in turns with the model's (``measure``'s ``reference``)
     reference_latency_ms: dict[str, float] | None = None
+    chunk_ms: tuple[float, ...] = ()  # the median of each chunk of timed runs, in order
+    reference_chunk_ms: tuple[float, ...] = ()  # the reference's, one per turn
+
+
+def quiet_times(measurements) -> tuple[float, float]:
+    """The model's and the reference's quiet times (ms) over ``measurements`` of one pair timed in
+    turns: QUIET_PERCENTILE of each library's chunk medians, all measurements' chunks together."""
+    model = [ms for m in measurements for ms in m.chunk_ms]
+    reference = [ms for m in measurements for ms in m.reference_chunk_ms]
+    if not model or not reference:
+        raise ValueError("quiet_times needs measurements timed in turns with a reference")
+    return float(np.percentile(model, QUIET_PERCENTILE)), float(np.percentile(reference, QUIET_PERCENTILE))
+
+
+def time_quietly(measure_window: Callable[[], Measurement], quietest_reference_ms: float | None,
+                 progress: Callable[[str], None] | None = None, pause: Callable[[float], None] = time.sleep,
+                 ) -> list[Measurement]:
+    """Windows of one pair timed in turns (``measure_window`` times one): the first, and more while
+    the reference's quiet time over them is BUSY_WINDOW over ``quietest_reference_ms`` (its quietest
+    in earlier windows; None: no window to compare with), QUIET_TRIES windows in all at most, each
+    after a pause (``pause(seconds)``) growing by BUSY_PAUSE_S."""
+    say = progress or (lambda _: None)
+    windows = []
+    while True:
+        windows.append(measure_window())
+        if not windows[-1].reference_chunk_ms:
+            return windows
+        reference_ms = quiet_times(windows)[1]
+        if quietest_reference_ms is None or reference_ms <= quietest_reference_ms * (1 + BUSY_WINDOW) \
+                or len(windows) >= QUIET_TRIES:
+            return windows
+        wait_s = BUSY_PAUSE_S * len(windows)
+        say(f"the reference ran {reference_ms / quietest_reference_ms - 1:.0%} over its quietest beside it: the device "
+            f"was busy through the window; timing again in {wait_s:.0f} s")
+        pause(wait_s)
 
 
 def measure(
@@ -65,7 +112,7 @@ def measure(
     MAX_RUNS) until they add up to this long, after warm-up runs of WARMUP_MS at least; 0: exactly
     ``warmup`` and ``repeat`` runs. ``reference``: another library of the same input (the unpruned
     model), timed in turns with this one, a chunk each, about as long: a device's slow minute then
-    slows both, and their ratio holds where either median alone moves (``reference_latency_ms``)."""
+    slows both (``reference_latency_ms``; ``quiet_times`` compares the two by their quiet chunks)."""
     from tvm import relax
     from tvm import runtime as tvm_runtime
 
@@ -114,6 +161,7 @@ def measure(
                 machine.time_evaluator("main", dev, number=min(more, MAX_RUNS), repeat=1)(x_device)
 
     times_ms, reference_ms, cut_short = [], [], None
+    chunks, reference_chunks = [], []
     session.cpu_load(mark=True)  # other work while timing, the model's own runs left out
     wanted = repeat
 
@@ -138,6 +186,7 @@ def measure(
             break
         chunk_ms = [t * 1e3 for t in result.results]
         times_ms += chunk_ms
+        chunks.append(float(np.median(chunk_ms)))
         if reference_vm is not None:  # its turn: about as long as the model's chunk
             per_run = reference_run_ms or sum(chunk_ms) / len(chunk_ms)
             runs = max(1, min(MAX_RUNS, round(sum(chunk_ms) / max(per_run, 1e-6))))
@@ -148,6 +197,7 @@ def measure(
                 cut_short = f"stopped after {len(times_ms)} of {wanted} runs ({exc})"
                 break
             reference_ms += [t * 1e3 for t in result.results]
+            reference_chunks.append(float(np.median(result.results)) * 1e3)
             reference_run_ms = float(np.median(reference_ms))
         say(f"timed {len(times_ms)}/{wanted} runs")
     if not times_ms:
@@ -188,6 +238,8 @@ def measure(
         onnxruntime=baseline,
         load=load,
         reference_latency_ms=latency_stats(reference_ms) if reference_ms else None,
+        chunk_ms=tuple(chunks),
+        reference_chunk_ms=tuple(reference_chunks),
     )
 
 

@@ -27,12 +27,13 @@ HEAVY_KERNELS = ("conv", "matmul", "dense")
 class ModelTiming:
     """A candidate compiled as it would ship and measured whole."""
 
-    ms: float  # the median latency
+    ms: float  # the median latency; timed beside a reference, its quiet time (``bench.quiet_times``)
     memory_bytes: int  # weights (ONNX initializers) + TVM's planned workspace
     where: str  # where the figure comes from (real hardware, EMULATED, ...)
     schedules: dict[str, int] = field(default_factory=dict)  # schedule source -> kernels compiled with it
     unscheduled: list[str] = field(default_factory=list)  # conv/matmul kernels compiled without any schedule
-    reference_ms: float | None = None  # the reference model's median, timed in turns with this one (set_reference)
+    reference_ms: float | None = None  # the reference model's quiet time, timed in turns with this one (set_reference)
+    timings: int = 1  # the windows it was timed in (more where the device was busy through one)
 
 
 class Measurer(Protocol):
@@ -73,6 +74,7 @@ class DeviceMeasurer:
         self.measure_config, self.transfer, self.default_schedules = measure_config, transfer, default_schedules
         self.say = progress
         self.reference: Path | None = None
+        self.quietest_reference_ms: float | None = None  # the reference's quiet time in its quietest window yet
         self._table = None
 
     @classmethod
@@ -135,7 +137,6 @@ class DeviceMeasurer:
     def time_model(self, module, example, label: str) -> ModelTiming:
         import numpy as np
 
-        from ..bench import measure_bundle
         from ..bundle import SAMPLE_INPUT
         from ..report import count_by_source
 
@@ -147,17 +148,41 @@ class DeviceMeasurer:
             exported, compiled = self._compile(module, example, directory, say)
             np.save(directory / SAMPLE_INPUT, example.numpy())
             say("measure" + (" in turns with the unpruned model" if self.reference else ""))
+            windows = self._measure(directory, label, say)
+        timed = [w.measurement for w in windows]
+        ms, reference_ms = timed[0].latency_ms["median"], None
+        if timed[0].reference_chunk_ms:
+            from ..bench import quiet_times
+
+            ms, reference_ms = quiet_times(timed)
+        return ModelTiming(
+            ms=ms, memory_bytes=exported.params_bytes + compiled.workspace_bytes,
+            where=windows[-1].where, schedules=count_by_source(compiled.schedules),
+            unscheduled=unscheduled_heavy_kernels(compiled.schedules),
+            reference_ms=reference_ms, timings=len(windows),
+        )
+
+    def _measure(self, directory: Path, label: str, say) -> list:
+        """The library in ``directory`` timed (in turns with the reference, where there is one, and
+        again where the device was busy through the window: ``bench.time_quietly``); each window's
+        ``bench.Measured``."""
+        from ..bench import measure_bundle, quiet_times, time_quietly
+
+        windows = []
+
+        def window():
             # in the search's own session (on this machine, the agent that timed the layers), without
             # the per-kernel profile, over the same minimum time as the final build's benchmark
-            measured = measure_bundle(directory, self.deployment, self.measure_config.repeat, self.measure_config.warmup,
-                                      say, self.open_session, profile=False,
+            measured = measure_bundle(directory, self.deployment, self.measure_config.repeat,
+                                      self.measure_config.warmup, say, self.open_session, profile=False,
                                       min_timed_ms=self.measure_config.min_time_s * 1e3, reference=self.reference)
-        if measured.measurement is None:
-            raise CompactDeployError(f"the device did not measure {label}: {measured.where}")
-        reference = measured.measurement.reference_latency_ms
-        return ModelTiming(
-            ms=measured.measurement.latency_ms["median"], memory_bytes=exported.params_bytes + compiled.workspace_bytes,
-            where=measured.where, schedules=count_by_source(compiled.schedules),
-            unscheduled=unscheduled_heavy_kernels(compiled.schedules),
-            reference_ms=reference["median"] if reference else None,
-        )
+            if measured.measurement is None:
+                raise CompactDeployError(f"the device did not measure {label}: {measured.where}")
+            windows.append(measured)
+            return measured.measurement
+
+        timed = time_quietly(window, self.quietest_reference_ms, say)
+        if timed[0].reference_chunk_ms:
+            reference_ms = quiet_times(timed)[1]
+            self.quietest_reference_ms = min(self.quietest_reference_ms or reference_ms, reference_ms)
+        return windows

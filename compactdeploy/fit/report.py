@@ -119,15 +119,16 @@ def budget_text(config) -> str:
 def fit_section(fitted, report: dict[str, Any], staging: Path, sessions=()) -> dict[str, Any]:
     """The search's report (``fit.FitResult``), with this final build's own measurement, and its plots.
     ``sessions``: the final build's measurements (``bench.Measurement``), each in a session of its own."""
+    from ..bench.session import QUIET_PERCENTILE, quiet_times
     from .plots import draw
 
     section = dict(fitted.report)
     latency, budget = report["latency_ms"], section["budget"]["latency_ms"]
     reference = (latency or {}).get("reference")
-    # as the search measured its candidates: beside the unpruned model, its ratio times the unpruned
-    # model's latency as the search measured it first; the median of the sessions' ratios
-    relative = [m.latency_ms["median"] * fitted.unpruned_ms / m.reference_latency_ms["median"]
-                for m in sessions if m.reference_latency_ms and fitted.unpruned_ms]
+    # as the search measured its candidates: beside the unpruned model, the ratio of the two's quiet
+    # times times the unpruned model's latency as the search measured it first; the median of the sessions'
+    quiet = [quiet_times([m]) for m in sessions if m.reference_chunk_ms and fitted.unpruned_ms]
+    relative = [model_ms * fitted.unpruned_ms / reference_ms for model_ms, reference_ms in quiet]
     relative_ms = float(np.median(relative)) if relative else None
     judged = relative_ms if relative_ms is not None else (latency["median"] if latency else None)
     section["final"] = {
@@ -135,14 +136,16 @@ def fit_section(fitted, report: dict[str, Any], staging: Path, sessions=()) -> d
         "unpruned_beside_ms": reference["median"] if reference else None,
         "relative_ms": relative_ms,
         "relative_ms_sessions": relative,
+        "quiet_ms_sessions": [list(pair) for pair in quiet],  # each session's (model, unpruned model) quiet times
         "judged_ms": judged,  # relative_ms where the build was timed beside the unpruned model, else measured_ms
         "meets_latency_budget": None if judged is None or not budget else judged <= budget,
         "note": "the chosen widths built again (fine-tuned where --finetune-epochs is given) and measured again, in "
                 f"turns with the unpruned model, in {FINAL_SESSIONS} sessions of the device: relative_ms is the median "
-                "over the sessions of its median times the unpruned model's latency as the search measured it, over "
-                "the unpruned model's median beside it (what the budget is judged by; one session's ratio moves by a "
-                "few percent from another's); measured_ms is its median alone in the first session, which moves with "
-                "the device's slow and fast minutes",
+                f"over the sessions of its quiet time (percentile {QUIET_PERCENTILE} of its chunks' medians) times the unpruned "
+                "model's latency as the search measured it, over the unpruned model's quiet time beside it (what the "
+                "budget is judged by: another tenant's busy spells do not slow two models alike); "
+                "measured_ms is its median alone in the first session, which moves with the device's slow and fast "
+                "minutes",
     }
     section["plots"] = draw(section, staging)
     return section

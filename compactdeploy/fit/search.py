@@ -48,9 +48,9 @@ REPEATABILITY = 0.03
 CONFIRMED_AT_MOST = 3  # models timed again before the search settles
 # what a stored search holds and how it walked (8: table times on the anchor layer's scale, the smallest
 # model measured first, picks from the MACs-paced and uniform trajectories too, judged by trial
-# fine-tunes, models worth more near the budget measured last, within the predictor's median error);
-# another format is not resumed
-STATE_FORMAT = 8
+# fine-tunes, models worth more near the budget measured last, within the predictor's median error;
+# 9: beside the unpruned model, judged by the two's quiet times); another format is not resumed
+STATE_FORMAT = 9
 
 
 @dataclass(frozen=True)
@@ -431,7 +431,7 @@ def _measure_candidate(context: _Search, point: Point, changed: dict[str, int], 
         measured_ms = timing.ms * unpruned_ms / timing.reference_ms
     return Candidate(
         widths=point.widths, table_ms=point.cost, predicted_ms=predicted_ms, measured_ms=measured_ms,
-        alone_ms=timing.ms, reference_ms=timing.reference_ms,
+        alone_ms=timing.ms, reference_ms=timing.reference_ms, timings=timing.timings,
         memory_bytes=timing.memory_bytes, params=params, macs=macs, accuracy=accuracy, importance_kept=importance_kept,
         where=timing.where, key=widths_key(point.widths),
         removed=removed, grown=grown, schedules=timing.schedules, unscheduled=timing.unscheduled,

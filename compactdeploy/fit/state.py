@@ -35,10 +35,11 @@ class Candidate:
     grown: dict[str, list[int]] = field(default_factory=dict)  # group -> channels copied to widen it
     schedules: dict[str, int] = field(default_factory=dict)  # schedule source -> kernels compiled with it
     unscheduled: list[str] = field(default_factory=list)  # conv/matmul kernels compiled without a schedule
-    # timed in turns with the unpruned model: measured_ms is alone_ms scaled by the unpruned model's
-    # first measurement over its median beside this one (a device's slow minute cancels out)
+    # timed in turns with the unpruned model: measured_ms is its quiet time (alone_ms) scaled by the
+    # unpruned model's first measurement over its quiet time beside this one (bench.quiet_times)
     alone_ms: float | None = None
     reference_ms: float | None = None
+    timings: int = 1  # windows it was timed in: more where the device was busy through the first
     # kept near the budget: timed again in a session of its own, the mean of the two (what the final
     # choice judges it by; measured_ms stays the first, which later predictions were fitted to)
     confirmed_ms: float | None = None
