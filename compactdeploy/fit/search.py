@@ -345,7 +345,19 @@ def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResul
                   f"run the same command with --resume --fit-rounds {rounds + 3} to search on")
     chosen = _choose(context, feasible, worth)
     if latency_ms is not None:
-        chosen = _confirm(context, chosen, feasible, worth, latency_ms, reference["ms"])
+        def step_below(over: Candidate) -> Candidate | None:
+            # the widest model of the trajectories narrower than one over the budget in the mean,
+            # not measured yet, predicted at least REPEATABILITY under it
+            points = trajectory.points + [q for points in (proposals or {}).values() for q in points]
+            below = [p for p in points if p.cost < over.table_ms and not state.met(p.widths)
+                     and fits(p, latency_ms * (1 - REPEATABILITY))]
+            if not below:
+                return None
+            step = max(below, key=lambda p: p.cost)
+            say(f"measuring a step below it: {widths_text(space.narrowed(step.widths))}")
+            return verify(step, predict(step))
+
+        chosen = _confirm(context, chosen, feasible, worth, latency_ms, reference["ms"], step_below)
     changed = space.narrowed(chosen.widths)
     report = search_report(config.fit, method, latency_budget, memory_budget, latency_ms, memory_bytes, space, trajectory,
                            state, chosen, table, rounds, status, run_dir, predict, grown, context.judge)
@@ -379,10 +391,14 @@ def _choose(context: _Search, feasible: list[Candidate], worth) -> Candidate:
 
 
 def _confirm(context: _Search, chosen: Candidate, feasible: list[Candidate], worth, latency_ms: float,
-             unpruned_ms: float | None) -> Candidate:
+             unpruned_ms: float | None, step_below: Callable[[Candidate], Candidate | None] | None = None,
+             ) -> Candidate:
     """The model kept, timed again where it measured within REPEATABILITY under the budget: kept if
     the mean of its two timings is within, else the next best is (up to CONFIRMED_AT_MOST models).
-    A model one session timed just under the budget is over it in another about as often."""
+    A model one session timed just under the budget is over it in another about as often.
+    ``step_below(model)``: a model a step narrower than one over in the mean, measured (None: none
+    left): the bisection leaves every model it measured near the budget, so without it the next best
+    within may be the smallest model."""
     state, say = context.state, context.say
     left = list(feasible)
     for _ in range(CONFIRMED_AT_MOST):
@@ -400,6 +416,9 @@ def _confirm(context: _Search, chosen: Candidate, feasible: list[Candidate], wor
         if chosen.confirmed_ms <= latency_ms:
             return chosen
         left.remove(chosen)
+        below = step_below(chosen) if step_below is not None else None
+        if below is not None and below.measured_ms <= latency_ms and below not in left:
+            left.append(below)
         if not left:
             break
         chosen = _choose(context, left, worth)
