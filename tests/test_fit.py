@@ -582,7 +582,7 @@ def test_bursts_that_slow_a_small_model_more_do_not_move_the_quiet_ratio():
 
 
 def test_a_pair_timed_while_the_device_was_busy_throughout_is_timed_again():
-    from compactdeploy.bench import quiet_times, time_quietly
+    from compactdeploy.bench import QuietTimer, quiet_times, time_quietly
     from compactdeploy.bench.session import BUSY_PAUSE_S, QUIET_TRIES
 
     def windows_of(*made):
@@ -605,6 +605,11 @@ def test_a_pair_timed_while_the_device_was_busy_throughout_is_timed_again():
     assert len(time_quietly(windows_of(busy, quiet), None, pause=pauses.append)) == 1
     assert len(time_quietly(windows_of(_window([0.12], []), quiet), 0.2, pause=pauses.append)) == 1
     assert pauses == []
+    # a timer keeps the quietest window across pairs: a later busy one is timed again against it
+    timer = QuietTimer()
+    assert timer.time(windows_of(quiet), pause=pauses.append) == [quiet] and timer.quietest_reference_ms == pytest.approx(0.33)
+    assert timer.time(windows_of(busy, quiet), pause=pauses.append) == [busy, quiet] and pauses == [BUSY_PAUSE_S]
+    assert timer.quietest_reference_ms == pytest.approx(0.33)
 
 
 def test_a_slow_minute_of_the_device_does_not_move_a_candidate_timed_beside_the_unpruned_model(

@@ -204,7 +204,7 @@ def bench_model(name: str, model: str, model_args: dict, data: str, budgets: lis
     return rows
 
 
-_quietest_reference_ms: dict[Path, float] = {}  # each reference's quiet time in its quietest window yet
+_quiet_timers: dict[Path, object] = {}  # per reference: bench.QuietTimer, its quietest window yet
 
 
 def ratio_to_reference(bundle: Path, reference: Path, repeat: int) -> float:
@@ -213,7 +213,7 @@ def ratio_to_reference(bundle: Path, reference: Path, repeat: int) -> float:
     host was busy through the window, as the search times its candidates (``bench.time_quietly``)."""
     import numpy as np
 
-    from compactdeploy.bench import measure, quiet_times, time_quietly
+    from compactdeploy.bench import QuietTimer, measure, quiet_times
     from compactdeploy.device import connect, local_agent
 
     agent = local_agent()
@@ -224,11 +224,10 @@ def ratio_to_reference(bundle: Path, reference: Path, repeat: int) -> float:
                            arch=session.fingerprint["machine"], repeat=repeat, min_timed_ms=1000.0,
                            reference=reference / "model.so")
 
-        timed = time_quietly(window, _quietest_reference_ms.get(reference), log)
+        timed = _quiet_timers.setdefault(reference, QuietTimer()).time(window, log)
     finally:
         agent.stop()
     model_ms, reference_ms = quiet_times(timed)
-    _quietest_reference_ms[reference] = min(_quietest_reference_ms.get(reference, reference_ms), reference_ms)
     return model_ms / reference_ms
 
 

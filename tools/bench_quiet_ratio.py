@@ -26,7 +26,7 @@ WAYS = ("median ratio", "quiet ratio", "quiet ratio, busy windows timed again")
 
 
 def main() -> None:
-    from compactdeploy.bench import measure, quiet_times, time_quietly
+    from compactdeploy.bench import QuietTimer, measure, quiet_times
     from compactdeploy.bench.session import BUSY_PAUSE_S, BUSY_WINDOW, QUIET_PERCENTILE, QUIET_TRIES
     from compactdeploy.config import BuildConfig, ModelConfig, PruneConfig
     from compactdeploy.device import connect, local_agent
@@ -52,7 +52,7 @@ def main() -> None:
         build(BuildConfig(model_config, target="host", out=unpruned), Silent())
         build(BuildConfig(model_config, target="host", out=pruned, prune=PruneConfig(prune=f"{method}:{ratio}")), Silent())
         x = np.load(pruned / "sample_input.npy")
-        quietest = None
+        timer = QuietTimer()
         by_way: dict[str, list[float]] = {way: [] for way in WAYS}
         for number in range(args.sessions):
             agent = local_agent()
@@ -62,12 +62,11 @@ def main() -> None:
                     return measure(session, pruned / "model.so", x, arch=session.fingerprint["machine"], repeat=50,
                                    min_timed_ms=1000.0, reference=unpruned / "model.so")
 
-                windows = time_quietly(window, quietest)
+                windows = timer.time(window)
             finally:
                 agent.stop()
             first = windows[0]
             model_ms, reference_ms = quiet_times(windows)
-            quietest = min(quietest or reference_ms, reference_ms)
             first_quiet = quiet_times([first])
             values = {
                 WAYS[0]: first.latency_ms["median"] / first.reference_latency_ms["median"],

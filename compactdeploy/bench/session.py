@@ -92,6 +92,22 @@ def time_quietly(measure_window: Callable[[], Measurement], quietest_reference_m
         pause(wait_s)
 
 
+class QuietTimer:
+    """Times pairs in turns (``time_quietly``), keeping the reference's quietest quiet time across
+    them: what a later window is judged busy against."""
+
+    def __init__(self) -> None:
+        self.quietest_reference_ms: float | None = None
+
+    def time(self, measure_window: Callable[[], Measurement], progress: Callable[[str], None] | None = None,
+             pause: Callable[[float], None] = time.sleep) -> list[Measurement]:
+        windows = time_quietly(measure_window, self.quietest_reference_ms, progress, pause)
+        if windows[0].reference_chunk_ms:
+            reference_ms = quiet_times(windows)[1]
+            self.quietest_reference_ms = min(self.quietest_reference_ms or reference_ms, reference_ms)
+        return windows
+
+
 def measure(
     session,
     lib_path: str | Path,

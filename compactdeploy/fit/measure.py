@@ -74,7 +74,7 @@ class DeviceMeasurer:
         self.measure_config, self.transfer, self.default_schedules = measure_config, transfer, default_schedules
         self.say = progress
         self.reference: Path | None = None
-        self.quietest_reference_ms: float | None = None  # the reference's quiet time in its quietest window yet
+        self.quiet_timer = None  # bench.QuietTimer: the reference's quietest window in this search
         self._table = None
 
     @classmethod
@@ -166,7 +166,7 @@ class DeviceMeasurer:
         """The library in ``directory`` timed (in turns with the reference, where there is one, and
         again where the device was busy through the window: ``bench.time_quietly``); each window's
         ``bench.Measured``."""
-        from ..bench import measure_bundle, quiet_times, time_quietly
+        from ..bench import QuietTimer, measure_bundle
 
         windows = []
 
@@ -181,8 +181,6 @@ class DeviceMeasurer:
             windows.append(measured)
             return measured.measurement
 
-        timed = time_quietly(window, self.quietest_reference_ms, say)
-        if timed[0].reference_chunk_ms:
-            reference_ms = quiet_times(timed)[1]
-            self.quietest_reference_ms = min(self.quietest_reference_ms or reference_ms, reference_ms)
+        self.quiet_timer = self.quiet_timer or QuietTimer()
+        self.quiet_timer.time(window, say)
         return windows
