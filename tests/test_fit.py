@@ -612,6 +612,40 @@ def test_a_pair_timed_while_the_device_was_busy_throughout_is_timed_again():
     assert timer.quietest_reference_ms == pytest.approx(0.33)
 
 
+def test_a_model_timed_alone_is_timed_until_two_windows_agree():
+    """The unpruned model scales the whole search: one window of it in a busy spell made every model
+    look slower (an absolute budget then keeps a model faster than it needs). Timed alone, it gets two
+    windows a pause apart, a third where they disagree, and the quietest window is the one kept."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from compactdeploy.bench import quietest_window, time_alone_quietly
+    from compactdeploy.bench.session import BUSY_PAUSE_S, QUIET_TRIES
+
+    def alone(ms, busy_chunks):
+        chunks = [ms * (1.4 if i < busy_chunks else 1.0) for i in range(10)]
+        return SimpleNamespace(chunk_ms=tuple(chunks), reference_chunk_ms=(), latency_ms={"median": float(np.median(chunks))})
+
+    def windows_of(*made):
+        made = list(made)
+        return lambda: made.pop(0)
+
+    busy, quiet, also_quiet = alone(0.33, busy_chunks=10), alone(0.33, busy_chunks=2), alone(0.335, busy_chunks=0)
+    pauses = []
+    timed = time_alone_quietly(windows_of(busy, quiet, also_quiet), pause=pauses.append)
+    assert timed == [busy, quiet, also_quiet] and pauses == [BUSY_PAUSE_S, 2 * BUSY_PAUSE_S]
+    assert quietest_window(timed) is quiet and quietest_window(timed).latency_ms["median"] == pytest.approx(0.33)
+    # two that agree: two windows, no more
+    pauses = []
+    assert time_alone_quietly(windows_of(quiet, also_quiet, busy), pause=pauses.append) == [quiet, also_quiet]
+    assert pauses == [BUSY_PAUSE_S]
+    # busy throughout, each window more than the last: QUIET_TRIES windows, the quietest kept
+    rising = [alone(0.33 * 1.1 ** n, busy_chunks=0) for n in range(5)]
+    timed = time_alone_quietly(windows_of(*rising), pause=pauses.append)
+    assert len(timed) == QUIET_TRIES and quietest_window(timed) is rising[0]
+
+
 def test_a_slow_minute_of_the_device_does_not_move_a_candidate_timed_beside_the_unpruned_model(
         tmp_path, lenet5_checkpoint, monkeypatch):
     """The device slows 1.6x while the first candidate is timed (where the search timed each model
@@ -675,31 +709,46 @@ def test_the_prediction_knows_what_a_model_streams_beyond_the_cache():
     def device(table_ms, weight_bytes):  # 0.8x the table, plus weights beyond the cache at 40 GB/s
         return 0.8 * table_ms + _streamed_bytes(weight_bytes, cache) / 40e9 * 1e3
 
-    def measured(table_ms, weight_bytes):
-        return table_ms, _streamed_bytes(weight_bytes, cache), device(table_ms, weight_bytes)
+    def measured(table_ms, weight_bytes, widths):
+        return table_ms, _streamed_bytes(weight_bytes, cache), device(table_ms, weight_bytes), widths
 
-    unpruned, smallest = measured(0.2, 9e6), measured(0.05, 0.2e6)
+    full, narrow, half = {"a": 64, "b": 64}, {"a": 8, "b": 8}, {"a": 32, "b": 32}
+    unpruned, smallest = measured(0.2, 9e6, full), measured(0.05, 0.2e6, narrow)
     for table_ms, weight_bytes in ((0.1, 4.6e6), (0.08, 3.2e6), (0.08, 1.4e6), (0.3, 12e6)):
-        predicted = _corrected(table_ms, _streamed_bytes(weight_bytes, cache), [unpruned, smallest])
+        predicted = _corrected(table_ms, _streamed_bytes(weight_bytes, cache), half, [unpruned, smallest])
         assert predicted == pytest.approx(device(table_ms, weight_bytes)), (table_ms, weight_bytes)
     # the in-cache model: one ratio (the unpruned model's, 1.9x) would predict it 2.4x too slow
-    one_ratio = _corrected(0.08, 0.0, [(unpruned[0], 0.0, unpruned[2])])
+    one_ratio = _corrected(0.08, 0.0, half, [(unpruned[0], 0.0, unpruned[2], full)])
     assert one_ratio > 2 * device(0.08, 1.4e6)
-    # a device whose cache is unknown: the least-squares ratio of the models measured
-    assert _corrected(0.1, 0.0, [(0.2, 0.0, 0.3)]) == pytest.approx(0.15)
-    assert _corrected(0.1, 0.0, [(0.2, 0.0, 0.3), (0.05, 0.0, 0.04)]) == pytest.approx(0.1 * 0.062 / 0.0425)
+    # a device whose cache is unknown: the ratio of the models measured, the nearer in widths weighing more
+    assert _corrected(0.1, 0.0, half, [(0.2, 0.0, 0.3, full)]) == pytest.approx(0.15)
+    equally_near = _corrected(0.1, 0.0, half, [(0.2, 0.0, 0.3, full), (0.05, 0.0, 0.04, {"a": 16, "b": 16})])
+    assert equally_near == pytest.approx(0.1 * 0.062 / 0.0425)
+    # an MLP whose unpruned model streams and whose smallest, far from it in widths, weighs e^-44 as much:
+    # bytes and milliseconds in one weighted system must not read as one equation (a prediction of 0)
+    mlp = [(0.0330, 2.29e6, 0.0320, {"a": 1024, "b": 512}), (0.0031, 0.0, 0.0030, {"a": 8, "b": 8})]
+    assert _corrected(0.0183, 0.0, {"a": 896, "b": 448}, mlp) == pytest.approx(0.0183 * 0.0030 / 0.0031)
 
 
-def test_one_measured_models_deviation_is_not_passed_to_its_neighbours():
-    """How a model runs beside its table time is not smooth in table time (the smallest model can
-    run well below the ratio of the models just above it and of the unpruned one; docs/fit.md): a
-    model next to the smallest is predicted from all of them, not from the smallest's ratio."""
+def test_a_model_is_predicted_from_the_measured_models_cut_like_it():
+    """What the table misses depends on which layers were cut: two models of the same table time,
+    one cut like a measured model that ran at 0.9x its table time and one cut like a model that ran at
+    0.6x, are predicted near those ratios; one fit to all models would give both the same time."""
     from compactdeploy.fit.search import _corrected
 
-    measured = [(0.50, 0.0, 0.335), (0.19, 0.0, 0.108), (0.32, 0.0, 0.21), (0.29, 0.0, 0.20)]
-    predicted = _corrected(0.22, 0.0, measured)
-    assert predicted == pytest.approx(0.22 * sum(t * m for t, _, m in measured) / sum(t * t for t, _, _ in measured))
-    assert predicted > 0.22 * 0.65  # the smallest's own ratio would predict 0.125 ms
+    measured = [
+        (0.50, 0.0, 0.40, {"a": 64, "b": 64}),  # unpruned: 0.8x
+        (0.05, 0.0, 0.04, {"a": 8, "b": 8}),  # smallest: 0.8x
+        (0.30, 0.0, 0.27, {"a": 64, "b": 16}),  # the second group cut: 0.9x
+        (0.30, 0.0, 0.18, {"a": 16, "b": 64}),  # the first group cut: 0.6x
+    ]
+    like_first_cut = _corrected(0.28, 0.0, {"a": 16, "b": 56}, measured)
+    like_second_cut = _corrected(0.28, 0.0, {"a": 56, "b": 16}, measured)
+    assert like_first_cut == pytest.approx(0.28 * 0.6, rel=0.05)
+    assert like_second_cut == pytest.approx(0.28 * 0.9, rel=0.05)
+    # far from every measured model alike: the fit of all of them
+    everything = 0.28 * sum(t * m for t, _, m, _ in measured) / sum(t * t for t, _, _, _ in measured)
+    assert _corrected(0.28, 0.0, {"a": 32, "b": 32}, measured) == pytest.approx(everything, rel=0.05)
 
 
 def test_the_agent_reports_the_l2_cache_the_prediction_uses():
@@ -838,6 +887,59 @@ def test_the_loop_times_its_table_on_two_boards_and_loses_nothing_when_one_drops
     assert fit["latency_table"]["measured_this_run"] == fit["latency_table"]["entries"] > 0
     assert fit["chosen"]["measured_ms"] <= fit["budget"]["latency_ms"]
     assert all("EMULATED" in c["where"] for c in fit["verified"])
+
+
+def test_a_layer_timed_in_a_busy_spell_is_timed_again_and_kept_at_its_quiet_time():
+    """Another tenant's busy spell slows the probes 1.4x and the anchor 1.7x (not alike, so scaling by
+    the anchor cannot undo it): the probes timed in it are timed again after a pause, and every
+    entry is its quiet time; where the spell never ends, each keeps its fastest timing."""
+    from compactdeploy.fit.costs import ANCHOR_EVERY, PROBE_PASSES, time_in_quiet_passes
+
+    quiet_ms = [0.01 * (1 + i) for i in range(20)]
+    calls, pauses = [], []
+
+    def device(busy, anchor_busy=None):
+        def time_probe(index):
+            calls.append(index)
+            return quiet_ms[index] * (1.4 if busy(len(calls)) else 1.0)
+
+        def time_anchor():
+            calls.append("anchor")
+            return 0.03 * (1.7 if (anchor_busy or busy)(len(calls)) else 1.0)
+
+        return time_probe, time_anchor
+
+    # busy over the first pass's second segment of probes and the anchor after it (calls count from 1:
+    # the anchor untimed, the anchor, 8 probes, the anchor, ...): the segments on both sides of a busy
+    # anchor are suspect
+    spell = range(ANCHOR_EVERY + 4, 2 * ANCHOR_EVERY + 5)
+    times, anchor_ms = time_in_quiet_passes(*device(lambda call: call in spell), len(quiet_ms), pause=pauses.append)
+    assert times == pytest.approx(quiet_ms) and anchor_ms == pytest.approx(0.03)
+    timed_twice = {i for i in range(len(quiet_ms)) if calls.count(i) > 1}
+    assert timed_twice == set(range(len(quiet_ms)))  # two quiet timings each: a second pass for all
+    assert {i for i in range(len(quiet_ms)) if calls.count(i) > 2} == set(range(ANCHOR_EVERY, len(quiet_ms)))
+    assert len(pauses) == 2
+    # a quiet device whose first timing after a pause runs cold (2x): two passes, one pause
+    calls.clear(), pauses.clear()
+    time_probe, _ = device(lambda call: False)
+    warm = set()  # the passes (counted by the pauses before them) in which the anchor has run
+
+    def anchor_cold_after_pause():
+        calls.append("anchor")
+        cold = len(pauses) not in warm
+        warm.add(len(pauses))
+        return 0.03 * (2.0 if cold else 1.0)
+
+    times, anchor_ms = time_in_quiet_passes(time_probe, anchor_cold_after_pause, len(quiet_ms), pause=pauses.append)
+    assert times == pytest.approx(quiet_ms) and anchor_ms == pytest.approx(0.03)
+    assert all(calls.count(i) == 2 for i in range(len(quiet_ms))) and len(pauses) == 1
+    # every other anchor timing busy, for ever: no segment is ever quiet; PROBE_PASSES passes, no more,
+    # and each probe keeps its fastest timing
+    calls.clear(), pauses.clear()
+    time_probe, time_anchor = device(lambda call: False, anchor_busy=lambda call: calls.count("anchor") % 2 == 0)
+    times, _ = time_in_quiet_passes(time_probe, time_anchor, len(quiet_ms), pause=pauses.append)
+    assert all(calls.count(i) == PROBE_PASSES for i in range(len(quiet_ms))) and len(pauses) == PROBE_PASSES - 1
+    assert times == pytest.approx(quiet_ms)
 
 
 def test_a_table_part_whose_board_drops_out_is_timed_on_another_and_what_finished_is_kept(tmp_path, monkeypatch):

@@ -92,8 +92,8 @@ def main() -> None:
     lines = [
         "# Latency table on one board against two (EMULATED boards)",
         "",
-        f"Measured on {info['measured_on']}; `{info['command']} --model {args.model} --points {args.points}` "
-        f"({info['seconds']} s). Boards: {info['boards']}; the figures are wall times of the flow on this host, "
+        f"Measured on {info['measured_on']}; `{info['command']}` (model {args.model}, {args.points} widths per group; "
+        f"{info['seconds']} s). Boards: {info['boards']}; the figures are wall times of the flow on this host, "
         "not a real Pi's speed.",
         "",
         "| boards | layers timed | wall time of the table |",

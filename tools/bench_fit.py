@@ -248,7 +248,6 @@ def write_all(rows: list[dict], args, seconds: float) -> None:
                 data={name: MODELS[name][2] for name in args.models.split(",")},
                 latency="the quiet ratio to the unpruned model times its median, on this host (measured), compiled as "
                         "builds ship: default schedules, no tuning records")
-    info["command"] += "".join(f" {arg}" for arg in sys.argv[1:])
     write_json("fit-benchmark", info, rows)
     lines = [
         "# Width search vs uniform vs FLOPs-targeted pruning, at equal measured latency",

@@ -92,7 +92,6 @@ def main() -> None:
                          weights="random (seeded); latency does not depend on values",
                          figures="real measurements on this host (each session a fresh device agent); none emulated "
                                  "or estimated")
-    info["command"] += " " + " ".join(sys.argv[1:])
     benchlib.write_json("quiet-ratio", info, rows, sessions=sessions)
     write_markdown(info, rows)
     print(f"wrote {benchlib.DOCS}/quiet-ratio.md")

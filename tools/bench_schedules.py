@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -91,7 +90,6 @@ def main() -> None:
         rounds=ROUNDS, runs_per_round=RUNS_PER_ROUND, weights="random (seeded); latency does not depend on values",
         figures="all measured on this host (real hardware, a 2-core VM); nothing emulated or estimated",
     )
-    info["command"] += " " + " ".join(sys.argv[1:])
     benchlib.write_json("default-schedules", info, rows)
     write_markdown(info, rows)
     log(f"wrote {benchlib.DOCS}/default-schedules.md ({seconds / 60:.1f} min)")

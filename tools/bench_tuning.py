@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 
 import benchlib
@@ -92,7 +91,6 @@ def main() -> None:
         rounds=ROUNDS, runs_per_round=RUNS_PER_ROUND, weights="random (seeded); latency does not depend on values",
         figures="all measured on this host (real hardware, a 2-core VM); nothing emulated or estimated",
     )
-    info["command"] += " " + " ".join(sys.argv[1:])
     benchlib.write_json("tuning-benchmark", {**info, "warm_database": warm}, rows)
     write_markdown(info, rows, warm)
     plot(rows)

@@ -73,7 +73,6 @@ def main() -> None:
                          weights="random (seeded); latency does not depend on values",
                          figures="real measurements on this host (each a fresh `compactdeploy bench` process); "
                                  "none emulated or estimated")
-    info["command"] += " " + " ".join(sys.argv[1:])
     benchlib.write_json("measurement-window", info, rows, processes=processes)
     write_markdown(info, rows)
     print(f"wrote {benchlib.DOCS}/measurement-window.md")

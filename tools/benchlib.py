@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -18,12 +19,14 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
 
 
 def meta(script: str, seconds: float, **settings) -> dict:
-    """Where, when and how a benchmark ran: every results file starts with this."""
+    """Where, when and how a benchmark ran: every results file starts with this. The command is
+    ``script`` with the arguments it was run with (when it is the script running)."""
+    arguments = sys.argv[1:] if Path(sys.argv[0]).name == script else []
     return {
         "measured_on": f"{platform.node()} ({cpu_description()}), CPU, {time.strftime('%Y-%m-%d')}",
         **settings,
         "seconds": round(seconds),
-        "command": f".venv/bin/python tools/{script}",
+        "command": " ".join([f".venv/bin/python tools/{script}", *arguments]),
     }
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -81,7 +80,6 @@ def main() -> None:
                                     f"{IN_MODEL_RUNS} runs, each kernel's median per call x its calls, summed",
                              figures="all measured on this host; nothing emulated or estimated",
                              builds=builds, onnx=str(args.onnx))
-        info["command"] += " " + " ".join(sys.argv[1:])
         benchlib.write_json(f"compare-builds-{args.name}", info, rows, runs=runs)
     for row in rows:
         low, high = row["over_onnxruntime_range"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
 import benchlib
@@ -46,7 +45,6 @@ def main() -> None:
                                 "just before its timed call (rerun_first); after a pause: one call after each of "
                                 f"{REPEAT} sleeps of {PAUSE_S * 1e3:.0f} ms, random inputs, median; end to end: the Relax VM, 200 runs, median",
                          figures="all measured on this host; nothing emulated or estimated")
-    info["command"] += " " + " ".join(sys.argv[1:])
     benchlib.write_json("kernel-cache-effect", info, rows)
     print(f"wrote {benchlib.DOCS}/kernel-cache-effect.json")
 

@@ -112,7 +112,6 @@ def idle_pinning(models: list[str], rounds: int, threads: int) -> None:
     info = benchlib.meta("load_effect.py", time.perf_counter() - start, threads=threads, rounds=rounds,
                          weights="random (seeded); latency does not depend on values",
                          figures="real measurements on this host, nothing else running; none emulated or estimated")
-    info["command"] += " " + " ".join(sys.argv[1:])
     benchlib.write_json("pinning-idle", info, rows)
     print(f"wrote {benchlib.DOCS}/pinning-idle.json")
 
@@ -175,7 +174,6 @@ def main() -> None:
                          rounds=args.rounds, runs_per_round=RUNS,
                          weights="random (seeded); latency does not depend on values",
                          figures="real measurements on this host; none emulated or estimated")
-    info["command"] += " " + " ".join(sys.argv[1:])
     benchlib.write_json("load-effect", info, rows)
     print(f"wrote {benchlib.DOCS}/load-effect.json")
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
 import benchlib
@@ -105,7 +104,6 @@ def main() -> None:
                                 "build, median per call; inmodel: the rank with the lowest in-model time per kernel",
                          figures="all measured on this host; nothing emulated or estimated",
                          database=str(database), builds=str(out))
-    info["command"] += " " + " ".join(sys.argv[1:])
     benchlib.write_json(f"rerank-records-{args.model}", info, rows)
     kept = sum(rank == 0 for rank in picked.values())
     kept_in_model = sum(rank == 0 for rank in picked_in_model.values())

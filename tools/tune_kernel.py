@@ -21,7 +21,6 @@ Writes docs/benchmarks/kernel-tuning.json (every batch of every kernel tuned, an
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -110,7 +109,6 @@ def main() -> None:
                          cost_model=args.cost_model,
                          weights="random (seeded); latency does not depend on values",
                          figures="MetaSchedule's own measurement of each candidate on this host; nothing emulated")
-    info["command"] += " " + " ".join(sys.argv[1:])
     benchlib.write_json("kernel-tuning", info, rows)
     print(f"wrote {benchlib.DOCS}/kernel-tuning.json")
 

@@ -92,6 +92,37 @@ def time_quietly(measure_window: Callable[[], Measurement], quietest_reference_m
         pause(wait_s)
 
 
+def time_alone_quietly(measure_window: Callable[[], Measurement], progress: Callable[[str], None] | None = None,
+                       pause: Callable[[float], None] = time.sleep) -> list[Measurement]:
+    """Windows of one library timed alone (``measure_window`` times one): two, a pause apart, and
+    more while no two of them agree within BUSY_WINDOW in quiet time, QUIET_TRIES in all at most. One
+    window alone cannot tell a busy spell from the library's own time, and a model that scales a
+    whole search (the unpruned one) must not be timed in one; ``quietest_window`` picks from them."""
+    say = progress or (lambda _: None)
+    windows = [measure_window()]
+    while len(windows) < QUIET_TRIES:
+        wait_s = BUSY_PAUSE_S * len(windows)
+        if len(windows) > 1:
+            quiet = sorted(_quiet_ms(w) for w in windows)
+            say(f"its windows differ by {quiet[1] / quiet[0] - 1:.0%} in quiet time: the device was busy through one; "
+                f"timing again in {wait_s:.0f} s")
+        pause(wait_s)
+        windows.append(measure_window())
+        quiet = sorted(_quiet_ms(w) for w in windows)
+        if quiet[1] <= quiet[0] * (1 + BUSY_WINDOW):
+            break
+    return windows
+
+
+def quietest_window(windows: list[Measurement]) -> Measurement:
+    """The window of lowest quiet time: the one the fewest busy spells fell in."""
+    return min(windows, key=_quiet_ms)
+
+
+def _quiet_ms(measurement: Measurement) -> float:
+    return float(np.percentile(measurement.chunk_ms or [measurement.latency_ms["median"]], QUIET_PERCENTILE))
+
+
 class QuietTimer:
     """Times pairs in turns (``time_quietly``), keeping the reference's quietest quiet time across
     them: what a later window is judged busy against."""

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -28,6 +29,13 @@ from ..targets import TargetSpec
 
 PROBE_BATCH = 48  # layers compiled into one library and timed in one session
 ANCHOR_EVERY = 8  # probes timed between two timings of the anchor layer
+# On a shared machine another tenant's busy spells (seconds long) slow a probe by up to 1.7x, and not
+# as much as the anchor, so no scaling undoes them: a probe's time is its fastest timing between two
+# quiet timings of the anchor (within QUIET_ANCHOR of its fastest), once it has QUIET_TIMINGS of them;
+# the rest are timed again in another pass, after a pause, PROBE_PASSES in all at most.
+PROBE_PASSES = 4
+QUIET_TIMINGS = 2
+QUIET_ANCHOR = 0.10  # a spell slows the anchor 1.4-1.7x; its quiet timings range up to 9 % on the build host
 FLOAT_BYTES = 4
 
 
@@ -149,7 +157,7 @@ class LayerTimes:
 class LatencyTable:
     """Measured milliseconds per layer signature, for one device; a JSON file under the cache.
 
-    ``anchor_ms`` is the ``ANCHOR`` layer's time when the table's first batch was timed; every later
+    ``anchor_ms`` is the ``ANCHOR`` layer's (quiet) time when the table's first batch was timed; every later
     batch is scaled by it over the anchor's time beside that batch (None where the measurer has none)."""
 
     def __init__(self, path: Path, identity: dict[str, Any]):
@@ -195,6 +203,8 @@ def table_for(target: TargetSpec, fingerprint: dict[str, Any] | None, tuning_dat
     identity["default_rules"] = RULES_VERSION
     # entries on the scale of the anchor layer's first timing (tables timed without one are stale)
     identity["anchor"] = ANCHOR.key
+    # each entry a probe's time between quiet timings of the anchor (tables of one pass are stale)
+    identity["probe_timing"] = f"quiet passes: {PROBE_PASSES} at most, {QUIET_TIMINGS} timings within {QUIET_ANCHOR}"
     # records the search's own candidates transferred leave the table standing: they follow from the others
     identity["tuning_records_sha256"] = (tuning_database.records_sha256(excluding_by=TRANSFER)
                                          if tuning_database is not None else None)
@@ -325,7 +335,7 @@ def _compile_probes(batch, target: TargetSpec, directory: Path, linker, database
 
 
 def _time_probes(session_factory, lib: Path, batch: list[LayerSignature], target: TargetSpec) -> tuple[list[float], float]:
-    """ms of each probe of ``batch``, and the anchor's median ms over its timings between them."""
+    """ms of each probe of ``batch``, and the anchor's quiet ms (``time_in_quiet_passes``)."""
     from tvm import relax
     from tvm import runtime as tvm_runtime
 
@@ -344,20 +354,49 @@ def _time_probes(session_factory, lib: Path, batch: list[LayerSignature], target
     dev = session.device(backend_of(target).device)
     layout = builds_channels_last(target)
     rng = np.random.default_rng(0)
-    times, anchor_times = [], []
     with answering(session.address, "timing layers for the latency table"):
         session.remote.upload(str(lib), "probes.so")
         vm = relax.VirtualMachine(session.remote.load_module("probes.so"), dev)
+        inputs = [tvm_runtime.tensor(rng.standard_normal(s.probe_input_shape(layout)).astype("float32"), dev)
+                  for s in [*batch, ANCHOR]]
 
-        def time(index: int, signature: LayerSignature) -> float:
-            x = tvm_runtime.tensor(rng.standard_normal(signature.probe_input_shape(layout)).astype("float32"), dev)
+        def timed(index: int) -> float:  # the anchor is the library's last function
             # several runs per repeat where a layer is tiny, so the timer's resolution does not matter
-            result = vm.time_evaluator(f"probe_{index}", dev, number=1, repeat=7, min_repeat_ms=2)(x)
+            result = vm.time_evaluator(f"probe_{index}", dev, number=1, repeat=7, min_repeat_ms=2)(inputs[index])
             return float(np.median(result.results)) * 1e3
 
-        for index, signature in enumerate(batch):
-            if index % ANCHOR_EVERY == 0:
-                anchor_times.append(time(len(batch), ANCHOR))
-            times.append(time(index, signature))
-        anchor_times.append(time(len(batch), ANCHOR))
-    return times, float(np.median(anchor_times))
+        return time_in_quiet_passes(timed, lambda: timed(len(batch)), len(batch))
+
+
+def time_in_quiet_passes(time_probe: Callable[[int], float], time_anchor: Callable[[], float], count: int,
+                         pause: Callable[[float], None] = time.sleep) -> tuple[list[float], float]:
+    """``count`` probes timed in passes with the anchor every ANCHOR_EVERY probes: ms of each (its
+    fastest timing between quiet anchor timings, ``PROBE_PASSES``), and the anchor's median quiet ms
+    (a median: the fastest of more timings would be faster, and scale a busier batch's entries up)."""
+    from ..bench.session import BUSY_PAUSE_S
+
+    timings: list[list[tuple[float, float]]] = [[] for _ in range(count)]  # (ms, the slower anchor around it)
+    anchors: list[float] = []
+    pending = list(range(count))
+
+    def quiet(index: int) -> list[float]:
+        return [ms for ms, anchor in timings[index] if anchor <= min(anchors) * (1 + QUIET_ANCHOR)]
+
+    for passes in range(PROBE_PASSES):
+        if passes:
+            pause(BUSY_PAUSE_S * passes)
+        time_anchor()  # not kept: the first timing in a session, or after a pause, runs cold (up to 2x)
+        before = time_anchor()
+        anchors.append(before)
+        for start in range(0, len(pending), ANCHOR_EVERY):
+            segment = [(index, time_probe(index)) for index in pending[start : start + ANCHOR_EVERY]]
+            after = time_anchor()
+            anchors.append(after)
+            for index, ms in segment:
+                timings[index].append((ms, max(before, after)))
+            before = after
+        pending = [index for index in pending if len(quiet(index)) < QUIET_TIMINGS]
+        if not pending:
+            break
+    quiet_anchor = float(np.median([ms for ms in anchors if ms <= min(anchors) * (1 + QUIET_ANCHOR)]))
+    return [min(quiet(index) or [ms for ms, _ in timings[index]]) for index in range(count)], quiet_anchor

@@ -27,7 +27,7 @@ HEAVY_KERNELS = ("conv", "matmul", "dense")
 class ModelTiming:
     """A candidate compiled as it would ship and measured whole."""
 
-    ms: float  # the median latency; timed beside a reference, its quiet time (``bench.quiet_times``)
+    ms: float  # the median of its quietest window alone; timed beside a reference, its quiet time (``bench.quiet_times``)
     memory_bytes: int  # weights (ONNX initializers) + TVM's planned workspace
     where: str  # where the figure comes from (real hardware, EMULATED, ...)
     schedules: dict[str, int] = field(default_factory=dict)  # schedule source -> kernels compiled with it
@@ -149,11 +149,11 @@ class DeviceMeasurer:
             np.save(directory / SAMPLE_INPUT, example.numpy())
             say("measure" + (" in turns with the unpruned model" if self.reference else ""))
             windows = self._measure(directory, label, say)
-        timed = [w.measurement for w in windows]
-        ms, reference_ms = timed[0].latency_ms["median"], None
-        if timed[0].reference_chunk_ms:
-            from ..bench import quiet_times
+        from ..bench import quiet_times, quietest_window
 
+        timed = [w.measurement for w in windows]
+        ms, reference_ms = quietest_window(timed).latency_ms["median"], None
+        if timed[0].reference_chunk_ms:
             ms, reference_ms = quiet_times(timed)
         return ModelTiming(
             ms=ms, memory_bytes=exported.params_bytes + compiled.workspace_bytes,
@@ -163,10 +163,11 @@ class DeviceMeasurer:
         )
 
     def _measure(self, directory: Path, label: str, say) -> list:
-        """The library in ``directory`` timed (in turns with the reference, where there is one, and
-        again where the device was busy through the window: ``bench.time_quietly``); each window's
-        ``bench.Measured``."""
-        from ..bench import QuietTimer, measure_bundle
+        """The library in ``directory`` timed in turns with the reference, where there is one, and
+        again where the device was busy through the window (``bench.time_quietly``); alone (the
+        unpruned model, which scales the search), in windows until two agree (``bench.time_alone_quietly``).
+        Each window's ``bench.Measured``."""
+        from ..bench import QuietTimer, measure_bundle, time_alone_quietly
 
         windows = []
 
@@ -181,6 +182,9 @@ class DeviceMeasurer:
             windows.append(measured)
             return measured.measurement
 
+        if self.reference is None:
+            time_alone_quietly(window, say)
+            return windows
         self.quiet_timer = self.quiet_timer or QuietTimer()
         self.quiet_timer.time(window, say)
         return windows

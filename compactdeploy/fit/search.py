@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -46,11 +47,16 @@ JUDGED_AGAIN = 3  # at most this many of the best models measured within
 # this share under the budget is timed again first, and kept only if the mean of the two is within
 REPEATABILITY = 0.03
 CONFIRMED_AT_MOST = 3  # models timed again before the search settles
+# the prediction's fit weighs a measured model exp(-distance / this) against the nearest one, by how
+# differently the two are cut (mean |log width ratio|: 0.1 is every group about 10 % apart); replayed on
+# the benchmark's stored searches, 0.1 predicted better than 0.05 or 0.2-0.4 (tools/replay_predictor.py)
+NEIGHBOUR_SCALE = 0.1
 # what a stored search holds and how it walked (8: table times on the anchor layer's scale, the smallest
 # model measured first, picks from the MACs-paced and uniform trajectories too, judged by trial
 # fine-tunes, models worth more near the budget measured last, within the predictor's median error;
-# 9: beside the unpruned model, judged by the two's quiet times); another format is not resumed
-STATE_FORMAT = 9
+# 9: beside the unpruned model, judged by the two's quiet times; 10: the table timed in quiet passes,
+# the unpruned model alone in windows until two agree); another format is not resumed
+STATE_FORMAT = 10
 
 
 @dataclass(frozen=True)
@@ -254,8 +260,8 @@ def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResul
         known = state.walked_at(point.widths)
         if known is not None:  # exact where measured: a model measured over the budget is not picked again
             return known.measured_ms
-        measured = [(c.table_ms, streamed(c.widths), c.measured_ms) for c in state.walked]
-        return _corrected(point.cost, streamed(point.widths), measured)
+        measured = [(c.table_ms, streamed(c.widths), c.measured_ms, c.widths) for c in state.walked]
+        return _corrected(point.cost, streamed(point.widths), point.widths, measured)
 
     def fits(point: Point, target_ms: float | None) -> bool:
         # intermediates grow with the widest group (a bound for grown models, not a measurement)
@@ -686,23 +692,34 @@ def _streamed_bytes(weight_bytes: float, cache_bytes: int | None) -> float:
     return float(weight_bytes) if cache_bytes and weight_bytes > cache_bytes else 0.0
 
 
-def _corrected(table_ms: float, streamed_bytes: float, measured: list[tuple[float, float, float]]) -> float:
+def _corrected(table_ms: float, streamed_bytes: float, widths: dict[str, int],
+               measured: list[tuple[float, float, float, dict[str, int]]]) -> float:
     """A model's latency from its table time and the weights it streams (``_streamed_bytes``),
-    fitted to the models measured so far, ``(table ms, streamed bytes, measured ms)`` each.
+    fitted to the models measured so far, ``(table ms, streamed bytes, measured ms, widths)`` each.
 
     Layers timed alone run with their weights in cache; a whole model whose weights exceed the L2
     cache reads them from further out in every layer, a cost the table does not see and that
     grows with the weights, not the time. The fit is ``a * table + b * streamed`` (least squares,
-    both non-negative; ``b`` is 0 until a model measured streams). What it misses at one model is
-    not carried to its neighbours: how a model runs beside its table time does not vary smoothly with
-    it (models next to each other in table time differ as much as distant ones; docs/fit.md), so an
-    interpolated residual passes one model's deviation on, where the fit averages it out. The search
-    takes a measured model's own measurement, not this."""
+    both positive; ``b`` is 0 until a model measured streams), each measured model weighted by how
+    close its widths are to ``widths`` (``_width_distance``, ``NEIGHBOUR_SCALE``): what the table
+    misses depends on which layers were cut, so models cut alike err alike, where models merely close
+    in table time do not (docs/fit.md). The search takes a measured model's own measurement, not this."""
     table = np.array([m[0] for m in measured], dtype=float)
     stream = np.array([m[1] for m in measured], dtype=float)
     ms = np.array([m[2] for m in measured], dtype=float)
-    if stream.any() and np.linalg.matrix_rank(np.stack([table, stream], axis=1)) == 2:
-        (a, b), *_ = np.linalg.lstsq(np.stack([table, stream], axis=1), ms, rcond=None)
-        if a > 0 and b > 0:
+    distance = np.array([_width_distance(widths, m[3]) for m in measured])
+    weight = np.sqrt(np.exp(-(distance - distance.min()) / NEIGHBOUR_SCALE)) if measured else distance
+    if stream.any():
+        columns = np.stack([table, stream], axis=1)
+        units = np.abs(columns).max(axis=0)  # ms and bytes: unscaled, the weighted system reads as rank 1
+        coefficients, _, rank, _ = np.linalg.lstsq(columns / units * weight[:, None], ms * weight, rcond=None)
+        a, b = coefficients / units
+        if rank == 2 and a > 0 and b > 0:
             return float(a * table_ms + b * streamed_bytes)
+    table, ms = table * weight, ms * weight
     return float(ms @ table / (table @ table)) * table_ms if table.any() else table_ms
+
+
+def _width_distance(a: dict[str, int], b: dict[str, int]) -> float:
+    """How differently two models are cut: the mean over groups of |log(width a / width b)|."""
+    return float(np.mean([abs(math.log(a[g] / b[g])) for g in a])) if a else 0.0
