@@ -940,6 +940,11 @@ def test_a_layer_timed_in_a_busy_spell_is_timed_again_and_kept_at_its_quiet_time
     times, _ = time_in_quiet_passes(time_probe, time_anchor, len(quiet_ms), pause=pauses.append)
     assert all(calls.count(i) == PROBE_PASSES for i in range(len(quiet_ms))) and len(pauses) == PROBE_PASSES - 1
     assert times == pytest.approx(quiet_ms)
+    # an emulated device (one pass): each probe timed once, no pause, its one timing kept
+    calls.clear(), pauses.clear()
+    times, _ = time_in_quiet_passes(*device(lambda call: call in spell), len(quiet_ms), pause=pauses.append, passes=1)
+    assert all(calls.count(i) == 1 for i in range(len(quiet_ms))) and pauses == []
+    assert times[ANCHOR_EVERY] == pytest.approx(1.4 * quiet_ms[ANCHOR_EVERY]) and times[0] == pytest.approx(quiet_ms[0])
 
 
 def test_a_table_part_whose_board_drops_out_is_timed_on_another_and_what_finished_is_kept(tmp_path, monkeypatch):

@@ -204,7 +204,8 @@ def table_for(target: TargetSpec, fingerprint: dict[str, Any] | None, tuning_dat
     # entries on the scale of the anchor layer's first timing (tables timed without one are stale)
     identity["anchor"] = ANCHOR.key
     # each entry a probe's time between quiet timings of the anchor (tables of one pass are stale)
-    identity["probe_timing"] = f"quiet passes: {PROBE_PASSES} at most, {QUIET_TIMINGS} timings within {QUIET_ANCHOR}"
+    identity["probe_timing"] = ("one pass (emulated)" if (fingerprint or {}).get("emulated") else
+                                f"quiet passes: {PROBE_PASSES} at most, {QUIET_TIMINGS} timings within {QUIET_ANCHOR}")
     # records the search's own candidates transferred leave the table standing: they follow from the others
     identity["tuning_records_sha256"] = (tuning_database.records_sha256(excluding_by=TRANSFER)
                                          if tuning_database is not None else None)
@@ -365,13 +366,16 @@ def _time_probes(session_factory, lib: Path, batch: list[LayerSignature], target
             result = vm.time_evaluator(f"probe_{index}", dev, number=1, repeat=7, min_repeat_ms=2)(inputs[index])
             return float(np.median(result.results)) * 1e3
 
-        return time_in_quiet_passes(timed, lambda: timed(len(batch)), len(batch))
+        # an emulated device's times are never latency: passes and pauses would clean nothing worth having
+        passes = 1 if fingerprint is not None and fingerprint.get("emulated") else PROBE_PASSES
+        return time_in_quiet_passes(timed, lambda: timed(len(batch)), len(batch), passes=passes)
 
 
 def time_in_quiet_passes(time_probe: Callable[[int], float], time_anchor: Callable[[], float], count: int,
-                         pause: Callable[[float], None] = time.sleep) -> tuple[list[float], float]:
+                         pause: Callable[[float], None] = time.sleep, passes: int = PROBE_PASSES,
+                         ) -> tuple[list[float], float]:
     """``count`` probes timed in passes with the anchor every ANCHOR_EVERY probes: ms of each (its
-    fastest timing between quiet anchor timings, ``PROBE_PASSES``), and the anchor's median quiet ms
+    fastest timing between quiet anchor timings, ``passes`` at most), and the anchor's median quiet ms
     (a median: the fastest of more timings would be faster, and scale a busier batch's entries up)."""
     from ..bench.session import BUSY_PAUSE_S
 
@@ -382,9 +386,9 @@ def time_in_quiet_passes(time_probe: Callable[[int], float], time_anchor: Callab
     def quiet(index: int) -> list[float]:
         return [ms for ms, anchor in timings[index] if anchor <= min(anchors) * (1 + QUIET_ANCHOR)]
 
-    for passes in range(PROBE_PASSES):
-        if passes:
-            pause(BUSY_PAUSE_S * passes)
+    for done in range(passes):
+        if done:
+            pause(BUSY_PAUSE_S * done)
         time_anchor()  # not kept: the first timing in a session, or after a pause, runs cold (up to 2x)
         before = time_anchor()
         anchors.append(before)
