@@ -100,18 +100,16 @@ def time_alone_quietly(measure_window: Callable[[], Measurement], progress: Call
     whole search (the unpruned one) must not be timed in one; ``quietest_window`` picks from them."""
     say = progress or (lambda _: None)
     windows = [measure_window()]
-    while len(windows) < QUIET_TRIES:
-        wait_s = BUSY_PAUSE_S * len(windows)
-        if len(windows) > 1:
-            quiet = sorted(_quiet_ms(w) for w in windows)
-            say(f"its windows differ by {quiet[1] / quiet[0] - 1:.0%} in quiet time: the device was busy through one; "
-                f"timing again in {wait_s:.0f} s")
-        pause(wait_s)
+    pause(BUSY_PAUSE_S)
+    while True:
         windows.append(measure_window())
         quiet = sorted(_quiet_ms(w) for w in windows)
-        if quiet[1] <= quiet[0] * (1 + BUSY_WINDOW):
-            break
-    return windows
+        if quiet[1] <= quiet[0] * (1 + BUSY_WINDOW) or len(windows) >= QUIET_TRIES:
+            return windows
+        wait_s = BUSY_PAUSE_S * len(windows)
+        say(f"its windows differ by {quiet[1] / quiet[0] - 1:.0%} in quiet time: the device was busy through one; "
+            f"timing again in {wait_s:.0f} s")
+        pause(wait_s)
 
 
 def quietest_window(windows: list[Measurement]) -> Measurement:
