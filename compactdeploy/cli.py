@@ -70,7 +70,7 @@ def _config(options: dict):
                    "unpruned model).")
 @click.option("--memory-budget", metavar="SIZE", help="... and whose weights + workspace fit SIZE (40MB, 512KiB, 50%).")
 @click.option("--resume", is_flag=True, help="Reuse the models an interrupted search already built and measured.")
-@click.option("--fit-rounds", default=8, show_default=True,
+@click.option("--fit-rounds", default=12, show_default=True,
               help="Models the search may build and measure, at most, besides the unpruned and smallest ones it measures first.")
 @click.option("--fit-points", default=8, show_default=True, help="Candidate widths per group (multiples of the target's).")
 @click.option("--fit-trial-epochs", default=2, show_default=True,

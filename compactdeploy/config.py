@@ -57,7 +57,7 @@ class FitConfig:
     latency_budget: str | None = None  # "8ms", "60%": search the widths that meet it on the device
     memory_budget: str | None = None  # "40MB": weights + planned workspace
     resume: bool = False  # the search reuses the models it built and measured before
-    fit_rounds: int = 8  # models the search builds and measures besides the unpruned and smallest ones, at most
+    fit_rounds: int = 12  # models the search builds and measures besides the unpruned and smallest ones, at most
     fit_points: int = 8  # candidate widths per group
     # with data: models are judged by held-out accuracy after this many epochs of fine-tuning (at
     # most --finetune-epochs; fit.judge); 0 judges by channel importance

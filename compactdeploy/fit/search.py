@@ -38,6 +38,7 @@ from .state import Candidate, SearchState, widths_key
 MARGIN = 0.03  # aim this far under the budget: whole-model medians move a little between builds
 CLOSE_ENOUGH = 0.10  # a feasible model within this share of the budget ends the search
 NEAR_PER_TRAJECTORY = 3  # models of each trajectory weighed near the budget once it is met
+GUESSED_STEPS = 2  # steps of the MACs-paced trajectory measured where the predictor says, before midpoints
 # one seed's trial, scored on a few hundred held-out samples, orders models this close at random: the
 # best few within it are judged again with more seeds, and kept by the mean
 TRIAL_NOISE = 0.03
@@ -505,43 +506,40 @@ def _measure_worth_more(context: _Search, trajectory, proposals, worth, fits, pr
 def _bisect_by_measurement(context: _Search, points: list[Point], predict, verify, latency_ms: float,
                            memory_bytes: float | None, rounds: int) -> int:
     """FLOPs-targeted pruning's own search, inside the loop: bisect the MACs-paced trajectory
-    (widest first) by measurement for its widest model within the budget, between the models
-    measured over and within it; a prediction bounds the bracket only where it is further from the
-    budget than the predictor may err (``_bisection_slack``). The predictor errs by several percent
-    near the budget, and not evenly across a trajectory, so the loop measures at least the model the
-    baseline would ship, and keeps whatever is worth more. Returns the rounds spent so far."""
+    (widest first) by measurement for its widest model within the budget, between the models this
+    run measured over and within it. Only measurements bound the bracket: on a trajectory's narrow
+    steps the predictor can err far beyond its usual few percent (inner convs cut to a few channels
+    run faster in the model than their table time), and a bracket a prediction bounds never
+    measures the model that baseline ships. The predictor only says where to look first: the step
+    at its predicted crossing of the budget, then the step across it (GUESSED_STEPS); once a guess
+    proves wrong, or after those, midpoints. Returns the rounds spent so far."""
     state = context.state
-    slack = _bisection_slack(state)
+    guesses = GUESSED_STEPS
 
     def within(index: int) -> bool | None:  # as this run measured it (a resumed run replays its bisection)
         known = state.walked_at(points[index].widths)
         return None if known is None else known.meets(latency_ms, memory_bytes)
 
     while rounds < context.config.fit.fit_rounds:
-        measured_within = [i for i in range(len(points)) if within(i)]
-        high = min(measured_within, default=len(points))
-        low = max((i for i in range(high) if within(i) is False or predict(points[i]) > latency_ms * (1 + slack)),
-                  default=-1)
-        # the widest predicted well within bounds it too, where that is wider than the widest measured
-        # within (often only the smallest model): the bisection then starts near the budget
-        high = next((i for i in range(low + 1, high) if predict(points[i]) <= latency_ms * (1 - slack)), high)
+        high = min((i for i in range(len(points)) if within(i)), default=len(points))
+        low = max((i for i in range(high) if within(i) is False), default=-1)
         if high - low <= 1:
-            if high == len(points) or within(high) is not None:
-                break
-            middle = high  # the bracket closed on a model only predicted within: measure it
+            break
+        if guesses:
+            # the widest step predicted within; none: the crossing is predicted at `high`, so the step above it
+            middle = next((i for i in range(low + 1, high) if predict(points[i]) <= latency_ms), high - 1)
+            how = "at the predicted crossing of the budget"
         else:
             middle = (low + high) // 2
+            how = "bisecting"
         rounds += 1
-        context.say(f"allocating: bisecting the MACs-paced trajectory by measurement, step {middle + 1} of {len(points)}")
-        verify(points[middle], predict(points[middle]))
+        predicted_ms = predict(points[middle])
+        context.say(f"allocating: the MACs-paced trajectory by measurement, {how}: step {middle + 1} of {len(points)}")
+        measured = verify(points[middle], predicted_ms)
+        if guesses:  # a guess proved wrong: the predictor errs here, so bisect from now on
+            held = measured.meets(latency_ms, memory_bytes) == (predicted_ms <= latency_ms)
+            guesses = guesses - 1 if held else 0
     return rounds
-
-
-def _bisection_slack(state) -> float:
-    """How far from the budget a prediction must be for the bisection to trust it: the predictor's
-    worst error on the models this search measured after predicting them, at least CLOSE_ENOUGH (the
-    error it is held to) and at most twice that (the bracket then spans a few measurements)."""
-    return min(2 * CLOSE_ENOUGH, max([CLOSE_ENOUGH, *_prediction_errors(state)]))
 
 
 def _predictor_slack(state) -> float:
