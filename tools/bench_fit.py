@@ -47,7 +47,7 @@ class Progress:
 
     def progress(self, stage, message):
         # the search's decisions (what it picks, judges and measures), not each step's chatter
-        if stage == "fit" and message.startswith(("allocating: the", "allocating: a", "allocating: bisecting", "judging")) \
+        if stage == "fit" and message.startswith(("allocating: the", "allocating: a", "judging")) \
                 or stage == "fit" and ": measured " in message:
             log(f"    {message}")
 
