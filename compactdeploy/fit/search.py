@@ -45,7 +45,7 @@ TRIAL_NOISE = 0.03
 TRIAL_REPEATS = 3
 JUDGED_AGAIN = 3  # at most this many of the best models measured within
 # one session's ratio to the unpruned model moves by a few percent from another's: a model kept within
-# this share under the budget is timed again first, and kept only if the mean of the two is within
+# this share under the budget is timed again first, and kept only if both timings are within
 REPEATABILITY = 0.03
 CONFIRMED_AT_MOST = 3  # models timed again before the search settles
 # the prediction's fit weighs a measured model exp(-distance / this) against the nearest one, by how
@@ -327,9 +327,8 @@ def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResul
                                         rounds)
         rounds = _measure_worth_more(context, trajectory, proposals, worth, fits, predict, verify, latency_ms,
                                      memory_bytes, rounds)
-    # a model timed again near the budget counts by the mean of its two timings
-    feasible = [c for c in state.candidates if c.meets(latency_ms, memory_bytes)
-                and (c.confirmed_ms is None or c.confirmed_ms <= latency_ms)]
+    # a model timed again near the budget counts only if both its timings are within
+    feasible = [c for c in state.candidates if c.meets(latency_ms, memory_bytes) and c.confirmed_within(latency_ms)]
     if not feasible:
         closest = min(state.candidates, key=lambda c: c.measured_ms if latency_ms else c.memory_bytes)
         where = "measured" if "EMULATED" not in closest.where else "measured (EMULATED)"
@@ -353,7 +352,7 @@ def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResul
     chosen = _choose(context, feasible, worth)
     if latency_ms is not None:
         def step_below(over: Candidate) -> Candidate | None:
-            # the widest model of the trajectories narrower than one over the budget in the mean,
+            # the widest model of the trajectories narrower than one over the budget in a timing,
             # not measured yet, predicted at least REPEATABILITY under it
             points = trajectory.points + [q for points in (proposals or {}).values() for q in points]
             below = [p for p in points if p.cost < over.table_ms and not state.met(p.widths)
@@ -401,9 +400,10 @@ def _confirm(context: _Search, chosen: Candidate, feasible: list[Candidate], wor
              unpruned_ms: float | None, step_below: Callable[[Candidate], Candidate | None] | None = None,
              ) -> Candidate:
     """The model kept, timed again where it measured within REPEATABILITY under the budget: kept if
-    the mean of its two timings is within, else the next best is (up to CONFIRMED_AT_MOST models).
-    A model one session timed just under the budget is over it in another about as often.
-    ``step_below(model)``: a model a step narrower than one over in the mean, measured (None: none
+    its second timing is within too, else the next best is (up to CONFIRMED_AT_MOST models).
+    A model one session timed just under the budget is over it in another about as often, and one
+    whose two timings straddle it lands over it in the final build's sessions about as often as not.
+    ``step_below(model)``: a model a step narrower than one over in a timing, measured (None: none
     left): the bisection leaves every model it measured near the budget, so without it the next best
     within may be the smallest model."""
     state, say = context.state, context.say
@@ -419,8 +419,9 @@ def _confirm(context: _Search, chosen: Candidate, feasible: list[Candidate], wor
                                    unpruned_ms)
         chosen.confirmed_ms = (chosen.measured_ms + again.measured_ms) / 2
         state.save()
-        say(f"{label}: measured {again.measured_ms:.3f} ms again, {chosen.confirmed_ms:.3f} ms in the mean")
-        if chosen.confirmed_ms <= latency_ms:
+        say(f"{label}: measured {again.measured_ms:.3f} ms again, {chosen.confirmed_ms:.3f} ms in the mean"
+            + ("" if again.measured_ms <= latency_ms else ": over the budget this time, so not kept"))
+        if chosen.confirmed_within(latency_ms):
             return chosen
         left.remove(chosen)
         below = step_below(chosen) if step_below is not None else None

@@ -40,12 +40,19 @@ class Candidate:
     alone_ms: float | None = None
     reference_ms: float | None = None
     timings: int = 1  # windows it was timed in: more where the device was busy through the first
-    # kept near the budget: timed again in a session of its own, the mean of the two (what the final
-    # choice judges it by; measured_ms stays the first, which later predictions were fitted to)
+    # kept near the budget: timed again in a session of its own, the mean of the two (kept only where
+    # the second is within too; measured_ms stays the first, which later predictions were fitted to)
     confirmed_ms: float | None = None
 
     def meets(self, latency_ms: float | None, memory_bytes: float | None) -> bool:
         return (latency_ms is None or self.measured_ms <= latency_ms) and (memory_bytes is None or self.memory_bytes <= memory_bytes)
+
+    def confirmed_within(self, latency_ms: float | None) -> bool:
+        """Timed again near the budget: its second timing (``confirmed_ms`` is the two's mean) within
+        it too; True for a model not timed again."""
+        if latency_ms is None or self.confirmed_ms is None:
+            return True
+        return 2 * self.confirmed_ms - self.measured_ms <= latency_ms
 
 
 @dataclass
