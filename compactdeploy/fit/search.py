@@ -419,9 +419,10 @@ def _confirm(context: _Search, chosen: Candidate, feasible: list[Candidate], wor
                                    unpruned_ms)
         chosen.confirmed_ms = (chosen.measured_ms + again.measured_ms) / 2
         state.save()
+        kept = chosen.confirmed_within(latency_ms)
         say(f"{label}: measured {again.measured_ms:.3f} ms again, {chosen.confirmed_ms:.3f} ms in the mean"
-            + ("" if again.measured_ms <= latency_ms else ": over the budget this time, so not kept"))
-        if chosen.confirmed_within(latency_ms):
+            + ("" if kept else ": over the budget this time, so not kept"))
+        if kept:
             return chosen
         left.remove(chosen)
         below = step_below(chosen) if step_below is not None else None
