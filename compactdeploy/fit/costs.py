@@ -29,13 +29,13 @@ from ..targets import TargetSpec
 
 PROBE_BATCH = 48  # layers compiled into one library and timed in one session
 ANCHOR_EVERY = 8  # probes timed between two timings of the anchor layer
-# On a shared machine another tenant's busy spells (seconds long) slow a probe by up to 1.7x, and not
-# as much as the anchor, so no scaling undoes them: a probe's time is its fastest timing between two
+# On a shared machine another tenant's busy spells (seconds long) slow a probe and the anchor by
+# different factors, so no scaling undoes them: a probe's time is its fastest timing between two
 # quiet timings of the anchor (within QUIET_ANCHOR of its fastest), once it has QUIET_TIMINGS of them;
-# the rest are timed again in another pass, after a pause, PROBE_PASSES in all at most.
+# the rest are timed again in another pass, after a pause, PROBE_PASSES in all at most (docs/fit.md).
 PROBE_PASSES = 4
 QUIET_TIMINGS = 2
-QUIET_ANCHOR = 0.10  # a spell slows the anchor 1.4-1.7x; its quiet timings range up to 9 % on the build host
+QUIET_ANCHOR = 0.10  # wider than the anchor's quiet timings vary, narrower than a busy spell slows it
 FLOAT_BYTES = 4
 
 

@@ -49,8 +49,8 @@ JUDGED_AGAIN = 3  # at most this many of the best models measured within
 REPEATABILITY = 0.03
 CONFIRMED_AT_MOST = 3  # models timed again before the search settles
 # the prediction's fit weighs a measured model exp(-distance / this) against the nearest one, by how
-# differently the two are cut (mean |log width ratio|: 0.1 is every group about 10 % apart); replayed on
-# the benchmark's stored searches, 0.1 predicted better than 0.05 or 0.2-0.4 (tools/replay_predictor.py)
+# differently the two are cut (mean |log width ratio|: 0.1 is every group about 10 % apart); chosen by
+# replaying the benchmark's stored searches (tools/replay_predictor.py, docs/benchmarks/predictor-replay.md)
 NEIGHBOUR_SCALE = 0.1
 # what a stored search holds and how it walked (8: table times on the anchor layer's scale, the smallest
 # model measured first, picks from the MACs-paced and uniform trajectories too, judged by trial
