@@ -8,6 +8,7 @@ budget, the width search (``fit``) runs first and the build prunes to its choice
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -51,13 +52,52 @@ def build(config: BuildConfig, observer: Observer | None = None, deployment: Dep
         deployment = resolve(target, measure.device, measure.threads, measure.device_wait, clock.progress,
                              tuning=bool(config.tune.tune_trials), searching=config.fit.searching)
 
-    fitted, loaded = None, None
-    if config.fit.searching:
-        config, prune_spec, fitted, loaded = _fit(config, target, deployment, linker, clock)
-        plan = fitted.plan
-    with bundle.staged(config.out) as staging:
-        report, manifest = _run_stages(config, target, deployment, prune_spec, linker, staging, clock, fitted, plan,
-                                       loaded)
+    if not config.fit.searching:
+        with bundle.staged(config.out) as staging:
+            report, manifest = _run_stages(config, target, deployment, prune_spec, linker, staging, clock, None, plan)
+        return BuildResult(config.out, report, manifest)
+    return _budgeted_build(config, target, deployment, linker, clock)
+
+
+def _budgeted_build(searched: BuildConfig, target: TargetSpec, deployment: Deployment, linker,
+                    clock: StageClock) -> BuildResult:
+    """The search, then its choice built and timed beside the unpruned model. A final build over the
+    budget is not shipped while the search can offer another: the search, resumed, keeps the next
+    model down (``fit.record_final_over``), up to FINAL_BUILDS builds; the last ships whatever it measures."""
+    from . import bundle
+    from .fit import NoModelWithin, record_final_over
+    from .fit.report import FINAL_BUILDS
+
+    config, prune_spec, fitted, loaded = _fit(searched, target, deployment, linker, clock)
+    unpruned = copy.deepcopy(loaded.model.module)  # the build prunes the loaded model in place
+    staging = None
+    try:
+        for attempt in range(1, FINAL_BUILDS + 1):
+            staging = bundle.staging_dir(config.out)
+            report, manifest = _run_stages(config, target, deployment, prune_spec, linker, staging, clock, fitted,
+                                           fitted.plan, loaded)
+            final = report["fit"]["final"]
+            if final["meets_latency_budget"] is not False:
+                break
+            record_final_over(fitted, final["judged_ms"])  # a resumed search knows it too
+            if attempt == FINAL_BUILDS:
+                break
+            clock.progress(f"the final build measured {final['judged_ms']:.3f} ms, over the budget "
+                           f"({report['fit']['budget']['latency_ms']:.3f} ms): searching on for the next model down "
+                           f"(build {attempt + 1} of at most {FINAL_BUILDS})")
+            loaded = replace(loaded, model=replace(loaded.model, module=copy.deepcopy(unpruned)))
+            try:
+                config, prune_spec, fitted, loaded = _fit(replace(searched, fit=replace(searched.fit, resume=True)),
+                                                          target, deployment, linker, clock, loaded)
+            except NoModelWithin as exc:  # nothing else within: this build ships, its report says over
+                clock.progress(f"no other model to build ({exc}): keeping this one")
+                break
+            bundle.discard(staging)
+        bundle.commit(staging, config.out)
+    except BaseException:
+        if staging is not None:
+            bundle.discard(staging)
+        raise
     return BuildResult(config.out, report, manifest)
 
 
@@ -87,9 +127,10 @@ def with_plan(config: BuildConfig):
     return config, plan
 
 
-def _fit(config: BuildConfig, target: TargetSpec, deployment: Deployment, linker, clock: StageClock):
+def _fit(config: BuildConfig, target: TargetSpec, deployment: Deployment, linker, clock: StageClock, loaded=None):
     """The width search; returns the config that builds its choice, the prune spec, the result,
-    and the loaded model (the build prunes it again: loaded once)."""
+    and the loaded model (the build prunes it again: loaded once). ``loaded``: the unpruned model,
+    where a search resumed after a final build over the budget has it."""
     from .fit import search
     from .fit.measure import DeviceMeasurer
     from .prepare import load
@@ -97,7 +138,7 @@ def _fit(config: BuildConfig, target: TargetSpec, deployment: Deployment, linker
 
     with clock.stage("fit"):
         clock.progress("reading the model's groups and the importance of their channels")
-        loaded = load(config.model, config.prune.calibration_samples)
+        loaded = loaded or load(config.model, config.prune.calibration_samples)
         with DeviceMeasurer.open(target, deployment, linker, config.measure, config.tune.transfer,
                                  config.tune.default_schedules, clock.progress) as measurer:
             fitted = search(config, target, loaded, measurer, clock.progress)

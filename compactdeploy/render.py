@@ -121,6 +121,9 @@ def build_summary(result) -> None:
             out.print(f"             kept the model of {sum(repeats) / len(repeats):.1%} held-out accuracy after {trials}, "
                       f"of {sum(1 for c in fit['verified'] if c['trial_accuracy'] is not None)} measured and judged")
         final = fit["final"]
+        for over in fit.get("final_builds_over") or []:
+            out.print(f"             not kept: {', '.join(f'{g}={w}' for g, w in over['widths'].items())}, measured {over['searched_ms']:.3f} ms in the "
+                      f"search, whose final build measured {over['final_ms']:.3f} ms, over the budget")
         if final.get("relative_ms") is not None:
             out.print(
                 f"             beside the unpruned model this build runs at {final['relative_ms']:.3f} ms of the "
@@ -133,6 +136,8 @@ def build_summary(result) -> None:
                 f"  [yellow]note[/]       this build measured {final['judged_ms']:.3f} ms, over the budget "
                 f"({fit['budget']['latency_ms']:.3f} ms) the search measured it within ({fit['chosen']['measured_ms']:.3f} ms): "
                 "the device's timing moved (other load?); rebuild on an idle device, or give a lower budget"
+                + (f" (the {len(fit['final_builds_over'])} models chosen before it measured over too)"
+                   if fit.get("final_builds_over") else "")
             )
     measurement(out, report)
     for note in report["compile"]["notes"]:

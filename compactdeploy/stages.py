@@ -48,8 +48,9 @@ class StageClock:
         self.summary = ""
         self._start = time.perf_counter()
         yield self
-        self.timings[name] = self.elapsed()
-        self.observer.finished(name, self.timings[name], self.summary)
+        took = self.elapsed()
+        self.timings[name] = round(self.timings.get(name, 0.0) + took, 3)  # a stage run again (a rebuild) adds up
+        self.observer.finished(name, took, self.summary)
 
     def progress(self, message: str) -> None:
         self.observer.progress(self.current, message)

@@ -229,18 +229,42 @@ WIDE_LENET5 = ("--model", "lenet5", *(f"--model-arg={k}={v}" for k, v in WIDE_LE
 
 
 @pytest.mark.serial
-def test_search_meets_a_latency_budget_on_this_host(tmp_path):
-    """The loop against this machine as the device: real measurements, a small model, 60 % of its latency."""
+def test_search_meets_a_latency_budget_on_this_host(tmp_path, monkeypatch):
+    """The loop against this machine as the device: real measurements, a small model, 60 % of its latency.
+    The first final build is reported over the budget, as on a device whose timing moved after the
+    search: the build does not ship it but the next model down, and the report says so."""
+    from compactdeploy.fit import report as fit_report
     from compactdeploy.fit.state import widths_key
 
+    sections, real_fit_section = [], fit_report.fit_section
+
+    def first_build_over(fitted, report, staging, sessions=()):
+        section = real_fit_section(fitted, report, staging, sessions)
+        if not sections:
+            over = 1.05 * section["budget"]["latency_ms"]
+            section["final"] = {**section["final"], "judged_ms": over, "meets_latency_budget": False}
+        sections.append(section)
+        return section
+
+    monkeypatch.setattr(fit_report, "fit_section", first_build_over)
     out = tmp_path / "fit"
     assert run_cli(
         "build", *WIDE_LENET5, "--data", "digits", "--target", "host",
         "--latency-budget", "60%", "--finetune-epochs", "1", "--repeat", "50", "--out", out,
     ) == 0
+    monkeypatch.setattr(fit_report, "fit_section", real_fit_section)
     report = read_json(out / "report.json")
     fit = report["fit"]
     budget = fit["budget"]["latency_ms"]
+    # built twice: the first choice is not kept, and the search measured nothing at or above the budget
+    # lowered by its final build's ratio to the search's timing
+    first = sections[0]["chosen"]
+    assert len(sections) == 2 and fit["chosen"]["key"] != first["key"]
+    narrowed = {g: w["after"] for g, w in sections[0]["widths"].items() if w["after"] != w["before"]}
+    assert fit["final_builds_over"] == [{"key": first["key"], "widths": narrowed, "searched_ms": first["measured_ms"],
+                                         "final_ms": pytest.approx(1.05 * budget)}]
+    assert fit["ceiling_ms"] == pytest.approx(first["measured_ms"] / 1.05)
+    assert fit["chosen"]["measured_ms"] <= fit["ceiling_ms"] < budget
     unpruned = fit["verified"][0]
     assert budget == pytest.approx(0.6 * unpruned["measured_ms"])
     assert fit["chosen"]["measured_ms"] <= budget
@@ -682,6 +706,41 @@ def test_the_search_measures_a_step_below_a_model_over_the_budget_in_the_mean(tm
     shapes = measurer.shapes
     first_again = next(i for i, s in enumerate(shapes) if s in shapes[:i])
     assert any(s not in shapes[:i] for i, s in enumerate(shapes) if i > first_again)
+
+
+def test_a_model_whose_final_build_measured_over_gives_way_to_the_next_model_down(tmp_path, lenet5_checkpoint,
+                                                                                   monkeypatch):
+    """The final build of the model kept measured 4 % over the budget: the search, resumed, keeps none
+    measured above the budget lowered by that build's ratio to the search's timing, measures the model
+    a step below the one over first, and says which model gave way; with no model left within, it
+    fails in one line that says so."""
+    from compactdeploy.fit import NoModelWithin, record_final_over
+
+    monkeypatch.setenv("COMPACTDEPLOY_CACHE", str(tmp_path / "cache"))
+    measurer = MacsMeasurer(tmp_path)
+    first = _search(lenet5_checkpoint, measurer, latency_budget="80%")
+    budget, over = first.report["budget"]["latency_ms"], first.report["chosen"]
+    record_final_over(first, 1.04 * budget)
+    measured = len(measurer.times)
+    fit = _search(lenet5_checkpoint, measurer, latency_budget="80%", resume=True).report
+    ceiling = budget * over["measured_ms"] / (1.04 * budget)
+    assert fit["ceiling_ms"] == pytest.approx(ceiling) and fit["budget"]["latency_ms"] == budget
+    assert fit["final_builds_over"] == [{"key": over["key"], "widths": first.changed, "searched_ms": over["measured_ms"],
+                                         "final_ms": pytest.approx(1.04 * budget)}]
+    assert fit["chosen"]["key"] != over["key"] and fit["chosen"]["measured_ms"] <= ceiling
+    # one model measured anew: the step below the one over, by the table narrower than it
+    assert len(measurer.times) == measured + 1
+    below = fit["verified"][-1]
+    assert below["table_ms"] < over["table_ms"] and below["key"] not in {c["key"] for c in first.report["verified"]}
+
+    # every model the search measured over at its final build: nothing left within, said in one line
+    state = read_json(Path(fit["search_dir"]) / "state.json")
+    state["final_over"] = {c["key"]: 2 * budget for c in state["candidates"]}
+    (Path(fit["search_dir"]) / "state.json").write_text(json.dumps(state))
+    with pytest.raises(NoModelWithin) as nothing:
+        _search(lenet5_checkpoint, measurer, latency_budget="80%", resume=True)
+    error = str(nothing.value)
+    assert len(error.splitlines()) == 1 and "final builds that measured over it" in error and "--resume" in error
 
 
 def test_an_impossible_budget_names_the_smallest_latency_reached(tmp_path, lenet5_checkpoint, monkeypatch):

@@ -7,6 +7,7 @@ search.py builds and measures the picks until one meets the budget (state.py kee
 """
 
 from .budgets import Budget, parse_latency_budget, parse_memory_budget
-from .search import FitResult, check_fit_options, search
+from .search import FitResult, NoModelWithin, check_fit_options, record_final_over, search
 
-__all__ = ["Budget", "FitResult", "check_fit_options", "parse_latency_budget", "parse_memory_budget", "search"]
+__all__ = ["Budget", "FitResult", "NoModelWithin", "check_fit_options", "parse_latency_budget", "parse_memory_budget",
+           "record_final_over", "search"]

@@ -15,6 +15,9 @@ from .judge import HELD_OUT, trial_scores
 # sessions the final build of a budgeted search is timed in, beside the unpruned model: one session's
 # ratio to it moves by a few percent from another's (docs/fit.md), the median of three less
 FINAL_SESSIONS = 3
+# builds of a budgeted search's choice at most: one whose final timing lands over the budget gives way
+# to the next model down, measured by the search, and the last is shipped whatever it measures
+FINAL_BUILDS = 3
 STEP_DROP = 0.01  # a width is a latency step when it saves this share of the full model below every wider one
 
 
@@ -74,6 +77,10 @@ def search_report(config, method, latency_budget, memory_budget, latency_ms, mem
             "means": "|predicted - measured| / measured of every model built after a prediction",
         },
         "chosen": {**asdict(chosen), **_trials(state, chosen)},
+        # chosen before, by this search or one it resumed, and not kept: their final builds measured over the budget
+        "final_builds_over": [{"key": c.key, "widths": space.narrowed(c.widths), "searched_ms": c.measured_ms,
+                               "final_ms": state.final_over[c.key]} for c in state.candidates if c.key in state.final_over],
+        "ceiling_ms": state.ceiling_ms(latency_ms),
         "widths": {g: {"before": space.full[g], "after": chosen.widths[g]} for g in space.full},
         "search_dir": str(run_dir),
         "figures": "latencies are whole-model medians measured on the device named in 'where'; "

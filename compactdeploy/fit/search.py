@@ -18,6 +18,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -70,6 +71,17 @@ class FitResult:
     plan: Any  # prune.WidthPlan of the chosen model; None when it is the unpruned one
     unpruned_ms: float | None = None  # the unpruned model's latency as the search measured it first
     reference_library: Any = None  # Path: the unpruned model compiled as it ships, to time the final build beside
+
+
+def record_final_over(fitted: FitResult, judged_ms: float) -> None:
+    """The final build of ``fitted``'s choice measured ``judged_ms``, over the budget: kept in the
+    search's state, so the search resumed keeps another model (``SearchState.ceiling_ms``)."""
+    from ..resources import write_json
+
+    path = Path(fitted.report["search_dir"]) / "state.json"
+    stored = json.loads(path.read_text())
+    stored.setdefault("final_over", {})[fitted.report["chosen"]["key"]] = judged_ms
+    write_json(path, stored)
 
 
 def default_method(config: BuildConfig) -> str:
@@ -179,11 +191,15 @@ def search(config: BuildConfig, target, loaded, measurer: Measurer, progress: Ca
         ) from None
 
 
-class _Impossible(CompactDeployError):
+class NoModelWithin(CompactDeployError):
+    """The search has no model measured within the budget to offer."""
+
+
+class _Impossible(NoModelWithin):
     """No model of the search space meets the budget (not a failure to resume from)."""
 
 
-class _RoundsSpent(CompactDeployError):
+class _RoundsSpent(NoModelWithin):
     """--fit-rounds ran out before a model met the budget; the message says how to resume with more."""
 
 
@@ -327,8 +343,31 @@ def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResul
                                         rounds)
         rounds = _measure_worth_more(context, trajectory, proposals, worth, fits, predict, verify, latency_ms,
                                      memory_bytes, rounds)
-    # a model timed again near the budget counts only if both its timings are within
-    feasible = [c for c in state.candidates if c.meets(latency_ms, memory_bytes) and c.confirmed_within(latency_ms)]
+    # the budget the search's timings must meet: lower where a chosen model's final build measured over it
+    ceiling_ms = state.ceiling_ms(latency_ms)
+
+    def step_below(over: Candidate) -> Candidate | None:
+        # the widest model of the trajectories narrower than one over the budget in a timing,
+        # not measured yet, predicted at least REPEATABILITY under it
+        points = trajectory.points + [q for points in (proposals or {}).values() for q in points]
+        below = [p for p in points if p.cost < over.table_ms and not state.met(p.widths)
+                 and fits(p, ceiling_ms * (1 - REPEATABILITY))]
+        if not below:
+            return None
+        step = max(below, key=lambda p: p.cost)
+        say(f"measuring a step below it: {widths_text(space.narrowed(step.widths))}")
+        return verify(step, predict(step))
+
+    # a model timed again near the budget counts only if both its timings are within; one whose
+    # final build measured over it does not count, and the next model down is measured in its stead
+    feasible = [c for c in state.candidates if c.key not in state.final_over and c.meets(ceiling_ms, memory_bytes)
+                and c.confirmed_within(ceiling_ms)]
+    for over in [c for c in state.candidates if c.key in state.final_over]:
+        say(f"the final build of {widths_text(space.narrowed(over.widths))} measured {state.final_over[over.key]:.3f} ms, "
+            f"over the budget: the models measured above {ceiling_ms:.3f} ms are not kept")
+        below = step_below(over)
+        if below is not None and below not in feasible and below.meets(ceiling_ms, memory_bytes):
+            feasible.append(below)
     if not feasible:
         closest = min(state.candidates, key=lambda c: c.measured_ms if latency_ms else c.memory_bytes)
         where = "measured" if "EMULATED" not in closest.where else "measured (EMULATED)"
@@ -338,6 +377,12 @@ def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResul
             f"{widths_text(space.narrowed(closest.widths)) or 'unpruned'}, {closest.measured_ms:.3f} ms and "
             f"{format_size(closest.memory_bytes)}"
         )
+        if state.final_over:
+            raise _RoundsSpent(
+                f"no model of the {len(state.candidates)} built is within {ceiling_ms:.3f} ms, the budget lowered by "
+                f"the {len(state.final_over)} final builds that measured over it: {closest_text}; run the same command "
+                f"with --resume --fit-rounds {rounds + 3} (the models measured are kept in {run_dir}) or raise the budget"
+            )
         if walk_ended:
             raise _Impossible(f"no model in the search space meets {budget_text(config.fit)}: {closest_text}; raise the budget")
         # the rounds ran out with narrower models left: a noisy or mispredicted round is not an impossible budget
@@ -351,19 +396,7 @@ def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResul
                   f"run the same command with --resume --fit-rounds {rounds + 3} to search on")
     chosen = _choose(context, feasible, worth)
     if latency_ms is not None:
-        def step_below(over: Candidate) -> Candidate | None:
-            # the widest model of the trajectories narrower than one over the budget in a timing,
-            # not measured yet, predicted at least REPEATABILITY under it
-            points = trajectory.points + [q for points in (proposals or {}).values() for q in points]
-            below = [p for p in points if p.cost < over.table_ms and not state.met(p.widths)
-                     and fits(p, latency_ms * (1 - REPEATABILITY))]
-            if not below:
-                return None
-            step = max(below, key=lambda p: p.cost)
-            say(f"measuring a step below it: {widths_text(space.narrowed(step.widths))}")
-            return verify(step, predict(step))
-
-        chosen = _confirm(context, chosen, feasible, worth, latency_ms, reference["ms"], step_below)
+        chosen = _confirm(context, chosen, feasible, worth, ceiling_ms, reference["ms"], step_below)
     changed = space.narrowed(chosen.widths)
     report = search_report(config.fit, method, latency_budget, memory_budget, latency_ms, memory_bytes, space, trajectory,
                            state, chosen, table, rounds, status, run_dir, predict, grown, context.judge)

@@ -70,6 +70,8 @@ class SearchState:
     key: dict[str, Any]
     candidates: list[Candidate] = field(default_factory=list)
     trials: dict[str, float] = field(default_factory=dict)  # widths key -> held-out accuracy (fit.judge)
+    # widths key -> the judged latency of a chosen model's final build that measured over the budget
+    final_over: dict[str, float] = field(default_factory=dict)
     walked: list[Candidate] = field(default_factory=list)  # met by this run, stored or new; not saved
 
     def find(self, widths: dict[str, int]) -> Candidate | None:
@@ -91,7 +93,16 @@ class SearchState:
         from ..resources import write_json
 
         write_json(self.path, {"key": self.key, "candidates": [asdict(c) for c in self.candidates],
-                                "trials": self.trials})
+                                "trials": self.trials, "final_over": self.final_over})
+
+    def ceiling_ms(self, latency_ms: float | None) -> float | None:
+        """What the search's timings must meet: the budget, lowered where a chosen model's final build
+        measured over it by the ratio of that build's latency to the search's, which ran low by as much
+        for the models timed beside it."""
+        if latency_ms is None:
+            return None
+        ratios = [c.measured_ms / self.final_over[c.key] for c in self.candidates if c.key in self.final_over]
+        return min([latency_ms] + [latency_ms * r for r in ratios])
 
     @classmethod
     def load(cls, path: Path, key: dict[str, Any], resume: bool) -> SearchState:
@@ -101,6 +112,7 @@ class SearchState:
                 stored = json.loads(path.read_text())
                 state.candidates = [Candidate(**c) for c in stored["candidates"]]
                 state.trials = {str(k): float(v) for k, v in stored.get("trials", {}).items()}
+                state.final_over = {str(k): float(v) for k, v in stored.get("final_over", {}).items()}
             except (ValueError, KeyError, TypeError):
                 raise CompactDeployError(f"the search state {path} is damaged; run without --resume to start over") from None
         return state
