@@ -405,7 +405,8 @@ class SecondTimingOver(DriftingMeasurer):
         return replace(timing, ms=timing.ms * 1.1) if timed_before else timing
 
 
-def _search(checkpoint, measurer, **fit_options):
+def _search(checkpoint, measurer, said=None, **fit_options):
+    """``said``: a list the search's progress messages are appended to."""
     from compactdeploy.config import BuildConfig, FitConfig, ModelConfig, PruneConfig
     from compactdeploy.fit import search
     from compactdeploy.prepare import load
@@ -416,7 +417,8 @@ def _search(checkpoint, measurer, **fit_options):
     config = BuildConfig(model=ModelConfig("lenet5", weights=checkpoint, data="digits"), target="host", out=Path("unused"),
                          prune=PruneConfig(allow_grow=allow_grow, finetune_epochs=finetune_epochs),
                          fit=FitConfig(**fit_options))
-    return search(config, load_target("host"), load(config.model), measurer, lambda message: None)
+    return search(config, load_target("host"), load(config.model), measurer,
+                  said.append if said is not None else lambda message: None)
 
 
 def test_a_budget_above_the_model_grows_it_with_allow_grow(tmp_path, lenet5_checkpoint, capsys, monkeypatch):
@@ -693,8 +695,8 @@ def test_the_search_measures_a_step_below_a_model_over_the_budget_in_the_mean(tm
     search measures a step below it and keeps a model within, not the smallest one (which it kept,
     on this checkpoint at 64 %, before it measured the step)."""
     monkeypatch.setenv("COMPACTDEPLOY_CACHE", str(tmp_path / "cache"))
-    measurer = SecondTimingOver(tmp_path)
-    fit = _search(lenet5_checkpoint, measurer, latency_budget="64%").report
+    measurer, said = SecondTimingOver(tmp_path), []
+    fit = _search(lenet5_checkpoint, measurer, said, latency_budget="64%").report
     budget, verified = fit["budget"]["latency_ms"], fit["verified"]
     over = [c for c in verified if c["confirmed_ms"] is not None and c["confirmed_ms"] > budget]
     assert over, "the model kept was not timed again: pick a budget it lands within 3 % of"
@@ -706,6 +708,18 @@ def test_the_search_measures_a_step_below_a_model_over_the_budget_in_the_mean(tm
     shapes = measurer.shapes
     first_again = next(i for i, s in enumerate(shapes) if s in shapes[:i])
     assert any(s not in shapes[:i] for i, s in enumerate(shapes) if i > first_again)
+    # a model of a trajectory (here the MACs-paced one's, which the bisection measured) gives way to
+    # the next step down that trajectory, narrower in every group, not a model of another one
+
+    def widths_said(text):
+        return {g: int(w) for g, w in (part.split("=") for part in text.split(", "))}
+
+    nexts = [i for i, message in enumerate(said) if message.startswith("measuring the next step down its trajectory")]
+    assert nexts, said
+    for i in nexts:
+        failed = widths_said(said[i - 1].split("(")[1].split(")")[0])
+        step = widths_said(said[i].split(": ", 1)[1])
+        assert step != failed and all(g in step and step[g] <= w for g, w in failed.items()), (failed, step)
 
 
 def test_a_model_whose_final_build_measured_over_gives_way_to_the_next_model_down(tmp_path, lenet5_checkpoint,

@@ -346,9 +346,26 @@ def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResul
     # the budget the search's timings must meet: lower where a chosen model's final build measured over it
     ceiling_ms = state.ceiling_ms(latency_ms)
 
+    def within(candidate: Candidate) -> bool:
+        return (candidate.key not in state.final_over and candidate.meets(ceiling_ms, memory_bytes)
+                and candidate.confirmed_within(ceiling_ms))
+
     def step_below(over: Candidate) -> Candidate | None:
-        # the widest model of the trajectories narrower than one over the budget in a timing,
-        # not measured yet, predicted at least REPEATABILITY under it
+        # where a trajectory holds the model over the budget (the MACs-paced one first: the
+        # bisection's), its next step down not measured over, as the bisection would take it: a
+        # model of another trajectory a little narrower in the table may be slower in the model
+        for points in [*(proposals or {}).values(), trajectory.points]:
+            index = next((i for i, p in enumerate(points) if p.widths == over.widths), None)
+            if index is None:
+                continue
+            for step in points[index + 1:]:
+                known = state.walked_at(step.widths)
+                if known is None or within(known):
+                    if known is None:
+                        say(f"measuring the next step down its trajectory: {widths_text(space.narrowed(step.widths))}")
+                    return verify(step, predict(step))
+        # else the widest model of the trajectories narrower than it in the table, not measured yet,
+        # predicted at least REPEATABILITY under the budget
         points = trajectory.points + [q for points in (proposals or {}).values() for q in points]
         below = [p for p in points if p.cost < over.table_ms and not state.met(p.widths)
                  and fits(p, ceiling_ms * (1 - REPEATABILITY))]
@@ -360,13 +377,12 @@ def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResul
 
     # a model timed again near the budget counts only if both its timings are within; one whose
     # final build measured over it does not count, and the next model down is measured in its stead
-    feasible = [c for c in state.candidates if c.key not in state.final_over and c.meets(ceiling_ms, memory_bytes)
-                and c.confirmed_within(ceiling_ms)]
+    feasible = [c for c in state.candidates if within(c)]
     for over in [c for c in state.candidates if c.key in state.final_over]:
         say(f"the final build of {widths_text(space.narrowed(over.widths))} measured {state.final_over[over.key]:.3f} ms, "
             f"over the budget: the models measured above {ceiling_ms:.3f} ms are not kept")
         below = step_below(over)
-        if below is not None and below not in feasible and below.meets(ceiling_ms, memory_bytes):
+        if below is not None and below not in feasible and within(below):
             feasible.append(below)
     if not feasible:
         closest = min(state.candidates, key=lambda c: c.measured_ms if latency_ms else c.memory_bytes)
@@ -437,8 +453,8 @@ def _confirm(context: _Search, chosen: Candidate, feasible: list[Candidate], wor
     A model one session timed just under the budget is over it in another about as often, and one
     whose two timings straddle it lands over it in the final build's sessions about as often as not.
     ``step_below(model)``: a model a step narrower than one over in a timing, measured (None: none
-    left): the bisection leaves every model it measured near the budget, so without it the next best
-    within may be the smallest model."""
+    left; the next step down its trajectory where it lies on one): the bisection leaves every model
+    it measured near the budget, so without it the next best within may be the smallest model."""
     state, say = context.state, context.say
     left = list(feasible)
     for _ in range(CONFIRMED_AT_MOST):
