@@ -49,7 +49,10 @@ def main() -> None:
     started = time.time()
     subprocess.run([*command, "--latency-budget", args.budget, "--out", str(out)], env=env, check=True)
     wall_s = round(time.time() - started, 1)
-    report = json.loads((out / "report.json").read_text())
+    write_results(json.loads((out / "report.json").read_text()), args, wall_s, tuning_s, tuned_now)
+
+
+def write_results(report: dict, args, wall_s: float, tuning_s: float, tuned_now: bool) -> None:
     fit = report["fit"]
     info = meta("bench_budgeted_build.py", wall_s, model=args.model, trials=args.trials, budget=args.budget,
                 weights="random (latency does not depend on weight values)",
@@ -60,7 +63,8 @@ def main() -> None:
     final = fit["final"]
     write_json("fit-budgeted-build", info, candidates, tuning_s=tuning_s, wall_s=wall_s,
                stage_s=report["timings_s"], budget_ms=fit["budget"]["latency_ms"], status=fit["status"],
-               predictor_error_pct=fit["predictor_error_pct"], final=final)
+               predictor_error_pct=fit["predictor_error_pct"], final=final,
+               final_builds_over=fit.get("final_builds_over", []), ceiling_ms=fit.get("ceiling_ms"))
     lines = [
         "# A complete budgeted build, from a tuned database",
         "",
@@ -73,6 +77,10 @@ def main() -> None:
         f"- budget {fit['budget']['latency_ms']:.3f} ms; final build judged at {final['judged_ms']:.3f} ms "
         f"({'within' if final['meets_latency_budget'] else 'OVER'}; alone {final['measured_ms']:.3f} ms, the unpruned "
         f"model beside it {final['unpruned_beside_ms'] or float('nan'):.3f} ms)",
+        *(f"- not shipped: the model of {', '.join(f'{g}={w}' for g, w in over['widths'].items())}, measured "
+          f"{over['searched_ms']:.4f} ms in the search, whose final build measured {over['final_ms']:.4f} ms, over the "
+          f"budget; the search, resumed, kept models under {fit['ceiling_ms']:.4f} ms and the next one was built"
+          for over in fit.get("final_builds_over", [])),
         "",
         "| model | predicted | measured | schedules | unscheduled conv/matmul |",
         "|---|---|---|---|---|",
