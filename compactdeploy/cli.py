@@ -73,9 +73,10 @@ def _config(options: dict):
 @click.option("--fit-rounds", default=12, show_default=True,
               help="Models the search may build and measure, at most, besides the unpruned and smallest ones it measures first.")
 @click.option("--fit-points", default=8, show_default=True, help="Candidate widths per group (multiples of the target's).")
-@click.option("--fit-trial-epochs", default=2, show_default=True,
-              help="With --data, the search judges models by their accuracy on held-out training data after this "
-                   "many epochs of fine-tuning (at most --finetune-epochs); 0: by channel importance.")
+@click.option("--fit-trial-epochs", default=4, show_default=True,
+              help="With --data, the search judges models by their accuracy on held-out training data after a "
+                   "fine-tune that sees as many samples as --finetune-epochs will, at most this many epochs; 0: by "
+                   "channel importance.")
 def build(**options) -> None:
     """Load, prune, export, compile, benchmark and bundle a model for a target."""
     from .pipeline import build as run_build

@@ -61,7 +61,7 @@ class FitConfig:
     fit_points: int = 8  # candidate widths per group
     # with data: models are judged by held-out accuracy after this many epochs of fine-tuning (at
     # most --finetune-epochs; fit.judge); 0 judges by channel importance
-    fit_trial_epochs: int = 2
+    fit_trial_epochs: int = 4
 
     @property
     def searching(self) -> bool:

@@ -499,6 +499,17 @@ def test_the_plan_a_search_returns_builds_the_model_it_measured(tmp_path, lenet5
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.unit
+def test_a_trial_fine_tune_sees_as_many_samples_as_the_builds_fine_tune_up_to_its_cap():
+    from compactdeploy.config import FitConfig
+    from compactdeploy.fit.judge import HELD_OUT, trial_epochs
+
+    assert HELD_OUT == pytest.approx(0.2)  # a trial trains on 80 % of the split: 1.25 epochs per build epoch
+    assert [trial_epochs(FitConfig(), n) for n in (0, 1, 2, 3, 10)] == [0, 1, 3, 4, 4]
+    assert trial_epochs(FitConfig(fit_trial_epochs=2), 3) == 2 and trial_epochs(FitConfig(fit_trial_epochs=20), 10) == 13
+    assert trial_epochs(FitConfig(fit_trial_epochs=0), 3) is None
+
+
 def test_with_data_the_search_keeps_the_model_a_trial_fine_tune_rates_best(tmp_path, lenet5_checkpoint, monkeypatch):
     """Models are judged by a short fine-tune on most of the training split, scored on the rest of it
     (never the test split); the model kept is the best so judged of those measured within the

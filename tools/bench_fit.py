@@ -242,6 +242,7 @@ def _row(model, share, budget_ms, strategy, widths, ms, macs, params, accuracy, 
 def write_all(rows: list[dict], args, seconds: float) -> None:
     from compactdeploy.bench.session import QUIET_PERCENTILE
     from compactdeploy.config import FitConfig
+    from compactdeploy.fit.judge import trial_epochs
 
     info = meta("bench_fit.py", seconds, method=args.method, train_epochs=args.train_epochs,
                 finetune_epochs=args.finetune_epochs, repeat=args.repeat, seeds=args.seeds,
@@ -263,7 +264,7 @@ def write_all(rows: list[dict], args, seconds: float) -> None:
         "its final build, fine-tuned and measured again by the build's own benchmark, is the last column, with the "
         "loop's wall time (`build_s` in the JSON). The loop judges the models it weighs (its measured-cost, MACs-paced "
         "and uniform picks, and every model it measured within the budget) by a trial fine-tune of "
-        f"{min(FitConfig().fit_trial_epochs, args.finetune_epochs)} epochs on 80 % of the training split, scored on the other 20 % (never the test "
+        f"{trial_epochs(FitConfig(), args.finetune_epochs)} epochs on 80 % of the training split, scored on the other 20 % (never the test "
         "split): training the baselines do not spend.",
         "",
         f"| model | budget | strategy | measured latency | MACs | params | accuracy after fine-tuning (seed 0) | "

@@ -11,6 +11,7 @@ report.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -80,17 +81,23 @@ def trial_scores(scores: dict[str, float], key: str) -> list[float]:
     return found
 
 
-def trial_epochs(config) -> int | None:
-    """The epochs a trial fine-tunes: ``--fit-trial-epochs``, at most the build's ``--finetune-epochs``;
-    None with ``--fit-trial-epochs 0`` (no trials)."""
-    return min(config.fit.fit_trial_epochs, config.prune.finetune_epochs) if config.fit.fit_trial_epochs else None
+def trial_epochs(fit, finetune_epochs: int) -> int | None:
+    """The epochs a trial fine-tunes (``fit``: the build's ``FitConfig``): as many training samples
+    as the build's fine-tune will see (its ``finetune_epochs`` over the share of the split a trial
+    trains on, rounded), at most ``--fit-trial-epochs``; None with ``--fit-trial-epochs 0`` (no trials). A trial shorter than the
+    build's fine-tune ranks a deep cut, which trains back slower, below one it overtakes by the
+    build's end (docs/benchmarks/trial-judge.md)."""
+    if not fit.fit_trial_epochs:
+        return None
+    matched = max(1, math.floor(finetune_epochs / (1 - HELD_OUT) + 0.5)) if finetune_epochs else 0
+    return min(fit.fit_trial_epochs, matched)
 
 
 def trial_judge(config, loaded, method: str, channel_multiple: int, scores: dict[str, float]) -> TrialJudge | None:
     """The build's judge: None without data or with ``--fit-trial-epochs 0`` (the search then keeps
     the model that keeps the most importance). Trials fine-tune as long as the build will, up to
     ``--fit-trial-epochs``."""
-    epochs = trial_epochs(config)
+    epochs = trial_epochs(config.fit, config.prune.finetune_epochs)
     if loaded.data is None or epochs is None:
         return None
     split = held_out_split(loaded.data)

@@ -143,7 +143,7 @@ def _run_key(config: BuildConfig, target, method: str, fingerprint: dict[str, An
         "calibration_samples": config.prune.calibration_samples,
         "seed": model.seed,
         "points": config.fit.fit_points,
-        "trial_epochs": trial_epochs(config),
+        "trial_epochs": trial_epochs(config.fit, config.prune.finetune_epochs),
         "target": target.name,
         "device": {k: (fingerprint or {}).get(k) for k in ("cpu", "machine", "cuda", "emulated", "hostname")},
     }
