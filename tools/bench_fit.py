@@ -66,6 +66,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=50)
     parser.add_argument("--seeds", type=int, default=3,
                         help="fine-tunings of every chosen model, seeds 0..N-1: the noise of repeated runs")
+    parser.add_argument("--name", default="fit-benchmark",
+                        help="docs/benchmarks/NAME.{md,json,png}: another name for a run of some models")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "compactdeploy-bench-fit")
     args = parser.parse_args()
     start = time.time()
@@ -249,7 +251,7 @@ def write_all(rows: list[dict], args, seconds: float) -> None:
                 data={name: MODELS[name][2] for name in args.models.split(",")},
                 latency="the quiet ratio to the unpruned model times its median, on this host (measured), compiled as "
                         "builds ship: default schedules, no tuning records")
-    write_json("fit-benchmark", info, rows)
+    write_json(args.name, info, rows)
     lines = [
         "# Width search vs uniform vs FLOPs-targeted pruning, at equal measured latency",
         "",
@@ -310,8 +312,8 @@ def write_all(rows: list[dict], args, seconds: float) -> None:
 
         lines += ["", f"Latency-table predictor against whole-model measurements (every model the loop built after a "
                       f"prediction, {len(errors)} models): median error {np.median(errors):.1f} %, worst {max(errors):.1f} %."]
-    (DOCS / "fit-benchmark.md").write_text("\n".join(lines) + "\n")
-    plot_accuracy_at_latency(rows, {"loop": "o", "uniform": "s", "flops": "^"}, "test accuracy after fine-tuning, %", "fit-benchmark")
+    (DOCS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    plot_accuracy_at_latency(rows, {"loop": "o", "uniform": "s", "flops": "^"}, "test accuracy after fine-tuning, %", args.name)
 
 
 if __name__ == "__main__":
