@@ -758,6 +758,14 @@ def test_a_model_whose_final_build_measured_over_gives_way_to_the_next_model_dow
     below = fit["verified"][-1]
     assert below["table_ms"] < over["table_ms"] and below["key"] not in {c["key"] for c in first.report["verified"]}
 
+    # the searches of one model share a state: a build over this budget does not lower another's
+    from compactdeploy.fit.state import SearchState
+
+    shared = SearchState.load(Path(fit["search_dir"]) / "state.json", {}, resume=True)
+    assert [c.key for c in shared.over_in_final_build(budget)] == [over["key"]]
+    for other in (0.5 * over["measured_ms"], 1.1 * budget):  # the model over that one, or within it
+        assert shared.over_in_final_build(other) == [] and shared.ceiling_ms(other) == other
+
     # every model the search measured over at its final build: nothing left within, said in one line
     state = read_json(Path(fit["search_dir"]) / "state.json")
     state["final_over"] = {c["key"]: 2 * budget for c in state["candidates"]}

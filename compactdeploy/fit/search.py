@@ -346,8 +346,10 @@ def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResul
     # the budget the search's timings must meet: lower where a chosen model's final build measured over it
     ceiling_ms = state.ceiling_ms(latency_ms)
 
+    over_in_final = state.over_in_final_build(latency_ms)
+
     def within(candidate: Candidate) -> bool:
-        return (candidate.key not in state.final_over and candidate.meets(ceiling_ms, memory_bytes)
+        return (candidate not in over_in_final and candidate.meets(ceiling_ms, memory_bytes)
                 and candidate.confirmed_within(ceiling_ms))
 
     def step_below(over: Candidate) -> Candidate | None:
@@ -378,7 +380,7 @@ def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResul
     # a model timed again near the budget counts only if both its timings are within; one whose
     # final build measured over it does not count, and the next model down is measured in its stead
     feasible = [c for c in state.candidates if within(c)]
-    for over in [c for c in state.candidates if c.key in state.final_over]:
+    for over in over_in_final:
         say(f"the final build of {widths_text(space.narrowed(over.widths))} measured {state.final_over[over.key]:.3f} ms, "
             f"over the budget: the models measured above {ceiling_ms:.3f} ms are not kept")
         below = step_below(over)
@@ -393,10 +395,10 @@ def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResul
             f"{widths_text(space.narrowed(closest.widths)) or 'unpruned'}, {closest.measured_ms:.3f} ms and "
             f"{format_size(closest.memory_bytes)}"
         )
-        if state.final_over:
+        if over_in_final:
             raise _RoundsSpent(
                 f"no model of the {len(state.candidates)} built is within {ceiling_ms:.3f} ms, the budget lowered by "
-                f"the {len(state.final_over)} final builds that measured over it: {closest_text}; run the same command "
+                f"the {len(over_in_final)} final builds that measured over it: {closest_text}; run the same command "
                 f"with --resume --fit-rounds {rounds + 3} (the models measured are kept in {run_dir}) or raise the budget"
             )
         if walk_ended:

@@ -95,14 +95,22 @@ class SearchState:
         write_json(self.path, {"key": self.key, "candidates": [asdict(c) for c in self.candidates],
                                 "trials": self.trials, "final_over": self.final_over})
 
+    def over_in_final_build(self, latency_ms: float | None) -> list[Candidate]:
+        """The models measured within ``latency_ms`` whose final builds measured over it (the searches
+        of one model share a state: a build at another budget is not this one's)."""
+        if latency_ms is None:
+            return []
+        return [c for c in self.candidates
+                if c.key in self.final_over and c.measured_ms <= latency_ms < self.final_over[c.key]]
+
     def ceiling_ms(self, latency_ms: float | None) -> float | None:
         """What the search's timings must meet: the budget, lowered where a chosen model's final build
         measured over it by the ratio of that build's latency to the search's, which ran low by as much
         for the models timed beside it."""
         if latency_ms is None:
             return None
-        ratios = [c.measured_ms / self.final_over[c.key] for c in self.candidates if c.key in self.final_over]
-        return min([latency_ms] + [latency_ms * r for r in ratios])
+        return min([latency_ms] + [latency_ms * c.measured_ms / self.final_over[c.key]
+                                   for c in self.over_in_final_build(latency_ms)])
 
     @classmethod
     def load(cls, path: Path, key: dict[str, Any], resume: bool) -> SearchState:
