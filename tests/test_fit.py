@@ -315,8 +315,9 @@ def test_search_meets_a_latency_budget_on_this_host(tmp_path, monkeypatch):
     unpruned_widths = fit["verified"][0]["widths"]
     below_ms = 0.999 * unpruned["table_ms"]
     stored_fields = set(stored["candidates"][0])  # the report adds each model's trial accuracy
+    off_widths = {**unpruned_widths, "0": unpruned_widths["0"] + 1}
     off_walk = {**{k: v for k, v in fit["verified"][0].items() if k in stored_fields},
-                "widths": {**unpruned_widths, "0": unpruned_widths["0"] + 1}, "table_ms": below_ms,
+                "widths": off_widths, "key": widths_key(off_widths), "table_ms": below_ms,
                 "predicted_ms": below_ms, "measured_ms": 0.001 * below_ms, "importance_kept": 0.0}
     stored["candidates"].append(off_walk)
     # and judged the worst (held-out accuracy 0): it steers no prediction, nor is it kept
