@@ -57,6 +57,8 @@ class Progress:
 
 
 def main() -> None:
+    from compactdeploy.config import FitConfig
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--budgets", default="60,40", help="percent of the unpruned model's measured latency")
@@ -66,6 +68,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=50)
     parser.add_argument("--seeds", type=int, default=3,
                         help="fine-tunings of every chosen model, seeds 0..N-1: the noise of repeated runs")
+    parser.add_argument("--fit-trial-epochs", type=int, default=FitConfig().fit_trial_epochs,
+                        help="the loop's trial fine-tunes, at most (build --fit-trial-epochs)")
     parser.add_argument("--name", default="fit-benchmark",
                         help="docs/benchmarks/NAME.{md,json,png}: another name for a run of some models")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "compactdeploy-bench-fit")
@@ -162,7 +166,8 @@ def bench_model(name: str, model: str, model_args: dict, data: str, budgets: lis
         started = time.time()
         try:
             fit_report = build(replace(base, out=fit_out, prune=PruneConfig(prune=args.method, finetune_epochs=args.finetune_epochs),
-                                       fit=FitConfig(latency_budget=f"{share * 100:g}%", resume=True)), Progress()).report
+                                       fit=FitConfig(latency_budget=f"{share * 100:g}%", resume=True,
+                                                     fit_trial_epochs=args.fit_trial_epochs)), Progress()).report
         except CompactDeployError as exc:  # below the smallest model the search can make: the row says so
             log(f"  loop: {exc}")
             rows.append(_row(name, share, budget_ms, "loop", None, None, None, None, None, builds=None,
@@ -266,7 +271,7 @@ def write_all(rows: list[dict], args, seconds: float) -> None:
         "its final build, fine-tuned and measured again by the build's own benchmark, is the last column, with the "
         "loop's wall time (`build_s` in the JSON). The loop judges the models it weighs (its measured-cost, MACs-paced "
         "and uniform picks, and every model it measured within the budget) by a trial fine-tune of "
-        f"{trial_epochs(FitConfig(), args.finetune_epochs)} epochs on 80 % of the training split, scored on the other 20 % (never the test "
+        f"{trial_epochs(FitConfig(fit_trial_epochs=args.fit_trial_epochs), args.finetune_epochs)} epochs on 80 % of the training split, scored on the other 20 % (never the test "
         "split): training the baselines do not spend.",
         "",
         f"| model | budget | strategy | measured latency | MACs | params | accuracy after fine-tuning (seed 0) | "
