@@ -79,7 +79,8 @@ def search_report(config, method, latency_budget, memory_budget, latency_ms, mem
         "chosen": {**asdict(chosen), **_trials(state, chosen)},
         # chosen before, by this search or one it resumed, and not kept: their final builds measured over the budget
         "final_builds_over": [{"key": c.key, "widths": space.narrowed(c.widths), "searched_ms": c.measured_ms,
-                               "final_ms": state.final_over[c.key]} for c in state.over_in_final_build(latency_ms)],
+                               "predicted_ms": c.predicted_ms, "final_ms": state.final_over[c.key]}
+                              for c in state.over_in_final_build(latency_ms)],
         "ceiling_ms": state.ceiling_ms(latency_ms),
         "widths": {g: {"before": space.full[g], "after": chosen.widths[g]} for g in space.full},
         "search_dir": str(run_dir),

@@ -49,6 +49,7 @@ JUDGED_AGAIN = 3  # at most this many of the best models measured within
 # this share under the budget is timed again first, and kept only if both timings are within
 REPEATABILITY = 0.03
 CONFIRMED_AT_MOST = 3  # models timed again before the search settles
+STEPS_BELOW_MEASURED = 4  # steps of a trajectory measured for the widest within below a model over the budget
 # the prediction's fit weighs a measured model exp(-distance / this) against the nearest one, by how
 # differently the two are cut (mean |log width ratio|: 0.1 is every group about 10 % apart); chosen by
 # replaying the benchmark's stored searches (tools/replay_predictor.py, docs/benchmarks/predictor-replay.md)
@@ -76,12 +77,9 @@ class FitResult:
 def record_final_over(fitted: FitResult, judged_ms: float) -> None:
     """The final build of ``fitted``'s choice measured ``judged_ms``, over the budget: kept in the
     search's state, so the search resumed keeps another model (``SearchState.ceiling_ms``)."""
-    from ..resources import write_json
-
-    path = Path(fitted.report["search_dir"]) / "state.json"
-    stored = json.loads(path.read_text())
-    stored.setdefault("final_over", {})[fitted.report["chosen"]["key"]] = judged_ms
-    write_json(path, stored)
+    state = SearchState.open(Path(fitted.report["search_dir"]) / "state.json")
+    state.final_over[fitted.report["chosen"]["key"]] = judged_ms
+    state.save()
 
 
 def default_method(config: BuildConfig) -> str:
@@ -301,6 +299,10 @@ def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResul
 
     rounds, status, grown = 0, None, []
     proposals = None  # the MACs-paced and uniform trajectories' points, priced on the table
+
+    def every_point() -> list[Point]:
+        return trajectory.points + [q for points in (proposals or {}).values() for q in points]
+
     # nothing narrower than the smallest model: a budget it misses ends here
     walk_ended = latency_ms is not None and any(c.widths == smallest_widths and not c.meets(latency_ms, None)
                                                 for c in state.walked)
@@ -325,7 +327,7 @@ def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResul
                 # the prediction is exact at measured models, so the next round would pick this one
                 # again: measure the nearest wider model predicted near the budget instead
                 wider = sorted(
-                    (p for p in trajectory.points + [q for points in (proposals or {}).values() for q in points]
+                    (p for p in every_point()
                      if p.cost > pick.cost and not state.met(p.widths)
                      and predict(p) <= latency_ms * (1 + CLOSE_ENOUGH)),
                     key=lambda p: p.cost,
@@ -354,22 +356,15 @@ def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResul
 
     def step_below(over: Candidate) -> Candidate | None:
         # where a trajectory holds the model over the budget (the MACs-paced one first: the
-        # bisection's), its next step down not measured over, as the bisection would take it: a
+        # bisection's), the widest of its steps below it within, as the bisection would find it: a
         # model of another trajectory a little narrower in the table may be slower in the model
         for points in [*(proposals or {}).values(), trajectory.points]:
             index = next((i for i, p in enumerate(points) if p.widths == over.widths), None)
-            if index is None:
-                continue
-            for step in points[index + 1:]:
-                known = state.walked_at(step.widths)
-                if known is None or within(known):
-                    if known is None:
-                        say(f"measuring the next step down its trajectory: {widths_text(space.narrowed(step.widths))}")
-                    return verify(step, predict(step))
+            if index is not None:
+                return _widest_within_below(context, points, index, within, predict, verify, ceiling_ms)
         # else the widest model of the trajectories narrower than it in the table, not measured yet,
         # predicted at least REPEATABILITY under the budget
-        points = trajectory.points + [q for points in (proposals or {}).values() for q in points]
-        below = [p for p in points if p.cost < over.table_ms and not state.met(p.widths)
+        below = [p for p in every_point() if p.cost < over.table_ms and not state.met(p.widths)
                  and fits(p, ceiling_ms * (1 - REPEATABILITY))]
         if not below:
             return None
@@ -450,21 +445,26 @@ def _choose(context: _Search, feasible: list[Candidate], worth) -> Candidate:
 def _confirm(context: _Search, chosen: Candidate, feasible: list[Candidate], worth, latency_ms: float,
              unpruned_ms: float | None, step_below: Callable[[Candidate], Candidate | None] | None = None,
              ) -> Candidate:
-    """The model kept, timed again where it measured within REPEATABILITY under the budget: kept if
-    its second timing is within too, else the next best is (up to CONFIRMED_AT_MOST models).
-    A model one session timed just under the budget is over it in another about as often, and one
-    whose two timings straddle it lands over it in the final build's sessions about as often as not.
+    """The model kept, timed again where it measured within REPEATABILITY under the budget or where
+    it was predicted over it: kept if its second timing is within too, else the next best is (up to
+    CONFIRMED_AT_MOST models). A model one session timed just under the budget is over it in another
+    about as often, and one whose two timings straddle it lands over it in the final build's sessions
+    about as often as not; a timing far under what the models measured before it predict may be a
+    lucky one (its final build then measures what was predicted).
     ``step_below(model)``: a model a step narrower than one over in a timing, measured (None: none
     left; the next step down its trajectory where it lies on one): the bisection leaves every model
     it measured near the budget, so without it the next best within may be the smallest model."""
     state, say = context.state, context.say
     left = list(feasible)
     for _ in range(CONFIRMED_AT_MOST):
-        if chosen.confirmed_ms is not None or chosen.measured_ms <= latency_ms * (1 - REPEATABILITY) \
-                or chosen.reference_ms is None:
+        near = chosen.measured_ms > latency_ms * (1 - REPEATABILITY)
+        predicted_over = chosen.predicted_ms is not None and chosen.predicted_ms > latency_ms
+        if chosen.confirmed_ms is not None or not (near or predicted_over) or chosen.reference_ms is None:
             return chosen
         label = f"the model kept ({widths_text(context.space.narrowed(chosen.widths)) or 'unpruned'})"
-        say(f"{label}: measured {chosen.measured_ms:.3f} ms, within {REPEATABILITY:.0%} of the budget: timing it again")
+        say(f"{label}: measured {chosen.measured_ms:.3f} ms, "
+            + (f"within {REPEATABILITY:.0%} of the budget" if near else
+               f"predicted {chosen.predicted_ms:.3f} ms, over the budget") + ": timing it again")
         again = _measure_candidate(context, Point(chosen.widths, chosen.table_ms, chosen.importance_kept),
                                    context.space.narrowed(chosen.widths), label, None, chosen.importance_kept,
                                    unpruned_ms)
@@ -515,6 +515,31 @@ def _measure_candidate(context: _Search, point: Point, changed: dict[str, int], 
         where=timing.where, key=widths_key(point.widths),
         removed=removed, grown=grown, schedules=timing.schedules, unscheduled=timing.unscheduled,
     )
+
+
+def _widest_within_below(context: _Search, points: list[Point], index: int, within: Callable[[Candidate], bool],
+                         predict, verify, latency_ms: float) -> Candidate | None:
+    """The widest step of the trajectory ``points`` below ``points[index]`` (a model over the budget)
+    that measures ``within`` it, found by measurement as the bisection finds the budget's crossing:
+    the step at the predicted crossing of ``latency_ms`` first, then midpoints between the steps
+    measured over and within, STEPS_BELOW_MEASURED at most; None where no step below is within."""
+    state = context.state
+
+    def known_within(i: int) -> bool | None:
+        known = state.walked_at(points[i].widths)
+        return None if known is None else within(known)
+
+    for measured in range(STEPS_BELOW_MEASURED + 1):
+        high = next((i for i in range(index + 1, len(points)) if known_within(i)), len(points))
+        low = max((i for i in range(index, high) if known_within(i) is False), default=index)
+        if high - low <= 1 or measured == STEPS_BELOW_MEASURED:
+            break
+        middle = ((low + high) // 2 if measured else
+                  next((i for i in range(low + 1, high) if predict(points[i]) <= latency_ms), high - 1))
+        context.say(f"measuring the next step down its trajectory: {widths_text(context.space.narrowed(points[middle].widths))}")
+        verify(points[middle], predict(points[middle]))
+    high = next((i for i in range(index + 1, len(points)) if known_within(i)), None)
+    return None if high is None else state.walked_at(points[high].widths)
 
 
 def _measure_worth_more(context: _Search, trajectory, proposals, worth, fits, predict, verify, latency_ms: float,

@@ -54,6 +54,13 @@ class Candidate:
             return True
         return 2 * self.confirmed_ms - self.measured_ms <= latency_ms
 
+    def on_search_scale_ms(self) -> float:
+        """The most the search knew of its latency, on the search's scale: its timing, its second
+        timing where timed again, and the latency predicted for it from the models measured before
+        it. A final build over it by what one lucky timing explains says nothing of the others'."""
+        second = 2 * self.confirmed_ms - self.measured_ms if self.confirmed_ms is not None else 0.0
+        return max(self.measured_ms, second, self.predicted_ms or 0.0)
+
 
 @dataclass
 class SearchState:
@@ -105,22 +112,28 @@ class SearchState:
 
     def ceiling_ms(self, latency_ms: float | None) -> float | None:
         """What the search's timings must meet: the budget, lowered where a chosen model's final build
-        measured over it by the ratio of that build's latency to the search's, which ran low by as much
-        for the models timed beside it."""
+        measured over it by the ratio of that build's latency to the search's (``on_search_scale_ms``),
+        which ran low by as much for the models timed beside it."""
         if latency_ms is None:
             return None
-        return min([latency_ms] + [latency_ms * c.measured_ms / self.final_over[c.key]
+        return min([latency_ms] + [latency_ms * c.on_search_scale_ms() / self.final_over[c.key]
                                    for c in self.over_in_final_build(latency_ms)])
 
     @classmethod
     def load(cls, path: Path, key: dict[str, Any], resume: bool) -> SearchState:
-        state = cls(path, key)
-        if resume and path.exists():
-            try:
-                stored = json.loads(path.read_text())
-                state.candidates = [Candidate(**c) for c in stored["candidates"]]
-                state.trials = {str(k): float(v) for k, v in stored.get("trials", {}).items()}
-                state.final_over = {str(k): float(v) for k, v in stored.get("final_over", {}).items()}
-            except (ValueError, KeyError, TypeError):
-                raise CompactDeployError(f"the search state {path} is damaged; run without --resume to start over") from None
-        return state
+        """This run's state: the one stored at ``path`` where resuming, else an empty one."""
+        return cls.open(path, key) if resume and path.exists() else cls(path, key)
+
+    @classmethod
+    def open(cls, path: Path, key: dict[str, Any] | None = None) -> SearchState:
+        """The state stored at ``path``, under ``key`` (None: the run key it was stored with)."""
+        try:
+            stored = json.loads(path.read_text())
+            return cls(
+                path, stored["key"] if key is None else key,
+                candidates=[Candidate(**c) for c in stored["candidates"]],
+                trials={str(k): float(v) for k, v in stored.get("trials", {}).items()},
+                final_over={str(k): float(v) for k, v in stored.get("final_over", {}).items()},
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            raise CompactDeployError(f"the search state {path} is damaged; run without --resume to start over") from None
