@@ -451,8 +451,8 @@ def _confirm(context: _Search, chosen: Candidate, feasible: list[Candidate], wor
     about as often, and one whose two timings straddle it lands over it in the final build's sessions
     about as often as not; a timing far under what the models measured before it predict may be a
     lucky one (its final build then measures what was predicted).
-    ``step_below(model)``: a model a step narrower than one over in a timing, measured (None: none
-    left; the next step down its trajectory where it lies on one): the bisection leaves every model
+    ``step_below(model)``: a model narrower than one over in a timing, measured (None: none left;
+    the widest step down its trajectory within, where it lies on one): the bisection leaves every model
     it measured near the budget, so without it the next best within may be the smallest model."""
     state, say = context.state, context.say
     left = list(feasible)
