@@ -530,16 +530,23 @@ def _widest_within_below(context: _Search, points: list[Point], index: int, with
         return None if known is None else within(known)
 
     for measured in range(STEPS_BELOW_MEASURED + 1):
-        high = next((i for i in range(index + 1, len(points)) if known_within(i)), len(points))
-        low = max((i for i in range(index, high) if known_within(i) is False), default=index)
+        low, high = _bracket(len(points), known_within, index)
         if high - low <= 1 or measured == STEPS_BELOW_MEASURED:
             break
         middle = ((low + high) // 2 if measured else
                   next((i for i in range(low + 1, high) if predict(points[i]) <= latency_ms), high - 1))
         context.say(f"measuring the next step down its trajectory: {widths_text(context.space.narrowed(points[middle].widths))}")
         verify(points[middle], predict(points[middle]))
-    high = next((i for i in range(index + 1, len(points)) if known_within(i)), None)
-    return None if high is None else state.walked_at(points[high].widths)
+    _, high = _bracket(len(points), known_within, index)
+    return None if high == len(points) else state.walked_at(points[high].widths)
+
+
+def _bracket(count: int, known_within: Callable[[int], bool | None], start: int = -1) -> tuple[int, int]:
+    """Where a trajectory of ``count`` steps (widest first) crosses the budget, as measured after
+    step ``start``: the first step measured within (``count``: none) and the last step before it
+    measured over (``start``: none). ``known_within(i)``: None where step i is not measured."""
+    high = next((i for i in range(start + 1, count) if known_within(i)), count)
+    return max((i for i in range(start + 1, high) if known_within(i) is False), default=start), high
 
 
 def _measure_worth_more(context: _Search, trajectory, proposals, worth, fits, predict, verify, latency_ms: float,
@@ -599,8 +606,7 @@ def _bisect_by_measurement(context: _Search, points: list[Point], predict, verif
         return None if known is None else known.meets(latency_ms, memory_bytes)
 
     while rounds < context.config.fit.fit_rounds:
-        high = min((i for i in range(len(points)) if within(i)), default=len(points))
-        low = max((i for i in range(high) if within(i) is False), default=-1)
+        low, high = _bracket(len(points), within)
         if high - low <= 1:
             break
         if guesses:

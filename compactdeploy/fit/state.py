@@ -47,19 +47,20 @@ class Candidate:
     def meets(self, latency_ms: float | None, memory_bytes: float | None) -> bool:
         return (latency_ms is None or self.measured_ms <= latency_ms) and (memory_bytes is None or self.memory_bytes <= memory_bytes)
 
+    def second_timing_ms(self) -> float | None:
+        """Its second timing, where it was timed again (``confirmed_ms`` is the two's mean)."""
+        return None if self.confirmed_ms is None else 2 * self.confirmed_ms - self.measured_ms
+
     def confirmed_within(self, latency_ms: float | None) -> bool:
-        """Timed again near the budget: its second timing (``confirmed_ms`` is the two's mean) within
-        it too; True for a model not timed again."""
-        if latency_ms is None or self.confirmed_ms is None:
-            return True
-        return 2 * self.confirmed_ms - self.measured_ms <= latency_ms
+        """Timed again near the budget: its second timing within it too; True for a model not timed again."""
+        second = self.second_timing_ms()
+        return latency_ms is None or second is None or second <= latency_ms
 
     def on_search_scale_ms(self) -> float:
         """The most the search knew of its latency, on the search's scale: its timing, its second
         timing where timed again, and the latency predicted for it from the models measured before
         it. A final build over it by what one lucky timing explains says nothing of the others'."""
-        second = 2 * self.confirmed_ms - self.measured_ms if self.confirmed_ms is not None else 0.0
-        return max(self.measured_ms, second, self.predicted_ms or 0.0)
+        return max(self.measured_ms, self.second_timing_ms() or 0.0, self.predicted_ms or 0.0)
 
 
 @dataclass
