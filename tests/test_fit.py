@@ -782,6 +782,25 @@ def test_a_model_whose_final_build_measured_over_gives_way_to_the_next_model_dow
     assert len(error.splitlines()) == 1 and "final builds that measured over it" in error and "--resume" in error
 
 
+def test_a_damaged_search_state_is_named_in_one_line_and_left_as_it_is(tmp_path, lenet5_checkpoint, monkeypatch):
+    """--resume over a state.json cut short, or a final build's record into it: one line that names
+    the file and says how to start over, and the file is not rewritten."""
+    from compactdeploy.fit import record_final_over
+
+    monkeypatch.setenv("COMPACTDEPLOY_CACHE", str(tmp_path / "cache"))
+    measurer = MacsMeasurer(tmp_path)
+    first = _search(lenet5_checkpoint, measurer, latency_budget="80%")
+    path = Path(first.report["search_dir"]) / "state.json"
+    damaged = path.read_text()[:200]
+    path.write_text(damaged)
+    for attempt in (lambda: _search(lenet5_checkpoint, measurer, latency_budget="80%", resume=True),
+                    lambda: record_final_over(first, 1.0)):
+        with pytest.raises(CompactDeployError) as error:
+            attempt()
+        assert str(error.value) == f"the search state {path} is damaged; run without --resume to start over"
+        assert path.read_text() == damaged
+
+
 def test_an_impossible_budget_names_the_smallest_latency_reached(tmp_path, lenet5_checkpoint, monkeypatch):
     monkeypatch.setenv("COMPACTDEPLOY_CACHE", str(tmp_path / "cache"))
     measurer = MacsMeasurer(tmp_path)
