@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -518,13 +519,28 @@ def test_ctrl_c_during_a_tuned_build_keeps_its_batches_and_the_same_command_resu
     while records() < 2 and build.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)  # until the first kernel's search batch is published
     assert build.poll() is None, "the build ended before it could be interrupted"
-    if how == "ctrl-c":
-        os.killpg(build.pid, signal.SIGINT)
-    else:
-        os.kill(build.pid, signal.SIGTERM)
-    _, stderr = build.communicate(timeout=120)
+    printed: list[str] = []
+    reader = threading.Thread(target=lambda: printed.extend(build.stderr), daemon=True)
+    reader.start()
+    acknowledged = "interrupted: finishing the batch in flight, then stopping (Ctrl-C again to stop at once)"
+    for _press in range(3):
+        if how == "ctrl-c":
+            os.killpg(build.pid, signal.SIGINT)
+        else:
+            os.kill(build.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5  # acknowledged within milliseconds when taken
+        while not any(acknowledged in line for line in printed) and build.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        # a SIGINT that lands inside TVM's Z3 prover is consumed by it (docs/tuning.md): a user
+        # sees no acknowledgement and presses again, as this does
+        if any(acknowledged in line for line in printed) or build.poll() is not None:
+            break
+    build.wait(timeout=120)
+    reader.join(timeout=10)
+    stderr = "".join(printed)
     assert build.returncode == 2, stderr[-2000:]
-    assert "interrupted: finishing the batch in flight, then stopping (Ctrl-C again to stop at once)" in stderr
+    assert acknowledged in stderr
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: tuning interrupted; every finished batch is kept in ")
     assert last.endswith("run the same command again to resume")

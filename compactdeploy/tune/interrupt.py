@@ -42,6 +42,11 @@ def interrupt_between_batches(database: TuningDatabase) -> Iterator[Interrupt]:
     Only the main thread can handle signals. An application's own SIGINT handler is left alone, and
     so is an ignored SIGINT (a background job of a script). SIGTERM (a supervisor, ``kill``) counts
     as a Ctrl-C here too, always: raised as an exception mid-search it would meet the same C++ frames.
+
+    TVM's Z3 prover, statically linked and called inside the search, swaps in its own SIGINT handler
+    around each proof and consumes a Ctrl-C that lands there (it cancels that proof, nothing more):
+    that press is never seen, so the acknowledgement line is how a user knows to press again.
+    SIGTERM is not affected.
     """
     interrupt = Interrupt()
     if threading.current_thread() is not threading.main_thread():
