@@ -6,8 +6,8 @@ too (an agent on 127.0.0.1), so host figures and board figures come from the sam
 """
 
 from .bundle import Measured, measure_bundle, remeasure
-from .session import (Measurement, QuietTimer, measure, quiet_times, quietest_window, time_alone_quietly,
+from .session import (Measurement, QuietTimer, measure, quiet_time, quiet_times, time_alone_quietly,
                       time_quietly)
 
-__all__ = ["Measured", "Measurement", "QuietTimer", "measure", "measure_bundle", "quiet_times", "quietest_window", "remeasure",
+__all__ = ["Measured", "Measurement", "QuietTimer", "measure", "measure_bundle", "quiet_time", "quiet_times", "remeasure",
            "time_alone_quietly", "time_quietly"]

@@ -97,7 +97,7 @@ def time_alone_quietly(measure_window: Callable[[], Measurement], progress: Call
     """Windows of one library timed alone (``measure_window`` times one): two, a pause apart, and
     more while no two of them agree within BUSY_WINDOW in quiet time, QUIET_TRIES in all at most. One
     window alone cannot tell a busy spell from the library's own time, and a model that scales a
-    whole search (the unpruned one) must not be timed in one; ``quietest_window`` picks from them."""
+    whole search (the unpruned one) must not be timed in one; ``quiet_time`` reads them."""
     say = progress or (lambda _: None)
     windows = [measure_window()]
     pause(BUSY_PAUSE_S)
@@ -112,9 +112,13 @@ def time_alone_quietly(measure_window: Callable[[], Measurement], progress: Call
         pause(wait_s)
 
 
-def quietest_window(windows: list[Measurement]) -> Measurement:
-    """The window of lowest quiet time: the one the fewest busy spells fell in."""
-    return min(windows, key=_quiet_ms)
+def quiet_time(windows: list[Measurement]) -> float:
+    """A library's quiet time alone over ``windows``: QUIET_PERCENTILE of every window's chunk
+    medians together, the statistic ``quiet_times`` gives a pair timed in turns. Not the median of
+    the quietest window: a shared host can run the model at half speed for seconds, in some chunks
+    of each window, so every window's median was the slow one while its quiet chunks were not."""
+    return float(np.percentile([ms for w in windows for ms in (w.chunk_ms or [w.latency_ms["median"]])],
+                               QUIET_PERCENTILE))
 
 
 def _quiet_ms(measurement: Measurement) -> float:

@@ -27,7 +27,7 @@ HEAVY_KERNELS = ("conv", "matmul", "dense")
 class ModelTiming:
     """A candidate compiled as it would ship and measured whole."""
 
-    ms: float  # the median of its quietest window alone; timed beside a reference, its quiet time (``bench.quiet_times``)
+    ms: float  # its quiet time: alone, over every window (``bench.quiet_time``); beside a reference, ``bench.quiet_times``
     memory_bytes: int  # weights (ONNX initializers) + TVM's planned workspace
     where: str  # where the figure comes from (real hardware, EMULATED, ...)
     schedules: dict[str, int] = field(default_factory=dict)  # schedule source -> kernels compiled with it
@@ -149,10 +149,10 @@ class DeviceMeasurer:
             np.save(directory / SAMPLE_INPUT, example.numpy())
             say("measure" + (" in turns with the unpruned model" if self.reference else ""))
             windows = self._measure(directory, label, say)
-        from ..bench import quiet_times, quietest_window
+        from ..bench import quiet_time, quiet_times
 
         timed = [w.measurement for w in windows]
-        ms, reference_ms = quietest_window(timed).latency_ms["median"], None
+        ms, reference_ms = quiet_time(timed), None
         if timed[0].reference_chunk_ms:
             ms, reference_ms = quiet_times(timed)
         return ModelTiming(

@@ -58,8 +58,9 @@ NEIGHBOUR_SCALE = 0.1
 # model measured first, picks from the MACs-paced and uniform trajectories too, judged by trial
 # fine-tunes, models worth more near the budget measured last, within the predictor's median error;
 # 9: beside the unpruned model, judged by the two's quiet times; 10: the table timed in quiet passes,
-# the unpruned model alone in windows until two agree); another format is not resumed
-STATE_FORMAT = 10
+# the unpruned model alone in windows until two agree; 11: the unpruned model's scale is its quiet
+# time over those windows, not its quietest window's median); another format is not resumed
+STATE_FORMAT = 11
 
 
 @dataclass(frozen=True)
