@@ -714,6 +714,35 @@ def test_a_slow_minute_of_the_device_does_not_move_a_candidate_timed_beside_the_
     assert fitted.unpruned_ms == unpruned["measured_ms"] and fitted.reference_library is not None
 
 
+def test_an_unpruned_model_timed_alone_in_a_slow_spell_is_rescaled_by_its_time_beside_the_smallest(
+        tmp_path, lenet5_checkpoint, monkeypatch):
+    """The unpruned model's windows alone fall in a spell 2.3x slow (a host VM's core taken away):
+    beside the smallest model, timed next in turns with it, it runs at its own speed. The search's
+    scale becomes that, so an absolute budget keeps a model near it, not one 2.3x faster than it needs."""
+    from compactdeploy.config import ModelConfig
+    from compactdeploy.prepare import load
+    from compactdeploy.prune import count_macs_params
+
+    monkeypatch.setenv("COMPACTDEPLOY_CACHE", str(tmp_path / "cache"))
+    loaded = load(ModelConfig("lenet5", weights=lenet5_checkpoint, data="digits"))
+
+    def true_ms(module) -> float:  # the stand-in's own time: 1 ms per million MACs
+        return count_macs_params(module, loaded.example)[0] / 1e6
+
+    unpruned_ms = true_ms(loaded.model.module)
+    budget = f"{0.8 * unpruned_ms:.5f}ms"
+    slowed, said = DriftingMeasurer(tmp_path, slow={1: 2.3}), []  # the first model timed: the unpruned one
+    fit = _search(lenet5_checkpoint, slowed, said, latency_budget=budget)
+    assert slowed.times[0] == pytest.approx(2.3 * unpruned_ms)  # its windows alone
+    assert fit.unpruned_ms == pytest.approx(unpruned_ms) and any("slow spell" in line for line in said)
+    assert fit.report["verified"][1]["measured_ms"] == pytest.approx(true_ms(slowed.models[1]))  # the smallest
+    # kept near the budget: on the 2.3x scale, a model under 0.8 / 2.3 of the unpruned one
+    assert 0.5 * 0.8 * unpruned_ms < fit.report["chosen"]["macs"] / 1e6 <= 0.8 * unpruned_ms
+    # resumed, the stored scale stands
+    resumed = _search(lenet5_checkpoint, DriftingMeasurer(tmp_path), latency_budget=budget, resume=True)
+    assert resumed.unpruned_ms == pytest.approx(unpruned_ms)
+
+
 def test_the_search_measures_a_step_below_a_model_over_the_budget_in_the_mean(tmp_path, lenet5_checkpoint, monkeypatch):
     """The model kept measured just under the budget and over it in the mean of two timings: the
     search measures a step below it and keeps a model within, not the smallest one (which it kept,

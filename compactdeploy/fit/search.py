@@ -54,6 +54,9 @@ STEPS_BELOW_MEASURED = 4  # steps of a trajectory measured for the widest within
 # differently the two are cut (mean |log width ratio|: 0.1 is every group about 10 % apart); chosen by
 # replaying the benchmark's stored searches (tools/replay_predictor.py, docs/benchmarks/predictor-replay.md)
 NEIGHBOUR_SCALE = 0.1
+# the unpruned model alone this far over its quiet time beside the smallest model was timed in a
+# slow spell (``_rescale_on_reference``): beside another model it runs as fast or slower, not faster
+SLOW_SCALE = 1.2
 # what a stored search holds and how it walked (8: table times on the anchor layer's scale, the smallest
 # model measured first, picks from the MACs-paced and uniform trajectories too, judged by trial
 # fine-tunes, models worth more near the budget measured last, within the predictor's median error;
@@ -263,7 +266,10 @@ def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResul
         # the smallest model is measured before anything is predicted: with the unpruned one it
         # brackets every model of the trajectory (in cache and streaming, on most models), so the
         # prediction is fitted to measurements on both sides, and a budget below it is known impossible at once
-        verify(Point(smallest_widths, table_ms([smallest_widths])[0], trajectory.kept(smallest_widths)), None)
+        smallest = verify(Point(smallest_widths, table_ms([smallest_widths])[0], trajectory.kept(smallest_widths)), None)
+        if _rescale_on_reference(unpruned, smallest, state, say):
+            reference["ms"] = unpruned.measured_ms
+            latency_ms = latency_budget.resolve(unpruned.measured_ms)
 
     cache_bytes = (measurer.fingerprint or {}).get("l2_cache_bytes")
 
@@ -516,6 +522,21 @@ def _measure_candidate(context: _Search, point: Point, changed: dict[str, int], 
         where=timing.where, key=widths_key(point.widths),
         removed=removed, grown=grown, schedules=timing.schedules, unscheduled=timing.unscheduled,
     )
+
+
+def _rescale_on_reference(unpruned: Candidate, beside: Candidate, state: SearchState, say) -> bool:
+    """Where the unpruned model ran SLOW_SCALE faster in turns beside ``beside`` than alone, its
+    windows alone fell in a slow spell of the device (spells only slow: a host VM's core taken away
+    for seconds, docs/fit.md), and it scaled the search too high: its quiet time beside ``beside``
+    becomes the scale, and ``beside``'s latency follows. Saved; True where it rescaled."""
+    if not beside.reference_ms or unpruned.measured_ms <= beside.reference_ms * SLOW_SCALE:
+        return False
+    say(f"the unpruned model ran at {beside.reference_ms:.3f} ms beside the smallest model, {unpruned.measured_ms:.3f} ms "
+        f"alone: its windows alone fell in a slow spell of the device; the search's scale is now {beside.reference_ms:.3f} ms")
+    unpruned.measured_ms = beside.reference_ms
+    beside.measured_ms = beside.alone_ms  # its quiet time over the unpruned model's beside it, times that
+    state.save()
+    return True
 
 
 def _widest_within_below(context: _Search, points: list[Point], index: int, within: Callable[[Candidate], bool],
