@@ -122,7 +122,7 @@ def quiet_time(windows: list[Measurement]) -> float:
 
 
 def _quiet_ms(measurement: Measurement) -> float:
-    return float(np.percentile(measurement.chunk_ms or [measurement.latency_ms["median"]], QUIET_PERCENTILE))
+    return quiet_time([measurement])
 
 
 class QuietTimer:

@@ -525,7 +525,7 @@ def _measure_candidate(context: _Search, point: Point, changed: dict[str, int], 
 
 
 def _rescale_on_reference(unpruned: Candidate, beside: Candidate, state: SearchState, say) -> bool:
-    """Where the unpruned model ran SLOW_SCALE faster in turns beside ``beside`` than alone, its
+    """Where the unpruned model ran SLOW_SCALE times faster in turns beside ``beside`` than alone, its
     windows alone fell in a slow spell of the device (spells only slow: a host VM's core taken away
     for seconds, docs/fit.md), and it scaled the search too high: its quiet time beside ``beside``
     becomes the scale, and ``beside``'s latency follows. Saved; True where it rescaled."""
