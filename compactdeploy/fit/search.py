@@ -55,7 +55,7 @@ STEPS_BELOW_MEASURED = 4  # steps of a trajectory measured for the widest within
 # replaying the benchmark's stored searches (tools/replay_predictor.py, docs/benchmarks/predictor-replay.md)
 NEIGHBOUR_SCALE = 0.1
 # the unpruned model alone this far over its quiet time beside the smallest model was timed in a
-# slow spell (``_rescale_on_reference``): beside another model it runs as fast or slower, not faster
+# slow spell (``_rescale_on_reference``): beside another model it runs about as fast or slower
 SLOW_SCALE = 1.2
 # what a stored search holds and how it walked (8: table times on the anchor layer's scale, the smallest
 # model measured first, picks from the MACs-paced and uniform trajectories too, judged by trial
