@@ -523,18 +523,21 @@ def test_ctrl_c_during_a_tuned_build_keeps_its_batches_and_the_same_command_resu
     reader = threading.Thread(target=lambda: printed.extend(build.stderr), daemon=True)
     reader.start()
     acknowledged = "interrupted: finishing the batch in flight, then stopping (Ctrl-C again to stop at once)"
+
+    def answered() -> bool:
+        return any(acknowledged in line for line in printed) or build.poll() is not None
+
     for _press in range(3):
         if how == "ctrl-c":
             os.killpg(build.pid, signal.SIGINT)
         else:
             os.kill(build.pid, signal.SIGTERM)
         deadline = time.monotonic() + 5  # acknowledged within milliseconds when taken
-        while not any(acknowledged in line for line in printed) and build.poll() is None \
-                and time.monotonic() < deadline:
+        while not answered() and time.monotonic() < deadline:
             time.sleep(0.1)
         # a SIGINT that lands inside TVM's Z3 prover is consumed by it (docs/tuning.md): a user
         # sees no acknowledgement and presses again, as this does
-        if any(acknowledged in line for line in printed) or build.poll() is not None:
+        if answered():
             break
     build.wait(timeout=120)
     reader.join(timeout=10)

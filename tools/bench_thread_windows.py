@@ -28,8 +28,7 @@ SLOW = 1.5  # a window this many times its thread count's quickest is a slow one
 
 
 def main() -> None:
-    from compactdeploy.bench import measure
-    from compactdeploy.bench.session import QUIET_PERCENTILE
+    from compactdeploy.bench import measure, quiet_time
     from compactdeploy.config import BuildConfig, ModelConfig
     from compactdeploy.device import connect, local_agent
     from compactdeploy.pipeline import build
@@ -65,7 +64,7 @@ def main() -> None:
                 agent.stop()
             load = m.load or {}
             windows.append({"pair": pair, "threads": threads, "median_ms": m.latency_ms["median"],
-                            "quiet_ms": float(np.percentile(m.chunk_ms, QUIET_PERCENTILE)),
+                            "quiet_ms": quiet_time([m]),
                             "chunk_ms": [round(float(c), 4) for c in m.chunk_ms],
                             "other_busy": load.get("other_busy"), "steal": load.get("steal")})
             print(f"  pair {pair + 1}/{args.pairs}, {threads} threads: {m.latency_ms['median']:.3f} ms "
