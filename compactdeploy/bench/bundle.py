@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import CompactDeployError
 from ..stages import Observer, Progress, StageClock
-from .session import MIN_TIMED_MS, Measurement, measure
+from .session import BUSY_WINDOW, MIN_TIMED_MS, Measurement, measure
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,8 @@ def measure_bundle(directory: Path, deployment, repeat: int, warmup: int, progre
     """Measure the library in ``directory`` where ``deployment`` (``deployment.Deployment``) says;
     ``open_session``: a session factory already open on that device (the width search's), else one
     is opened for this measurement (on this machine, a fresh agent: its memory figures are the model's).
-    ``profile``: also time each kernel and onnxruntime on the device; ``min_timed_ms`` and
+    ``profile``: also time each kernel and onnxruntime on the device, then the model again in a
+    second window (without a reference: ``measure``'s ``second_window``); ``min_timed_ms`` and
     ``reference`` (a library timed in turns with this one): see ``measure``."""
     from ..bundle import SAMPLE_INPUT
     from ..export import check_parity, run_onnxruntime
@@ -53,7 +54,7 @@ def measure_bundle(directory: Path, deployment, repeat: int, warmup: int, progre
             session, directory / "model.so", x, arch=deployment.arch, backend=deployment.backend, repeat=repeat,
             warmup=warmup, kernels_path=directory / "kernels.json" if profile else None,
             onnx_path=directory / "model.onnx" if profile else None, progress=progress, min_timed_ms=min_timed_ms,
-            reference=reference,
+            reference=reference, second_window=profile,
         )
         del session
     address = deployment.where()
@@ -73,6 +74,12 @@ def measure_bundle(directory: Path, deployment, repeat: int, warmup: int, progre
         where = f"measured on real hardware: {machine}, {address}"
     if measurement.cut_short:
         where += f"; CUT SHORT: {measurement.cut_short}"
+    windows = measurement.window_medians_ms
+    windows_differ = len(windows) > 1 and max(windows) > min(windows) * (1 + BUSY_WINDOW)
+    if windows_differ:
+        where += (f"; timed in two windows seconds apart, medians {' and '.join(f'{ms:.4g}' for ms in windows)} ms: "
+                  "the device was slowed through one (other work, or on a VM its cores taken away), the quicker "
+                  "is reported")
     if is_busy(measurement.load):
         where += (f"; BUSY while timing: {describe_load(measurement.load)}; measure again on an idle device "
                   "(compactdeploy bench), or give TVM fewer threads than the cores left free (--threads)")
@@ -81,7 +88,8 @@ def measure_bundle(directory: Path, deployment, repeat: int, warmup: int, progre
         measurement=measurement,
         where=where,
         summary=f"median {latency['median']:.3f} ms over {latency['runs']} runs"
-        + (" (emulated)" if fingerprint.get("emulated") else ""),
+        + (" (emulated)" if fingerprint.get("emulated") else "")
+        + (f", the quicker of two windows ({' and '.join(f'{ms:.3f}' for ms in windows)} ms)" if windows_differ else ""),
         onnx_vs_tvm_max_abs=check_parity("onnxruntime vs TVM", expected, measurement.output),
     )
 
