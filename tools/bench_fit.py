@@ -122,7 +122,7 @@ def bench_model(name: str, model: str, model_args: dict, data: str, budgets: lis
             else:
                 measured_unpruned_ms.append(ms)
             measured[key] = {"ms": ms, "alone_ms": report["latency_ms"]["median"], "macs": report["model"]["macs"],
-                             "params": report["model"]["params"], "widths": widths}
+                             "params": report["model"]["params"], "widths": widths, "out": out}
         return measured[key]
 
     measured_unpruned_ms: list[float] = []
@@ -187,6 +187,11 @@ def bench_model(name: str, model: str, model_args: dict, data: str, budgets: lis
                              verified=[(c["predicted_ms"], c["measured_ms"]) for c in fit["verified"] if c["predicted_ms"]],
                              final_ms=final * scale, build_s=round(time.time() - started, 1),
                              schedules=fit["chosen"]["schedules"]))
+            # the models the search measured after predicting them, as ratios to its unpruned model
+            rows[-1]["predicted_models"] = [
+                {"widths": c["widths"], "predicted_ratio": c["predicted_ms"] / fit["verified"][0]["measured_ms"],
+                 "search_ratio": c["measured_ms"] / fit["verified"][0]["measured_ms"]}
+                for c in fit["verified"] if c["predicted_ms"] and not c.get("grown")]
             rows[-1]["trial_accuracy"] = fit["chosen"].get("trial_accuracy")
             rows[-1]["trial_accuracies"] = fit["chosen"].get("trial_accuracies")
             rows[-1]["judged_by"] = fit.get("judged_by")
@@ -205,12 +210,25 @@ def bench_model(name: str, model: str, model_args: dict, data: str, budgets: lis
                 row["accuracy_seeds"] = [row["accuracy"]] + [finetuned_accuracy(row["widths"], seed)
                                                              for seed in range(1, args.seeds)]
             log(f"  {row['strategy']:<8} {row['measured_ms']} ms, accuracy {row.get('accuracy_seeds', row['accuracy'])}")
+    # the predictor judged against more than one timing: each model the searches predicted, built here
+    # and timed beside the unpruned model in RETIME_SESSIONS sessions of its own (the median ratio)
+    retimed: dict[str, list[float]] = {}
+    models = [m for row in rows for m in row.get("predicted_models") or []]
+    for index, model in enumerate(models):
+        key = json.dumps(model["widths"], sort_keys=True)
+        if key not in retimed:
+            log(f"{name}: predicted model {index + 1} of {len(models)}: {RETIME_SESSIONS} sessions beside the unpruned one")
+            first = measure(model["widths"])
+            retimed[key] = [first["ms"] / measured_unpruned_ms[0]] + [
+                ratio_to_reference(first["out"], args.work / f"{name}-0", args.repeat) for _ in range(RETIME_SESSIONS - 1)]
+        model["retimed_ratios"] = retimed[key]
     for row in rows:
         row["unpruned_ms"] = unpruned["ms"]
         row["unpruned_accuracy"] = None
     return rows
 
 
+RETIME_SESSIONS = 3  # the final build is judged by as many (fit.report.FINAL_SESSIONS)
 _quiet_timers: dict[Path, object] = {}  # per reference: bench.QuietTimer, its quietest window yet
 
 
@@ -317,6 +335,26 @@ def write_all(rows: list[dict], args, seconds: float) -> None:
 
         lines += ["", f"Latency-table predictor against whole-model measurements (every model the loop built after a "
                       f"prediction, {len(errors)} models): median error {np.median(errors):.1f} %, worst {max(errors):.1f} %."]
+    retimed = {json.dumps(m["widths"], sort_keys=True): m for r in rows for m in r.get("predicted_models") or []
+               if m.get("retimed_ratios")}
+    if retimed:
+        import numpy as np
+
+        def spread(pairs):
+            errors = [abs(a - b) / b * 100 for a, b in pairs]
+            return f"median {np.median(errors):.1f} %, worst {max(errors):.1f} %"
+
+        sessions = len(next(iter(retimed.values()))["retimed_ratios"])
+        truth = {k: float(np.median(m["retimed_ratios"])) for k, m in retimed.items()}
+        lines += ["", f"The same {len(retimed)} models built again by this benchmark and timed in {sessions} sessions of "
+                      "their own, each beside the unpruned model (a fresh device agent each; the figure is the median of "
+                      "the sessions' ratios to the unpruned model, as the final build is judged):", "",
+                  f"- the predictor against the median of {sessions} sessions: "
+                  + spread([(m["predicted_ratio"], truth[k]) for k, m in retimed.items()]),
+                  f"- the search's one timing against the median of {sessions} sessions (the noise of one timing): "
+                  + spread([(m["search_ratio"], truth[k]) for k, m in retimed.items()]),
+                  f"- the {sessions} sessions' spread, the slowest over the fastest of each model: "
+                  + spread([(max(m["retimed_ratios"]), min(m["retimed_ratios"])) for m in retimed.values()])]
     (DOCS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     plot_accuracy_at_latency(rows, {"loop": "o", "uniform": "s", "flops": "^"}, "test accuracy after fine-tuning, %", args.name)
 
