@@ -9,7 +9,9 @@ and fine-tuned the same number of epochs:
 - flops:   the same greedy allocation and importance as the loop, but paying in MACs instead of
            measured milliseconds; the largest model on that trajectory measuring within the budget.
 Every latency is a whole-model median measured on this host, of the model compiled as it ships
-(default schedules: the benchmark's own cache holds no tuning records). Writes
+(default schedules: the benchmark's own cache holds no tuning records). Every model a search
+predicted and measured is then built again and timed in RETIME_SESSIONS sessions of its own: the
+predictor is judged against their median too. Writes
 docs/benchmarks/fit-benchmark.{md,json,png}; progress goes to stderr.
 """
 

@@ -45,7 +45,8 @@ def search_report(config, method, latency_budget, memory_budget, latency_ms, mem
             f"the first {1 - HELD_OUT:.0%} of the training split and scored on the rest (not the test split); the "
             "measured-cost pick and the MACs-paced and uniform ones predicted within the budget are weighed, and of "
             "the models measured within it the best is kept; where the best first trials are within a few points, "
-            "those models are fine-tuned with more seeds (trial_accuracies) and kept by the mean"
+            "those models are fine-tuned with more seeds (trial_accuracies) and kept by the mean, and weighed by it "
+            "from then on"
             if judge is not None else "importance kept: no data to fine-tune on, or --fit-trial-epochs 0"
         ),
         "allocation": (

@@ -31,7 +31,7 @@ from ..units import format_size
 from .allocate import GROW_LIMIT, Point, Trajectory, importance_curves, width_space
 from .budgets import parse_latency_budget, parse_memory_budget
 from .costs import measure_missing
-from .judge import TrialJudge, trial_epochs, trial_judge
+from .judge import TrialJudge, trial_epochs, trial_judge, trial_scores
 from .measure import Measurer
 from .report import budget_text, search_report, widths_text
 from .state import Candidate, SearchState, widths_key
@@ -294,7 +294,8 @@ def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResul
 
     def worth(widths: dict[str, int], kept: float) -> tuple[float, ...]:
         """What ranks two models: the held-out accuracy of a trial fine-tune where the build has data
-        (then the importance kept, for a tie), else the importance kept."""
+        (the mean of its trials, where it was judged again; then the importance kept, for a tie),
+        else the importance kept."""
         if context.judge is None:
             return (kept,)
         if widths_key(widths) not in state.trials:  # the judge keeps its scores in the state
@@ -302,7 +303,7 @@ def _search(context: _Search, latency_budget, memory_budget, curves) -> FitResul
                 f"fine-tuning {context.judge.epochs} epochs, scored on held-out training data")
             context.judge.accuracy(widths, space.full)
             state.save()
-        return (state.trials[widths_key(widths)], kept)
+        return (_trial_mean(state, widths_key(widths)), kept)
 
     rounds, status, grown = 0, None, []
     proposals = None  # the MACs-paced and uniform trajectories' points, priced on the table
@@ -429,17 +430,19 @@ def _choose(context: _Search, feasible: list[Candidate], worth) -> Candidate:
     """The model kept, of those measured within the budget: the best trial accuracy, or the most
     importance kept (not the accuracy before fine-tuning: after a deep cut that is noise); then the
     most parameters (grown models all keep 1.0), not the fastest: timing noise would decide that.
-    Where the trials judge, the few best whose first trial scored within TRIAL_NOISE of the best are
-    fine-tuned with TRIAL_REPEATS seeds each and ranked by the mean."""
+    Where the trials judge, the few best whose trials so far score within TRIAL_NOISE of the best
+    are fine-tuned with TRIAL_REPEATS seeds each and ranked by the mean. A model judged again is
+    weighed by its mean from then on: where the model it lost to gives way (over the budget in a
+    second timing), its lucky first trial must not shut out a model its mean is close to."""
     ranked = sorted(feasible, key=lambda c: (*worth(c.widths, c.importance_kept), c.params), reverse=True)
     judge, state = context.judge, context.state
     if judge is None:
         return ranked[0]
-    best = state.trials[ranked[0].key]
-    close = [c for c in ranked[:JUDGED_AGAIN] if state.trials[c.key] >= best - TRIAL_NOISE]
+    best = _trial_mean(state, ranked[0].key)
+    close = [c for c in ranked[:JUDGED_AGAIN] if _trial_mean(state, c.key) >= best - TRIAL_NOISE]
     if len(close) < 2:
         return ranked[0]
-    context.say(f"judging the {len(close)} best models again: their first trials are within {TRIAL_NOISE * 100:.0f} points; "
+    context.say(f"judging the {len(close)} best models again: their trials are within {TRIAL_NOISE * 100:.0f} points; "
                 f"{TRIAL_REPEATS} trial fine-tunes each")
     mean = {}
     for candidate in close:
@@ -447,6 +450,10 @@ def _choose(context: _Search, feasible: list[Candidate], worth) -> Candidate:
                                              for repeat in range(TRIAL_REPEATS)]))
         state.save()
     return max(close, key=lambda c: (mean[c.key], c.importance_kept, c.params))
+
+
+def _trial_mean(state: SearchState, key: str) -> float:
+    return float(np.mean(trial_scores(state.trials, key)))
 
 
 def _confirm(context: _Search, chosen: Candidate, feasible: list[Candidate], worth, latency_ms: float,
