@@ -154,7 +154,7 @@ def apply_measurement(report: dict[str, Any], measured) -> None:
         "cold_first_run": m.cold_ms,
         "module_load": m.load_ms,
     }
-    if len(m.window_medians_ms) > 1:  # timed alone in two windows: the figures are the quicker's, or both's
+    if len(m.window_medians_ms) > 1:  # timed alone in two windows: the first's figures, or the quicker second's
         report["latency_ms"]["window_medians"] = list(m.window_medians_ms)
     if m.reference_latency_ms:  # the unpruned model, timed in turns with this one (a budgeted build)
         report["latency_ms"]["reference"] = m.reference_latency_ms

@@ -296,7 +296,6 @@ def test_a_window_timed_while_the_device_was_slowed_gives_way_to_a_second_quicke
     assert "timed in two windows seconds apart" in report["figures"]["latency"]
 
 
-
 def test_bench_refuses_a_tampered_bundle(host_build, tmp_path, capsys):
     copy = tmp_path / "bundle"
     shutil.copytree(host_build, copy)

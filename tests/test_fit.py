@@ -1392,11 +1392,10 @@ def test_of_the_models_within_the_best_few_judged_alike_are_judged_again_with_mo
 
 
 def test_a_model_judged_again_is_weighed_by_its_mean_when_the_one_it_lost_to_gives_way(tmp_path, monkeypatch):
-    """bench_fit run 23, MobileNetV2 at 40 %: the best first trial (88.9 %) and the next (87.5 %)
-    were judged again (means 86.7 and 85.4); the first was over the budget in its second timing,
-    and the next best was then weighed by its lucky first trial, shutting out by 0.1 points a model
-    at 84.4 % that three full fine-tunes rank 2.9 points ahead of it. Weighed by its mean, the model
-    judged again leaves that one within 3 points: it is judged again and kept."""
+    """The two best first trials are judged again; the winner is over the budget in its second
+    timing. The runner-up, weighed by its lucky first trial, would shut out a model 3.1 points
+    behind that first trial but within 3 points of its mean (the case is docs/fit.md's, bench_fit
+    at 40 %): weighed by its mean, that model is judged again and kept."""
     from types import SimpleNamespace
 
     from compactdeploy.fit.judge import trial_key

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import CompactDeployError
 from ..stages import Observer, Progress, StageClock
-from .session import BUSY_WINDOW, MIN_TIMED_MS, Measurement, measure
+from .session import MIN_TIMED_MS, Measurement, measure
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,7 @@ def measure_bundle(directory: Path, deployment, repeat: int, warmup: int, progre
     if measurement.cut_short:
         where += f"; CUT SHORT: {measurement.cut_short}"
     windows = measurement.window_medians_ms
-    windows_differ = len(windows) > 1 and max(windows) > min(windows) * (1 + BUSY_WINDOW)
-    if windows_differ:
+    if measurement.windows_differ:
         where += (f"; timed in two windows seconds apart, medians {' and '.join(f'{ms:.4g}' for ms in windows)} ms: "
                   "the device was slowed through one (other work, or on a VM its cores taken away), the quicker "
                   "is reported")
@@ -89,7 +88,8 @@ def measure_bundle(directory: Path, deployment, repeat: int, warmup: int, progre
         where=where,
         summary=f"median {latency['median']:.3f} ms over {latency['runs']} runs"
         + (" (emulated)" if fingerprint.get("emulated") else "")
-        + (f", the quicker of two windows ({' and '.join(f'{ms:.3f}' for ms in windows)} ms)" if windows_differ else ""),
+        + (f", the quicker of two windows ({' and '.join(f'{ms:.3f}' for ms in windows)} ms)"
+           if measurement.windows_differ else ""),
         onnx_vs_tvm_max_abs=check_parity("onnxruntime vs TVM", expected, measurement.output),
     )
 

@@ -59,6 +59,13 @@ class Measurement:
     reference_chunk_ms: tuple[float, ...] = ()  # the reference's, one per turn
     window_medians_ms: tuple[float, ...] = ()  # the median of each window timed alone (``second_window``)
 
+    @property
+    def windows_differ(self) -> bool:
+        """Timed alone in two windows whose medians differ by more than BUSY_WINDOW: the device was
+        slowed through one, and the figures are the quicker's (``_kept_window``)."""
+        medians = self.window_medians_ms
+        return len(medians) > 1 and max(medians) > min(medians) * (1 + BUSY_WINDOW)
+
 
 def quiet_times(measurements) -> tuple[float, float]:
     """The model's and the reference's quiet times (ms) over ``measurements`` of one pair timed in
