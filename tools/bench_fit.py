@@ -10,8 +10,9 @@ and fine-tuned the same number of epochs:
            measured milliseconds; the largest model on that trajectory measuring within the budget.
 Every latency is a whole-model median measured on this host, of the model compiled as it ships
 (default schedules: the benchmark's own cache holds no tuning records). Every model a search
-predicted and measured is then built again and timed in RETIME_SESSIONS sessions of its own: the
-predictor is judged against their median too. Writes
+predicted and measured, and each strategy's pick, is then timed in RETIME_SESSIONS sessions of its
+own, in rounds over all of them (minutes apart): the predictor is judged against their median, and
+the strategies' latencies are compared in it. Writes
 docs/benchmarks/fit-benchmark.{md,json,png}; progress goes to stderr.
 """
 
@@ -26,6 +27,8 @@ import time
 from statistics import mean, stdev
 from dataclasses import replace
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import DOCS, meta, plot_accuracy_at_latency, write_json  # noqa: E402
@@ -212,18 +215,27 @@ def bench_model(name: str, model: str, model_args: dict, data: str, budgets: lis
                 row["accuracy_seeds"] = [row["accuracy"]] + [finetuned_accuracy(row["widths"], seed)
                                                              for seed in range(1, args.seeds)]
             log(f"  {row['strategy']:<8} {row['measured_ms']} ms, accuracy {row.get('accuracy_seeds', row['accuracy'])}")
-    # the predictor judged against more than one timing: each model the searches predicted, built here
-    # and timed beside the unpruned model in RETIME_SESSIONS sessions of its own (the median ratio)
-    retimed: dict[str, list[float]] = {}
-    models = [m for row in rows for m in row.get("predicted_models") or []]
-    for index, model in enumerate(models):
-        key = json.dumps(model["widths"], sort_keys=True)
-        if key not in retimed:
-            log(f"{name}: predicted model {index + 1} of {len(models)}: {RETIME_SESSIONS} sessions beside the unpruned one")
-            first = measure(model["widths"])
-            retimed[key] = [first["ms"] / measured_unpruned_ms[0]] + [
-                ratio_to_reference(first["out"], args.work / f"{name}-0", args.repeat) for _ in range(RETIME_SESSIONS - 1)]
-        model["retimed_ratios"] = retimed[key]
+    # the predictor judged against more than one timing, and the strategies compared at latencies timed
+    # more than once: every model the searches predicted, and each strategy's pick, timed beside the
+    # unpruned model in RETIME_SESSIONS sessions of its own, in rounds over all of them, so one model's
+    # sessions are minutes apart (the host's slow or fast spells last minutes: sessions in a row share them)
+    to_time = {json.dumps(w, sort_keys=True): w for w in
+               [m["widths"] for row in rows for m in row.get("predicted_models") or []]
+               + [row["widths"] for row in rows if row["widths"] is not None]}
+    sessions: dict[str, list[float]] = {key: [] for key in to_time}
+    for done in range(RETIME_SESSIONS):
+        for index, (key, widths) in enumerate(to_time.items()):
+            log(f"{name}: re-timing, round {done + 1} of {RETIME_SESSIONS}: model {index + 1} of {len(to_time)}")
+            if done == 0:  # a model the bisection measured keeps that session; the rest are built here
+                sessions[key].append(measure(widths)["ms"] / measured_unpruned_ms[0])
+            else:
+                sessions[key].append(ratio_to_reference(measured[key]["out"], args.work / f"{name}-0", args.repeat))
+    for row in rows:
+        for model in row.get("predicted_models") or []:
+            model["retimed_ratios"] = sessions[json.dumps(model["widths"], sort_keys=True)]
+        if row["widths"] is not None:
+            row["retimed_ratios"] = sessions[json.dumps(row["widths"], sort_keys=True)]
+            row["retimed_ms"] = float(np.median(row["retimed_ratios"])) * unpruned["ms"]
     for row in rows:
         row["unpruned_ms"] = unpruned["ms"]
         row["unpruned_accuracy"] = None
@@ -238,8 +250,6 @@ def ratio_to_reference(bundle: Path, reference: Path, repeat: int) -> float:
     """The bundle's quiet time over the reference bundle's (``bench.quiet_times``), the two timed in
     turns on this host (a fresh device agent), a second of runs each at least, and again where the
     host was busy through the window, as the search times its candidates (``bench.time_quietly``)."""
-    import numpy as np
-
     from compactdeploy.bench import QuietTimer, measure, quiet_times
     from compactdeploy.device import connect, local_agent
 
@@ -294,26 +304,32 @@ def write_all(rows: list[dict], args, seconds: float) -> None:
         f"{trial_epochs(FitConfig(fit_trial_epochs=args.fit_trial_epochs), args.finetune_epochs)} epochs on 80 % of the training split, scored on the other 20 % (never the test "
         "split): training the baselines do not spend.",
         "",
-        f"| model | budget | strategy | measured latency | MACs | params | accuracy after fine-tuning (seed 0) | "
-        f"mean over {args.seeds} seeds (min-max) | builds measured | final build |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| model | budget | strategy | measured latency | median of {RETIME_SESSIONS} sessions | MACs | params | "
+        f"accuracy after fine-tuning (seed 0) | mean over {args.seeds} seeds (min-max) | builds measured | final build |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        ms = f"{r['measured_ms']:.3f} ms" if r["measured_ms"] is not None else "none within budget"
+        ms = f"{r['measured_ms']:.3g} ms" if r["measured_ms"] is not None else "none within budget"
         acc = f"{r['accuracy']:.2%}" if r["accuracy"] is not None else "-"
         macs = f"{r['macs']:,}" if r["macs"] else "-"
         params = f"{r['params']:,}" if r["params"] else "-"
         final = "-"
         if r.get("final_build_ms") is not None:
-            final = f"{r['final_build_ms']:.3f} ms, " + ("within" if r["final_build_ms"] <= r["budget_ms"] else "OVER")
+            final = f"{r['final_build_ms']:.3g} ms, " + ("within" if r["final_build_ms"] <= r["budget_ms"] else "OVER")
         builds = r["builds_measured"] if r["builds_measured"] is not None else "-"
         seeds = r.get("accuracy_seeds")
         spread = f"{mean(seeds):.2%} ({min(seeds):.2%}-{max(seeds):.2%})" if seeds else "-"
-        lines.append(f"| {r['model']} | {r['budget_share']:.0%} = {r['budget_ms']:.3f} ms | {r['strategy']} | {ms} | {macs} | "
-                     f"{params} | {acc} | {spread} | {builds} | {final} |")
+        retimed = "-"
+        if r.get("retimed_ms") is not None:
+            retimed = f"{r['retimed_ms']:.3g} ms, " + ("within" if r["retimed_ms"] <= r["budget_ms"] else "OVER")
+        lines.append(f"| {r['model']} | {r['budget_share']:.0%} = {r['budget_ms']:.3g} ms | {r['strategy']} | {ms} | "
+                     f"{retimed} | {macs} | {params} | {acc} | {spread} | {builds} | {final} |")
     refused = [r for r in rows if r.get("refused")]
     if refused:
         lines += [""] + [f"The loop at {r['model']} {r['budget_share']:.0%}: {r['refused']}" for r in refused]
+    lines += ["", f"Measured latency: the one timing each strategy chose by (the search's, or the bisection's); the "
+                  f"median of {RETIME_SESSIONS} sessions: the same model timed again in rounds over every model of the "
+                  "run, minutes apart, each beside the unpruned model (its first session that timing)."]
     lines += ["", "Builds measured: for uniform and flops, the builds this budget's bisection added; for the loop, every "
                   "model in the search's state (the searches of one model share it, so a later budget counts the "
                   "earlier one's models). Accuracy is on each dataset's fixed 20 % test split (digits: 359 samples)."]
@@ -327,21 +343,21 @@ def write_all(rows: list[dict], args, seconds: float) -> None:
             theirs = by.get(other, {}).get("accuracy_seeds")
             if loop and theirs:
                 noise = max(stdev(loop), stdev(theirs)) if len(loop) > 1 else 0.0
+                latency = ""
+                if by["loop"].get("retimed_ms") and by[other].get("retimed_ms"):
+                    latency = (f"; latency in {RETIME_SESSIONS} sessions {by['loop']['retimed_ms']:.3g} against "
+                               f"{by[other]['retimed_ms']:.3g} ms ({by[other]['retimed_ms'] / by['loop']['retimed_ms']:.2f}x)")
                 lines.append(f"- {model} at {share:.0%}: loop - {other} = {(mean(loop) - mean(theirs)) * 100:+.2f} points "
-                             f"(noise {noise * 100:.2f})")
+                             f"(noise {noise * 100:.2f}){latency}")
     # the searches of one model share their state: a model a later budget replays is counted once
     verified = {(p, m) for r in rows if r["verified"] for p, m in r["verified"]}
     errors = [abs(p - m) / m * 100 for p, m in verified]
     if errors:
-        import numpy as np
-
         lines += ["", f"Latency-table predictor against whole-model measurements (every model the loop built after a "
                       f"prediction, {len(errors)} models): median error {np.median(errors):.1f} %, worst {max(errors):.1f} %."]
     retimed = {json.dumps(m["widths"], sort_keys=True): m for r in rows for m in r.get("predicted_models") or []
                if m.get("retimed_ratios")}
     if retimed:
-        import numpy as np
-
         def spread(pairs):
             errors = [abs(a - b) / b * 100 for a, b in pairs]
             return f"median {np.median(errors):.1f} %, worst {max(errors):.1f} %"
@@ -349,8 +365,9 @@ def write_all(rows: list[dict], args, seconds: float) -> None:
         sessions = len(next(iter(retimed.values()))["retimed_ratios"])
         truth = {k: float(np.median(m["retimed_ratios"])) for k, m in retimed.items()}
         lines += ["", f"The same {len(retimed)} models built again by this benchmark and timed in {sessions} sessions of "
-                      "their own, each beside the unpruned model (a fresh device agent each; the figure is the median of "
-                      "the sessions' ratios to the unpruned model, as the final build is judged):", "",
+                      "their own, in rounds over every model of the run (a model's sessions minutes apart), each beside "
+                      "the unpruned model (a fresh device agent each; the figure is the median of the sessions' ratios to "
+                      "the unpruned model, as the final build is judged):", "",
                   f"- the predictor against the median of {sessions} sessions: "
                   + spread([(m["predicted_ratio"], truth[k]) for k, m in retimed.items()]),
                   f"- the search's one timing against the median of {sessions} sessions (the noise of one timing): "

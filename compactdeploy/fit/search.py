@@ -54,6 +54,9 @@ STEPS_BELOW_MEASURED = 4  # steps of a trajectory measured for the widest within
 # differently the two are cut (mean |log width ratio|: 0.1 is every group about 10 % apart); chosen by
 # replaying the benchmark's stored searches (tools/replay_predictor.py, docs/benchmarks/predictor-replay.md)
 NEIGHBOUR_SCALE = 0.1
+# the fit credits weights streamed beyond the cache once this many measured models stream, beside one
+# more model (1 credited the unpruned model's whole difference to the smallest; replayed the same way)
+STREAMING_MODELS = 2
 # the unpruned model alone this far over its quiet time beside the smallest model was timed in a
 # slow spell (``_rescale_on_reference``): beside another model it runs about as fast or slower
 SLOW_SCALE = 1.2
@@ -811,16 +814,18 @@ def _corrected(table_ms: float, streamed_bytes: float, widths: dict[str, int],
     Layers timed alone run with their weights in cache; a whole model whose weights exceed the L2
     cache reads them from further out in every layer, a cost the table does not see and that
     grows with the weights, not the time. The fit is ``a * table + b * streamed`` (least squares,
-    both positive; ``b`` is 0 until a model measured streams), each measured model weighted by how
-    close its widths are to ``widths`` (``_width_distance``, ``NEIGHBOUR_SCALE``): what the table
-    misses depends on which layers were cut, so models cut alike err alike, where models merely close
-    in table time do not (docs/fit.md). The search takes a measured model's own measurement, not this."""
+    both positive; ``b`` is 0 until STREAMING_MODELS measured models stream, and one more is measured:
+    the unpruned and the smallest model alone cannot tell streaming from the rest of what differs
+    between them, such as the smallest's tiny layers running quicker in the model than alone), each measured
+    model weighted by how close its widths are to ``widths`` (``_width_distance``,
+    ``NEIGHBOUR_SCALE``): what the table misses depends on which layers were cut, so models cut alike
+    err alike, where models merely close in table time do not (docs/fit.md). The search takes a measured model's own measurement, not this."""
     table = np.array([m[0] for m in measured], dtype=float)
     stream = np.array([m[1] for m in measured], dtype=float)
     ms = np.array([m[2] for m in measured], dtype=float)
     distance = np.array([_width_distance(widths, m[3]) for m in measured])
     weight = np.sqrt(np.exp(-(distance - distance.min()) / NEIGHBOUR_SCALE)) if measured else distance
-    if stream.any():
+    if (stream > 0).sum() >= STREAMING_MODELS and len(measured) > STREAMING_MODELS:
         columns = np.stack([table, stream], axis=1)
         units = np.abs(columns).max(axis=0)  # ms and bytes: unscaled, the weighted system reads as rank 1
         coefficients, _, rank, _ = np.linalg.lstsq(columns / units * weight[:, None], ms * weight, rcond=None)
