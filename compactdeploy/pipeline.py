@@ -86,12 +86,15 @@ def _budgeted_build(searched: BuildConfig, target: TargetSpec, deployment: Deplo
                            f"({report['fit']['budget']['latency_ms']:.3f} ms): searching on for the next model down "
                            f"(build {attempt + 1} of at most {FINAL_BUILDS})")
             loaded = replace(loaded, model=replace(loaded.model, module=copy.deepcopy(unpruned)))
+            table_measured = fitted.report["latency_table"]["measured_this_run"]
             try:
                 config, prune_spec, fitted, loaded = _fit(replace(searched, fit=replace(searched.fit, resume=True)),
                                                           target, deployment, linker, clock, loaded)
             except NoModelWithin as exc:  # nothing else within: this build ships, its report says over
                 clock.progress(f"no other model to build ({exc}): keeping this one")
                 break
+            # "this run" is this build: the resumed search reads from disk what the first one measured
+            fitted.report["latency_table"]["measured_this_run"] += table_measured
             bundle.discard(staging)
         bundle.commit(staging, config.out)
     except BaseException:

@@ -247,6 +247,7 @@ def test_search_meets_a_latency_budget_on_this_host(tmp_path, monkeypatch):
         return section
 
     monkeypatch.setattr(fit_report, "fit_section", first_build_over)
+    monkeypatch.setenv("COMPACTDEPLOY_CACHE", str(tmp_path / "cache"))  # a latency table measured by this build
     out = tmp_path / "fit"
     assert run_cli(
         "build", *WIDE_LENET5, "--data", "digits", "--target", "host",
@@ -260,6 +261,8 @@ def test_search_meets_a_latency_budget_on_this_host(tmp_path, monkeypatch):
     # lowered by its final build's ratio to the search's timing
     first = sections[0]["chosen"]
     assert len(sections) == 2 and fit["chosen"]["key"] != first["key"]
+    # the table's entries this build measured, the search resumed counting what the first one timed
+    assert fit["latency_table"]["measured_this_run"] == fit["latency_table"]["entries"] > 0
     narrowed = {g: w["after"] for g, w in sections[0]["widths"].items() if w["after"] != w["before"]}
     assert fit["final_builds_over"] == [{"key": first["key"], "widths": narrowed, "searched_ms": first["measured_ms"],
                                          "predicted_ms": first["predicted_ms"], "final_ms": pytest.approx(1.05 * budget)}]
