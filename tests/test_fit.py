@@ -880,9 +880,9 @@ def test_the_prediction_knows_what_a_model_streams_beyond_the_cache():
     # the in-cache model: one ratio (the unpruned model's, 1.9x) would predict it 2.4x too slow
     one_ratio = _corrected(0.08, 0.0, half, [(unpruned[0], 0.0, unpruned[2], full)])
     assert one_ratio > 2 * device(0.08, 1.4e6)
-    # run 23's ResNet-20 (docs/fit.md): its unpruned model (streaming) ran at 0.995x its table time,
-    # its smallest at 0.805x, and a model in cache between them at 1.014x; crediting the difference to
-    # streaming predicted that one at 0.805x (20 % under), the ratio of the models cut nearer it does not
+    # a ResNet-20 (the case docs/fit.md tells): the unpruned model (streaming) at 0.995x its table time,
+    # the smallest at 0.805x, a model in cache between them at 1.014x; two models alone credit their
+    # difference to streaming and predict that one at 0.805x, the ratio of the models cut nearer it does not
     resnet = [(0.4250, 1.09e6, 0.4229, {"a": 64, "b": 64}), (0.1016, 0.0, 0.0818, {"a": 8, "b": 8})]
     between = _corrected(0.3011, 0.0, {"a": 48, "b": 48}, resnet)
     assert between == pytest.approx(0.3053, rel=0.05)

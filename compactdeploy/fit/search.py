@@ -816,10 +816,11 @@ def _corrected(table_ms: float, streamed_bytes: float, widths: dict[str, int],
     grows with the weights, not the time. The fit is ``a * table + b * streamed`` (least squares,
     both positive; ``b`` is 0 until STREAMING_MODELS measured models stream, and one more is measured:
     the unpruned and the smallest model alone cannot tell streaming from the rest of what differs
-    between them, such as the smallest's tiny layers running quicker in the model than alone), each measured
-    model weighted by how close its widths are to ``widths`` (``_width_distance``,
+    between them, such as the smallest's tiny layers running quicker in the model than alone), each
+    measured model weighted by how close its widths are to ``widths`` (``_width_distance``,
     ``NEIGHBOUR_SCALE``): what the table misses depends on which layers were cut, so models cut alike
-    err alike, where models merely close in table time do not (docs/fit.md). The search takes a measured model's own measurement, not this."""
+    err alike, where models merely close in table time do not (docs/fit.md). The search takes a
+    measured model's own measurement, not this."""
     table = np.array([m[0] for m in measured], dtype=float)
     stream = np.array([m[1] for m in measured], dtype=float)
     ms = np.array([m[2] for m in measured], dtype=float)
