@@ -247,7 +247,6 @@ def test_search_meets_a_latency_budget_on_this_host(tmp_path, monkeypatch):
         return section
 
     monkeypatch.setattr(fit_report, "fit_section", first_build_over)
-    monkeypatch.setenv("COMPACTDEPLOY_CACHE", str(tmp_path / "cache"))  # a latency table measured by this build
     out = tmp_path / "fit"
     assert run_cli(
         "build", *WIDE_LENET5, "--data", "digits", "--target", "host",
@@ -261,8 +260,6 @@ def test_search_meets_a_latency_budget_on_this_host(tmp_path, monkeypatch):
     # lowered by its final build's ratio to the search's timing
     first = sections[0]["chosen"]
     assert len(sections) == 2 and fit["chosen"]["key"] != first["key"]
-    # the table's entries this build measured, the search resumed counting what the first one timed
-    assert fit["latency_table"]["measured_this_run"] == fit["latency_table"]["entries"] > 0
     narrowed = {g: w["after"] for g, w in sections[0]["widths"].items() if w["after"] != w["before"]}
     assert fit["final_builds_over"] == [{"key": first["key"], "widths": narrowed, "searched_ms": first["measured_ms"],
                                          "predicted_ms": first["predicted_ms"], "final_ms": pytest.approx(1.05 * budget)}]
@@ -821,6 +818,43 @@ def test_a_model_whose_final_build_measured_over_gives_way_to_the_next_model_dow
         _search(lenet5_checkpoint, measurer, latency_budget="80%", resume=True)
     error = str(nothing.value)
     assert len(error.splitlines()) == 1 and "final builds that measured over it" in error and "--resume" in error
+
+
+def test_a_build_built_again_after_its_final_build_measured_over_counts_every_table_entry_it_measured(
+        tmp_path, lenet5_checkpoint, monkeypatch):
+    """The first final build is reported over the budget: the resumed search opens the device again and
+    reads from disk the latency table the first search measured; the report still says the build
+    measured every entry (it said 0 before), and the build ships the next model down."""
+    import contextlib
+
+    from compactdeploy.fit import measure
+    from compactdeploy.fit import report as fit_report
+
+    monkeypatch.setenv("COMPACTDEPLOY_CACHE", str(tmp_path / "cache"))
+    opened, sections, real_fit_section = [], [], fit_report.fit_section
+
+    @contextlib.contextmanager
+    def stand_in(*args, **kwargs):
+        opened.append(MacsMeasurer(tmp_path))  # each opening reads the table from its file, as a device's does
+        yield opened[-1]
+
+    def first_build_over(fitted, report, staging, sessions=()):
+        section = real_fit_section(fitted, report, staging, sessions)
+        if not sections:
+            over = 1.05 * section["budget"]["latency_ms"]
+            section["final"] = {**section["final"], "judged_ms": over, "meets_latency_budget": False}
+        sections.append(section)
+        return section
+
+    monkeypatch.setattr(measure.DeviceMeasurer, "open", stand_in)
+    monkeypatch.setattr(fit_report, "fit_section", first_build_over)
+    out = tmp_path / "fit"
+    assert run_cli("build", "--model", "lenet5", "--weights", lenet5_checkpoint, "--target", "host",
+                   "--latency-budget", "80%", "--repeat", "20", "--out", out) == 0
+    fit = read_json(out / "report.json")["fit"]
+    assert len(opened) == len(sections) >= 2 and fit["chosen"]["key"] != sections[0]["chosen"]["key"]
+    assert opened[-1].table().measured_now == 0  # the resumed search measured no layer anew
+    assert fit["latency_table"]["measured_this_run"] == fit["latency_table"]["entries"] > 0
 
 
 def test_a_damaged_search_state_is_named_in_one_line_and_left_as_it_is(tmp_path, lenet5_checkpoint, monkeypatch):
