@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -42,6 +43,9 @@ MODELS = {
 }
 
 
+MEASURING = re.compile(r": measure( in turns with the unpruned model)?$")  # fit.measure's say(), timing starts
+
+
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -51,9 +55,10 @@ class Progress:
         pass
 
     def progress(self, stage, message):
-        # the search's decisions (what it picks, judges and measures), not each step's chatter
+        # the search's decisions (what it picks, judges and measures) and when a candidate's timing
+        # starts (tools/loop_time_shares.py splits the build host's part from the device's), not each step's chatter
         if stage == "fit" and message.startswith(("allocating: the", "allocating: a", "judging")) \
-                or stage == "fit" and ": measured " in message:
+                or stage == "fit" and (": measured " in message or MEASURING.search(message)):
             log(f"    {message}")
 
     def finished(self, stage, seconds, summary):
@@ -124,7 +129,7 @@ def bench_model(name: str, model: str, model_args: dict, data: str, budgets: lis
             report = build(config, Progress()).report
             ms = report["latency_ms"]["median"]
             if changed:
-                ms = ratio_to_reference(out, args.work / f"{name}-0", args.repeat) * measured_unpruned_ms[0]
+                ms = beside_unpruned(out) * measured_unpruned_ms[0]
             else:
                 measured_unpruned_ms.append(ms)
             measured[key] = {"ms": ms, "alone_ms": report["latency_ms"]["median"], "macs": report["model"]["macs"],
@@ -132,6 +137,12 @@ def bench_model(name: str, model: str, model_args: dict, data: str, budgets: lis
         return measured[key]
 
     measured_unpruned_ms: list[float] = []
+    unpruned_quiet_ms: list[float] = []  # the unpruned model's quiet time in every session beside another
+
+    def beside_unpruned(out: Path) -> float:
+        ratio, reference_ms = ratio_to_reference(out, args.work / f"{name}-0", args.repeat)
+        unpruned_quiet_ms.append(reference_ms)
+        return ratio
 
     def finetuned_accuracy(widths: dict[str, int], seed: int = 0) -> float:
         from compactdeploy.pipeline import prune_and_finetune
@@ -230,15 +241,22 @@ def bench_model(name: str, model: str, model_args: dict, data: str, budgets: lis
             if done == 0:  # a model the bisection measured keeps that session; the rest are built here
                 sessions[key].append(measure(widths)["ms"] / measured_unpruned_ms[0])
             else:
-                sessions[key].append(ratio_to_reference(measured[key]["out"], args.work / f"{name}-0", args.repeat))
+                sessions[key].append(beside_unpruned(measured[key]["out"]))
     for row in rows:
         for model in row.get("predicted_models") or []:
             model["retimed_ratios"] = sessions[json.dumps(model["widths"], sort_keys=True)]
         if row["widths"] is not None:
             row["retimed_ratios"] = sessions[json.dumps(row["widths"], sort_keys=True)]
             row["retimed_ms"] = float(np.median(row["retimed_ratios"])) * unpruned["ms"]
+    # every figure so far is a ratio to the unpruned model times its one build's median, which a
+    # minute on one core doubles (and with it every budget in ms): put them on the median of its
+    # quiet times beside every model instead, sessions minutes apart (the ratios are unchanged)
+    scale_ms = float(np.median(unpruned_quiet_ms)) if unpruned_quiet_ms else unpruned["ms"]
     for row in rows:
-        row["unpruned_ms"] = unpruned["ms"]
+        for field in ("budget_ms", "measured_ms", "final_build_ms", "retimed_ms"):
+            if row.get(field) is not None:
+                row[field] *= scale_ms / unpruned["ms"]
+        row["unpruned_ms"], row["unpruned_build_ms"] = scale_ms, unpruned["ms"]
         row["unpruned_accuracy"] = None
     return rows
 
@@ -247,10 +265,11 @@ RETIME_SESSIONS = 3  # the final build is judged by as many (fit.report.FINAL_SE
 _quiet_timers: dict[Path, object] = {}  # per reference: bench.QuietTimer, its quietest window yet
 
 
-def ratio_to_reference(bundle: Path, reference: Path, repeat: int) -> float:
+def ratio_to_reference(bundle: Path, reference: Path, repeat: int) -> tuple[float, float]:
     """The bundle's quiet time over the reference bundle's (``bench.quiet_times``), the two timed in
     turns on this host (a fresh device agent), a second of runs each at least, and again where the
-    host was busy through the window, as the search times its candidates (``bench.time_quietly``)."""
+    host was busy through the window, as the search times its candidates (``bench.time_quietly``);
+    and the reference's quiet time (ms)."""
     from compactdeploy.bench import QuietTimer, measure, quiet_times
     from compactdeploy.device import connect, local_agent
 
@@ -266,7 +285,7 @@ def ratio_to_reference(bundle: Path, reference: Path, repeat: int) -> float:
     finally:
         agent.stop()
     model_ms, reference_ms = quiet_times(timed)
-    return model_ms / reference_ms
+    return model_ms / reference_ms, reference_ms
 
 
 def _row(model, share, budget_ms, strategy, widths, ms, macs, params, accuracy, builds, predictor=None, verified=None,
@@ -285,8 +304,9 @@ def write_all(rows: list[dict], args, seconds: float) -> None:
     info = meta("bench_fit.py", seconds, method=args.method, train_epochs=args.train_epochs,
                 finetune_epochs=args.finetune_epochs, repeat=args.repeat, seeds=args.seeds,
                 data={name: MODELS[name][2] for name in args.models.split(",")},
-                latency="the quiet ratio to the unpruned model times its median, on this host (measured), compiled as "
-                        "builds ship: default schedules, no tuning records")
+                latency="the quiet ratio to the unpruned model times the median of its quiet times beside every model "
+                        "(unpruned_build_ms: its one build's median), on this host (measured), compiled as builds ship: "
+                        "default schedules, no tuning records")
     write_json(args.name, info, rows)
     lines = [
         "# Width search vs uniform vs FLOPs-targeted pruning, at equal measured latency",
@@ -296,7 +316,8 @@ def write_all(rows: list[dict], args, seconds: float) -> None:
         f"`{args.method}`, fine-tuned {args.finetune_epochs} epochs; latency is measured whole, {args.repeat} "
         "runs at least, over one second at least (the default `--min-time`), on this host, timed in turns with "
         f"the unpruned model and given as the ratio of the two's quiet times (percentile {QUIET_PERCENTILE} of their "
-        "chunks' medians; timed again where the host was busy through the window) times the unpruned model's median, as the "
+        "chunks' medians; timed again where the host was busy through the window) times the median of the unpruned model's "
+        "quiet times in every such session (one build's median doubles in a minute on one core), as the "
         "loop measures (real measurements, not emulated) of each model compiled as a build ships it: TVM's "
         "default schedules, no tuning records. The loop's row is the model the search chose, as it measured it; "
         "its final build, fine-tuned and measured again by the build's own benchmark, is the last column, with the "
