@@ -830,8 +830,8 @@ def test_a_model_whose_final_build_measured_over_gives_way_to_the_next_model_dow
 def test_a_build_built_again_after_its_final_build_measured_over_counts_every_table_entry_it_measured(
         tmp_path, lenet5_checkpoint, monkeypatch):
     """The first final build is reported over the budget: the resumed search opens the device again and
-    reads from disk the latency table the first search measured; the report still says the build
-    measured every entry (it said 0 before), and the build ships the next model down."""
+    reads from disk the latency table the first search measured; the report says the build measured
+    every entry, not the none the resumed search measured itself, and the build ships the next model down."""
     import contextlib
 
     from compactdeploy.fit import measure
