@@ -19,13 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
+from bench_fit import MEASURING  # noqa: E402  (the lines bench_fit logs when a candidate's timing starts)
 
 STAMP = re.compile(r"^\[(\d\d):(\d\d):(\d\d)\] ")
 BUDGET = re.compile(r"\] (\S+): budget (\d+)% = ")
 CANDIDATE = re.compile(r"^\[[\d:]+\]\s+model \d+ \(")
 SUMMARY = re.compile(r"^\[[\d:]+\]\s+fit: .*models measured")
-# logged since bench_fit started logging when a candidate's timing starts: what comes before is the build host's
-MEASURING = re.compile(r": measure( in turns with the unpruned model)?$")
 
 
 def shares(lines: list[str]) -> list[dict]:
